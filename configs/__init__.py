@@ -1,0 +1,1 @@
+"""Config tables shipped with moetune (vLLM format); found by moetune.lookup."""
