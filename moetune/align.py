@@ -1,0 +1,68 @@
+"""Routing metadata: group the routed (token, slot) pairs by expert in blocks of BLOCK_SIZE_M.
+
+The equivalent of vLLM's ``moe_align_block_size``, built from device-side PyTorch ops only (no
+``.item()``, ``nonzero`` or host round trip), so the op can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class RoutingBlocks(NamedTuple):
+    sorted_token_ids: torch.Tensor  # [max_padded] int32, slot ids by expert; padding = num_slots
+    expert_ids: torch.Tensor  # [max_padded // block_m] int32, -1 = not on this rank / unused
+    num_tokens_post_padded: torch.Tensor  # [1] int32, used length of sorted_token_ids
+
+
+def max_padded_slots(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Static upper bound on the padded length: each expert wastes < block_m slots."""
+    bound = num_slots + num_experts * (block_m - 1)
+    return -(-bound // block_m) * block_m
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor,
+    block_m: int,
+    num_experts: int,
+    expert_map: torch.Tensor | None = None,
+) -> RoutingBlocks:
+    """Sort the flattened ``topk_ids [M, topk]`` slots by expert, padding each expert to block_m.
+
+    ``num_experts`` is the global expert count (ids are global). With ``expert_map``
+    (``[num_experts]`` int, global → local id or -1), blocks of experts that live on another rank
+    get expert id -1 and the kernel writes zeros for their slots.
+    """
+    device = topk_ids.device
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    num_slots = flat.numel()
+    max_padded = max_padded_slots(num_slots, num_experts, block_m)
+    num_blocks = max_padded // block_m
+
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded_counts = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded_counts, 0)
+    padded_start = padded_end - padded_counts
+    count_start = torch.cumsum(counts, 0) - counts
+
+    # A stable sort keeps slots of one expert in token order (better locality for A rows).
+    order = torch.sort(flat, stable=True).indices
+    sorted_experts = flat[order]
+    rank_in_expert = torch.arange(num_slots, device=device) - count_start[sorted_experts]
+    position = padded_start[sorted_experts] + rank_in_expert
+
+    sorted_token_ids = torch.full((max_padded,), num_slots, dtype=torch.int32, device=device)
+    sorted_token_ids.scatter_(0, position, order.to(torch.int32))
+
+    block_start = torch.arange(num_blocks, device=device) * block_m
+    expert_of_block = torch.searchsorted(padded_end, block_start, right=True)
+    total = padded_end[-1:]
+    used = block_start < total
+    expert_of_block = expert_of_block.clamp(max=num_experts - 1)
+    if expert_map is not None:
+        expert_of_block = expert_map.to(device=device, dtype=torch.int64)[expert_of_block]
+    expert_ids = torch.where(used, expert_of_block, torch.full_like(expert_of_block, -1))
+    return RoutingBlocks(sorted_token_ids, expert_ids.to(torch.int32), total.to(torch.int32))

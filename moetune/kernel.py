@@ -1,0 +1,168 @@
+"""The fused MoE GEMM: one Triton kernel for both projections of the MoE op.
+
+Each program computes a ``BLOCK_SIZE_M × BLOCK_SIZE_N`` tile of ``C[token] = A[token // top_k] ·
+B[expert]ᵀ`` over a block of expert-sorted token slots (see ``moetune.align``), then applies the
+epilogue in DESIGN §1's order: fp32 dequantization → + bias → × router weight → one cast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Without a GPU, run the real kernel in Triton's interpreter (must be decided before @triton.jit).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def fused_moe_kernel(
+    # Pointers
+    a_ptr,  # [T_a, K]        activations: compute dtype, or fp8/int8 for w8a8
+    b_ptr,  # [E, N, K]       weights: compute dtype, fp8 or int8
+    c_ptr,  # [T_c, N]        output rows, one per routed slot (compute dtype)
+    bias_ptr,  # [E, N]       optional, any float dtype
+    a_scale_ptr,  # [1] per tensor | [T_a, 1] per token | [T_a, ceil(K/group_k)] per block
+    b_scale_ptr,  # [E] per tensor | [E, N] per channel | [E, ceil(N/group_n), ceil(K/group_k)]
+    topk_weights_ptr,  # [num_valid_tokens] float32 router weights, flattened [M, top_k]
+    sorted_token_ids_ptr,  # [EM] int32: slot ids grouped by expert, padded with num_valid_tokens
+    expert_ids_ptr,  # [EM / BLOCK_SIZE_M] int32: expert of each M-block, -1 = not on this rank
+    num_tokens_post_padded_ptr,  # [1] int32: used length of sorted_token_ids
+    # Sizes
+    N,
+    K,
+    EM,
+    num_valid_tokens,
+    # Strides
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_cn,
+    stride_asm,
+    stride_ask,
+    stride_bse,
+    stride_bsn,
+    stride_bsk,
+    stride_biase,
+    stride_biasn,
+    # Meta-parameters
+    group_n: tl.constexpr,  # block-quantization group sizes; 0 when not block-quantized
+    group_k: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+    top_k: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    use_fp8_w8a8: tl.constexpr,
+    use_int8_w8a8: tl.constexpr,
+    use_int8_w8a16: tl.constexpr,
+    per_channel_quant: tl.constexpr,
+    compute_type: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: ``(cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N),)``.
+
+    ``EM`` is a static upper bound on the padded slot count, so the launch needs no host
+    synchronisation; programs past ``num_tokens_post_padded`` return at once.
+    """
+    # Grouped ordering of the tiles, so programs that share B columns run close in time.
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
+    if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
+        return
+
+    offs_token_id = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
+    offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
+    token_mask = offs_token < num_valid_tokens
+    offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N).to(tl.int64)
+    c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+    c_mask = token_mask[:, None] & (offs_cn[None, :] < N)
+
+    off_expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if off_expert == -1:
+        # The expert lives on another rank: its slots contribute zero here.
+        tl.store(c_ptrs, tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=compute_type), mask=c_mask)
+        return
+
+    # Columns wrap modulo N so the loads need no N mask; the store masks them.
+    offs_bn = offs_cn % N
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_rows = offs_token // top_k
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = (
+        b_ptr + off_expert * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    )
+
+    if use_int8_w8a16:
+        b_scale = tl.load(b_scale_ptr + off_expert * stride_bse + offs_bn * stride_bsn)
+    if use_fp8_w8a8 or use_int8_w8a8:
+        if per_channel_quant:
+            a_scale = tl.load(a_scale_ptr + a_rows * stride_asm, mask=token_mask, other=0.0)
+            b_scale = tl.load(b_scale_ptr + off_expert * stride_bse + offs_bn * stride_bsn)
+        elif group_k > 0:
+            a_scale_ptrs = a_scale_ptr + a_rows * stride_asm
+            b_scale_ptrs = b_scale_ptr + off_expert * stride_bse + (offs_bn // group_n) * stride_bsn
+        else:
+            a_scale = tl.load(a_scale_ptr)
+            b_scale = tl.load(b_scale_ptr + off_expert)
+
+    if use_int8_w8a8 and group_k == 0:
+        accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.int32)
+    else:
+        accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        k_remaining = K - k * BLOCK_SIZE_K
+        a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+        if use_int8_w8a16:
+            accumulator = tl.dot(a, b.to(compute_type), acc=accumulator)
+        elif (use_fp8_w8a8 or use_int8_w8a8) and group_k > 0:
+            # Block quantization: one scale per (token, K-group) and (N-group, K-group); a K tile
+            # never straddles two groups (BLOCK_SIZE_K divides group_k, checked by the launcher).
+            k_group = (k * BLOCK_SIZE_K) // group_k
+            a_s = tl.load(a_scale_ptrs + k_group * stride_ask, mask=token_mask, other=0.0)
+            b_s = tl.load(b_scale_ptrs + k_group * stride_bsk)
+            partial = tl.dot(a, b).to(tl.float32)
+            accumulator += partial * a_s[:, None] * b_s[None, :]
+        elif use_fp8_w8a8 or use_int8_w8a8:
+            accumulator = tl.dot(a, b, acc=accumulator)
+        else:
+            accumulator = tl.dot(a, b, acc=accumulator, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+        b_ptrs += BLOCK_SIZE_K * stride_bk
+
+    # Epilogue, DESIGN §1: dequantize in fp32, then bias, then router weight, then one cast.
+    acc = accumulator.to(tl.float32)
+    if use_int8_w8a16:
+        acc = acc * b_scale[None, :]
+    elif use_fp8_w8a8 or use_int8_w8a8:
+        if per_channel_quant:
+            acc = acc * a_scale[:, None] * b_scale[None, :]
+        elif group_k == 0:
+            acc = acc * a_scale * b_scale
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + off_expert * stride_biase + offs_bn * stride_biasn)
+        acc = acc + bias.to(tl.float32)[None, :]
+    if MUL_ROUTED_WEIGHT:
+        route_w = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
+        acc = acc * route_w.to(tl.float32)[:, None]
+    tl.store(c_ptrs, acc.to(compute_type), mask=c_mask)

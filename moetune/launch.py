@@ -1,0 +1,128 @@
+"""Launching one fused-MoE GEMM: check the config, pick pointers and strides, launch the kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from moetune.align import RoutingBlocks
+from moetune.kernel import fused_moe_kernel
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+META_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
+LAUNCH_KEYS = ("num_warps", "num_stages")
+ROCM_KEYS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
+
+
+def validate_config(config: dict[str, Any], block_shape: tuple[int, int] | None = None) -> None:
+    """Reject configs the kernel cannot run, with a ValueError naming the key."""
+    for key in META_KEYS:
+        if key not in config:
+            raise ValueError(f"config is missing {key}")
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"config {key} must be a positive integer, got {value!r}")
+    for key in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
+        value = config[key]
+        # tl.dot needs power-of-two tiles of at least 16 in every dimension.
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"config {key} must be a power of two >= 16, got {value}")
+    unknown = set(config) - set(META_KEYS) - set(LAUNCH_KEYS) - set(ROCM_KEYS)
+    if unknown:
+        raise ValueError(f"config has unknown keys: {', '.join(sorted(unknown))}")
+    if block_shape is not None and block_shape[1] % config["BLOCK_SIZE_K"]:
+        raise ValueError(
+            f"config BLOCK_SIZE_K {config['BLOCK_SIZE_K']} must divide block_k {block_shape[1]}: "
+            "a K tile may not straddle two scale groups"
+        )
+
+
+def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
+    if t is None:
+        return (0,) * ndim
+    return tuple(t.stride()) + (0,) * (ndim - t.dim())
+
+
+def invoke_moe_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    routing: RoutingBlocks,
+    *,
+    config: dict[str, Any],
+    top_k: int,
+    compute_dtype: torch.dtype,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    quant: str | None = None,
+    per_channel: bool = False,
+    block_shape: tuple[int, int] | None = None,
+) -> None:
+    """``c[slot] = epilogue(a[slot // top_k] · b[expert(slot)]ᵀ)`` for every routed slot.
+
+    ``c`` is ``[num_slots, N]``; ``topk_weights`` (flattened ``[num_slots]``) is applied only when
+    given. The caller has validated shapes; this checks the config and launches.
+    """
+    validate_config(config, block_shape)
+    num_slots = c.shape[0]
+    N, K = b.shape[1], b.shape[2]
+    EM = routing.sorted_token_ids.numel()
+    bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
+    grid = (triton.cdiv(EM, bm) * triton.cdiv(N, bn),)
+    group_n, group_k = block_shape if block_shape is not None else (0, 0)
+
+    a_s_strides = (0, 0)
+    if a_scale is not None and a_scale.dim() == 2:
+        a_s_strides = a_scale.stride()
+    launch: dict[str, Any] = {k: config[k] for k in LAUNCH_KEYS if k in config}
+    if torch.version.hip is not None:
+        launch.update({k: config[k] for k in ROCM_KEYS if k in config})
+
+    dummy = c
+    fused_moe_kernel[grid](
+        a,
+        b,
+        c,
+        bias if bias is not None else dummy,
+        a_scale if a_scale is not None else dummy,
+        b_scale if b_scale is not None else dummy,
+        topk_weights if topk_weights is not None else dummy,
+        routing.sorted_token_ids,
+        routing.expert_ids,
+        routing.num_tokens_post_padded,
+        N,
+        K,
+        EM,
+        num_slots,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        c.stride(0),
+        c.stride(1),
+        *a_s_strides,
+        *_strides(b_scale, 3),
+        *_strides(bias, 2),
+        group_n=group_n,
+        group_k=group_k,
+        BLOCK_SIZE_M=bm,
+        BLOCK_SIZE_N=bn,
+        BLOCK_SIZE_K=config["BLOCK_SIZE_K"],
+        GROUP_SIZE_M=config["GROUP_SIZE_M"],
+        top_k=top_k,
+        MUL_ROUTED_WEIGHT=topk_weights is not None,
+        HAS_BIAS=bias is not None,
+        use_fp8_w8a8=quant == "fp8_w8a8",
+        use_int8_w8a8=quant == "int8_w8a8",
+        use_int8_w8a16=quant == "int8_w8a16",
+        per_channel_quant=per_channel,
+        compute_type=_TL_DTYPES[compute_dtype],
+        DOT_PRECISION="ieee" if compute_dtype == torch.float32 else "tf32",
+        **launch,
+    )

@@ -1,0 +1,188 @@
+"""The MoE op: routing metadata, GEMM1 (+bias), activation, re-quantization, GEMM2 (+bias,
+× router weight), sum over top-k. Conventions follow vLLM (DESIGN §2)."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from moetune.align import moe_align_block_size
+from moetune.defaults import default_config
+from moetune.launch import invoke_moe_gemm
+from moetune.quant import FP8_DTYPES, QUANTS, quantize_activation
+from moetune.validate import validate_moe_args
+
+ACTIVATIONS = ("silu", "swigluoai")
+SWIGLU_ALPHA = 1.702
+SWIGLU_LIMIT = 7.0
+
+_POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
+
+
+@contextlib.contextmanager
+def poisoned_workspace() -> Iterator[None]:
+    """Fill the op's intermediate buffers with NaN before use, so an unwritten row shows."""
+    token = _POISON.set(True)
+    try:
+        yield
+    finally:
+        _POISON.reset(token)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if _POISON.get():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def apply_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``[T, 2N] → [T, N]`` in fp32, cast back to the input dtype once."""
+    x = gate_up.float()
+    if activation == "silu":
+        n = x.shape[-1] // 2
+        out = torch.nn.functional.silu(x[:, :n]) * x[:, n:]
+    elif activation == "swigluoai":
+        gate = x[:, 0::2].clamp(max=SWIGLU_LIMIT)
+        up = x[:, 1::2].clamp(min=-SWIGLU_LIMIT, max=SWIGLU_LIMIT)
+        out = gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (up + 1.0)
+    else:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return out.to(gate_up.dtype)
+
+
+def _resolve_config(
+    config: dict[str, Any] | None,
+    M: int,
+    E: int,
+    N: int,
+    K: int,
+    topk: int,
+    dtype: torch.dtype,
+    quant: str | None,
+    block_shape: tuple[int, int] | None,
+) -> dict[str, Any]:
+    if config is not None:
+        return config
+    from moetune import lookup  # the tuned tables; imported late to keep import light
+
+    return lookup.config_for(M, E, N, K, topk, dtype=dtype, quant=quant, block_shape=block_shape)
+
+
+def fused_experts(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    w1_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    quant: str | None = None,
+    w1_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    a1_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    per_channel_quant: bool = False,
+    block_shape: list[int] | tuple[int, int] | None = None,
+    config: dict[str, Any] | None = None,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The MoE layer on routed tokens: ``Σ_slot w_route · (act(x·w1ᵀ + b1)·w2ᵀ + b2)``.
+
+    Shapes: ``hidden_states [M, K]``, ``w1 [E, 2N, K]``, ``w2 [E, K, N]``, ``topk_weights`` and
+    ``topk_ids [M, topk]``. ``config`` is one vLLM table entry used for both GEMMs; None looks up
+    the tuned tables, then the heuristic default. ``expert_map`` (global id → local id or -1)
+    makes experts of other ranks contribute zero, as in expert parallelism.
+    """
+    args = validate_moe_args(
+        hidden_states, w1, w2, topk_weights, topk_ids,
+        activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
+        w1_scale=w1_scale, w2_scale=w2_scale, a1_scale=a1_scale, a2_scale=a2_scale,
+        per_channel_quant=per_channel_quant, block_shape=block_shape, expert_map=expert_map,
+    )  # fmt: skip
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    block = args.block_shape
+    M, K = hidden_states.shape
+    E, two_n, _ = w1.shape
+    N = two_n // 2
+    topk = topk_ids.shape[1]
+    dtype = hidden_states.dtype
+    device = hidden_states.device
+    num_slots = M * topk
+    config = _resolve_config(config, M, E, N, K, topk, dtype, quant, block)
+
+    routing = moe_align_block_size(
+        topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts, expert_map
+    )
+    qdtype = None
+    if quant in ("fp8_w8a8", "int8_w8a8"):
+        qdtype = w1.dtype
+    group_k = block[1] if block is not None else None
+    common = dict(config=config, compute_dtype=dtype, quant=quant, per_channel=per_channel_quant,
+                  block_shape=block)  # fmt: skip
+
+    a1, a1s = hidden_states, None
+    if qdtype is not None:
+        a1, a1s = quantize_activation(
+            hidden_states, qdtype, scale=a1_scale, per_token=per_channel_quant, group_k=group_k
+        )
+    cache1 = _empty((num_slots, two_n), dtype, device)
+    invoke_moe_gemm(a1, w1, cache1, routing, top_k=topk, a_scale=a1s, b_scale=w1_scale,
+                    bias=w1_bias, **common)  # fmt: skip
+
+    h = apply_activation(cache1, activation)
+    a2, a2s = h, None
+    if qdtype is not None:
+        a2, a2s = quantize_activation(
+            h, qdtype, scale=a2_scale, per_token=per_channel_quant, group_k=group_k
+        )
+    cache3 = _empty((num_slots, K), dtype, device)
+    invoke_moe_gemm(a2, w2, cache3, routing, top_k=1, a_scale=a2s, b_scale=w2_scale,
+                    bias=w2_bias, topk_weights=topk_weights.reshape(-1).float(),
+                    **common)  # fmt: skip
+    return cache3.view(M, topk, K).sum(dim=1)
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    gating_output: torch.Tensor,
+    topk: int,
+    renormalize: bool = True,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Softmax top-k routing from ``gating_output [M, E]``, then :func:`fused_experts`."""
+    topk_weights, topk_ids = softmax_topk(gating_output, topk, renormalize)
+    return fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, **kwargs)
+
+
+def softmax_topk(
+    gating_output: torch.Tensor, topk: int, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router: fp32 softmax over experts, the ``topk`` largest, optionally renormalized to sum 1."""
+    if gating_output.dim() != 2:
+        raise ValueError(f"gating_output must be [M, E], got shape {tuple(gating_output.shape)}")
+    if not 1 <= topk <= gating_output.shape[1]:
+        raise ValueError(f"topk must be in [1, {gating_output.shape[1]}], got {topk}")
+    probs = torch.softmax(gating_output.float(), dim=-1)
+    weights, ids = torch.topk(probs, topk, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+__all__ = [
+    "FP8_DTYPES",
+    "QUANTS",
+    "default_config",
+    "fused_experts",
+    "fused_moe",
+    "poisoned_workspace",
+]

@@ -1,0 +1,66 @@
+"""Random MoE problems for the tests (never zeros: they hide unwritten outputs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moetune.quant import quantize_weight
+
+
+@dataclass
+class MoeCase:
+    x: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+
+    def args(self) -> tuple:
+        return (self.x, self.w1, self.w2, self.topk_weights, self.topk_ids)
+
+
+def random_routing(M: int, E: int, topk: int, device: str, skew: str = "uniform"):
+    """Top-k expert ids without repeats per token, and router weights that are not 1."""
+    if skew == "uniform":
+        logits = torch.randn(M, E, device=device)
+    elif skew == "one-hot":  # every token prefers expert 0, most experts get nothing
+        logits = torch.randn(M, E, device=device)
+        logits[:, 0] += 100.0
+        logits[:, 1] += 50.0
+    else:
+        raise ValueError(skew)
+    weights, ids = torch.topk(torch.softmax(logits, dim=-1), topk, dim=-1)
+    weights = torch.rand_like(weights) * 0.9 + 0.1  # in [0.1, 1): order of epilogue steps shows
+    return weights.float(), ids.to(torch.int32)
+
+
+def make_case(
+    M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype, device: str, *,
+    quant: str | None = None, per_channel: bool = False, block_shape=None, bias: bool = False,
+    activation: str = "silu", skew: str = "uniform", fp8_dtype=torch.float8_e4m3fn,
+    w_scale_mult: float = 1.0, bias_mult: float = 1.0,
+) -> MoeCase:  # fmt: skip
+    x = torch.randn(M, K, device=device, dtype=torch.float32).to(dtype)
+    w1 = torch.randn(E, 2 * N, K, device=device) / K**0.5
+    w2 = torch.randn(E, K, N, device=device) / N**0.5
+    weights, ids = random_routing(M, E, topk, device, skew)
+    kw: dict = {"activation": activation}
+    if bias:
+        # Biases comparable to the GEMM outputs, so a bias in the wrong place is visible.
+        kw["w1_bias"] = (torch.randn(E, 2 * N, device=device) * bias_mult).to(dtype)
+        kw["w2_bias"] = (torch.randn(E, K, device=device) * bias_mult).to(dtype)
+    if quant is None:
+        return MoeCase(x, w1.to(dtype), w2.to(dtype), weights, ids, kw)
+    q1, s1 = quantize_weight(w1, quant, per_channel=per_channel, block_shape=block_shape,
+                             fp8_dtype=fp8_dtype)  # fmt: skip
+    q2, s2 = quantize_weight(w2, quant, per_channel=per_channel, block_shape=block_shape,
+                             fp8_dtype=fp8_dtype)  # fmt: skip
+    kw.update(quant=quant, w1_scale=s1 * w_scale_mult, w2_scale=s2 * w_scale_mult)
+    if per_channel:
+        kw["per_channel_quant"] = True
+    if block_shape is not None:
+        kw["block_shape"] = list(block_shape)
+    return MoeCase(x, q1, q2, weights, ids, kw)

@@ -1,0 +1,74 @@
+"""Invariants of the routing metadata, apart from any numerics."""
+
+import pytest
+import torch
+from helpers import random_routing
+
+from moetune.align import max_padded_slots, moe_align_block_size
+from moetune.launch import invoke_moe_gemm
+
+
+@pytest.mark.parametrize(
+    ("M", "E", "topk", "block_m", "skew"),
+    [
+        (1, 4, 2, 16, "uniform"),  # one token: every expert but two is empty
+        (37, 7, 2, 16, "uniform"),  # prime E, counts not multiples of the block
+        (64, 8, 8, 32, "uniform"),  # topk = E: every expert gets every token
+        (100, 16, 2, 64, "one-hot"),  # skewed: one expert holds most slots
+        (5, 3, 1, 16, "uniform"),  # topk = 1
+    ],
+)
+def test_blocks_cover_every_slot_once(M, E, topk, block_m, skew, device):
+    _, ids = random_routing(M, E, topk, device, skew)
+    r = moe_align_block_size(ids, block_m, E)
+    num_slots = M * topk
+    total = int(r.num_tokens_post_padded)
+    sorted_ids = r.sorted_token_ids.cpu()
+    experts = r.expert_ids.cpu()
+    assert sorted_ids.numel() == max_padded_slots(num_slots, E, block_m)
+    assert total % block_m == 0 and total <= sorted_ids.numel()
+    used = sorted_ids[:total]
+    real = used[used < num_slots]
+    # A permutation of all routed slots, plus padding equal to num_slots.
+    assert sorted(real.tolist()) == list(range(num_slots))
+    assert torch.all(used[used >= num_slots] == num_slots)
+    assert torch.all(sorted_ids[total:] == num_slots)
+    flat = ids.reshape(-1).cpu().long()
+    counts = torch.bincount(flat, minlength=E)
+    assert total == int(((counts + block_m - 1) // block_m * block_m).sum())
+    for b in range(total // block_m):
+        block = used[b * block_m : (b + 1) * block_m]
+        slots = block[block < num_slots]
+        assert slots.numel() > 0, "a used block holds no slot"
+        # Every block belongs to exactly one expert.
+        assert torch.all(flat[slots] == experts[b])
+    assert torch.all(experts[total // block_m :] == -1)
+
+
+def test_expert_map_marks_remote_blocks(device):
+    _, ids = random_routing(30, 4, 2, device)
+    expert_map = torch.tensor([0, -1, 1, -1], device=device)
+    r = moe_align_block_size(ids, 16, 4, expert_map)
+    plain = moe_align_block_size(ids, 16, 4)
+    total = int(r.num_tokens_post_padded) // 16
+    mapped = expert_map.cpu()[plain.expert_ids.cpu()[:total].long()]
+    assert torch.equal(r.expert_ids.cpu()[:total].long(), mapped)
+
+
+def test_padding_rows_are_never_written(device):
+    """The kernel stores only rows of real slots: a sentinel row past them stays untouched."""
+    M, E, topk, N, K = 9, 4, 2, 32, 32
+    _, ids = random_routing(M, E, topk, device)
+    routing = moe_align_block_size(ids, 16, E)
+    num_slots = M * topk
+    a = torch.randn(M, K, device=device, dtype=torch.float16)
+    b = torch.randn(E, N, K, device=device, dtype=torch.float16)
+    c_full = torch.full((num_slots + 1, N), 1234.0, device=device, dtype=torch.float16)
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1}
+    invoke_moe_gemm(a, b, c_full[:num_slots], routing, config=cfg, top_k=topk,
+                    compute_dtype=torch.float16)  # fmt: skip
+    assert torch.all(c_full[num_slots] == 1234.0), "padding slot id was written"
+    assert not torch.any(c_full[:num_slots] == 1234.0).item(), "a real slot was left unwritten"
+    slot = 5
+    expected = a[slot // topk].float() @ b[ids.reshape(-1)[slot].long()].float().T
+    torch.testing.assert_close(c_full[slot].float(), expected, rtol=2e-3, atol=2e-3)

@@ -1,0 +1,186 @@
+"""The op against the float64 reference, in the interpreter on CPU and on a GPU when present."""
+
+import pytest
+import torch
+from conftest import DTYPES
+from helpers import make_case
+
+from moetune import check_close, fused_experts, fused_experts_reference, fused_moe
+from moetune.ops import poisoned_workspace, softmax_topk
+
+SMALL = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1}
+GROUPED = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 4}
+WIDE_M = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8}
+
+# (M, E, N, K, topk, config): each shape names the edge it covers.
+SHAPES = [
+    pytest.param(1, 4, 32, 64, 2, SMALL, id="M=1"),
+    pytest.param(7, 4, 32, 64, 2, WIDE_M, id="M<BLOCK_SIZE_M"),
+    pytest.param(33, 7, 48, 80, 2, SMALL, id="prime-E,non-pow2-N-K"),
+    pytest.param(20, 5, 32, 72, 1, SMALL, id="topk=1,K%BLOCK_K!=0"),
+    pytest.param(9, 4, 16, 48, 4, SMALL, id="topk=E"),
+    pytest.param(3, 16, 32, 64, 2, SMALL, id="experts-without-tokens"),
+    pytest.param(40, 6, 40, 56, 3, GROUPED, id="GROUP_SIZE_M>1,many-M-blocks"),
+]
+
+
+def _run_and_check(case, dtype, config):
+    with poisoned_workspace():
+        out = fused_experts(*case.args(), config=config, **case.kwargs)
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    result = check_close(out, ref, dtype=dtype, quant=case.kwargs.get("quant"))
+    assert result.ok, result
+    assert out.dtype == dtype and out.shape == case.x.shape
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("M", "E", "N", "K", "topk", "config"), SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_unquantized_matches_reference(M, E, N, K, topk, config, dtype, bias, device):
+    case = make_case(M, E, N, K, topk, dtype, device, bias=bias)
+    _run_and_check(case, dtype, config)
+
+
+QUANT_MODES = [
+    pytest.param("int8_w8a16", False, None, id="int8_w8a16"),
+    pytest.param("fp8_w8a8", False, None, id="fp8-tensor"),
+    pytest.param("fp8_w8a8", True, None, id="fp8-channel"),
+    pytest.param("fp8_w8a8", False, (32, 32), id="fp8-block"),
+    pytest.param("int8_w8a8", False, None, id="int8-tensor"),
+    pytest.param("int8_w8a8", True, None, id="int8-channel"),
+    pytest.param("int8_w8a8", False, (32, 32), id="int8-block"),
+]
+
+
+@pytest.mark.parametrize(("quant", "per_channel", "block_shape"), QUANT_MODES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+def test_quant_modes_match_reference(quant, per_channel, block_shape, bias, activation, device):
+    # Non-power-of-two N and K (not multiples of the 32 block) so partial scale groups occur.
+    dtype = torch.float16
+    case = make_case(
+        19, 5, 40, 72, 2, dtype, device, quant=quant, per_channel=per_channel,
+        block_shape=block_shape, bias=bias, activation=activation,
+    )  # fmt: skip
+    _run_and_check(case, dtype, SMALL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("quant", "per_channel", "block_shape"), QUANT_MODES)
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+def test_quant_modes_bf16_gpu(quant, per_channel, block_shape, activation, device):
+    case = make_case(
+        77, 8, 192, 320, 2, torch.bfloat16, device, quant=quant, per_channel=per_channel,
+        block_shape=(64, 64) if block_shape else None, bias=True, activation=activation,
+    )  # fmt: skip
+    _run_and_check(case, torch.bfloat16, WIDE_M)
+
+
+def test_fp8_e4m3fnuz_dialect(device):
+    """The MI300X/MI325X fp8 dialect (max 240) goes through the same kernel path."""
+    case = make_case(
+        13, 4, 32, 64, 2, torch.float16, device, quant="fp8_w8a8", bias=True,
+        fp8_dtype=torch.float8_e4m3fnuz,
+    )  # fmt: skip
+    assert case.w1.dtype == torch.float8_e4m3fnuz
+    _run_and_check(case, torch.float16, SMALL)
+
+
+def test_static_activation_scales(device):
+    """Given a1/a2 scales, activations are quantized with them instead of their amax."""
+    case = make_case(11, 4, 32, 64, 2, torch.float16, device, quant="fp8_w8a8", bias=True)
+    case.kwargs["a1_scale"] = torch.tensor([0.02], device=device)
+    case.kwargs["a2_scale"] = torch.tensor([0.01], device=device)
+    out, _ = _run_and_check(case, torch.float16, SMALL)
+    dynamic = fused_experts(*case.args(), config=SMALL, **{
+        k: v for k, v in case.kwargs.items() if k not in ("a1_scale", "a2_scale")})  # fmt: skip
+    assert not torch.equal(out, dynamic), "static scales were ignored"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_skewed_routing(dtype, device):
+    """Most slots on one expert: many M-blocks of one expert, most experts empty."""
+    case = make_case(50, 8, 32, 64, 2, dtype, device, bias=True, skew="one-hot")
+    _run_and_check(case, dtype, SMALL)
+
+
+def test_expert_map_other_rank_writes_zeros(device):
+    """Experts mapped to -1 live on another rank: their slots contribute exactly zero."""
+    dtype = torch.float16
+    E_global, E_local = 6, 3
+    case = make_case(12, E_global, 32, 64, 2, dtype, device, bias=True)
+    expert_map = torch.tensor([0, -1, 1, -1, 2, -1], dtype=torch.int32, device=device)
+    local = [0, 2, 4]
+    case.w1, case.w2 = case.w1[local], case.w2[local]
+    case.kwargs["w1_bias"] = case.kwargs["w1_bias"][local]
+    case.kwargs["w2_bias"] = case.kwargs["w2_bias"][local]
+    case.kwargs["expert_map"] = expert_map
+    out, _ = _run_and_check(case, dtype, SMALL)
+    # A token routed only to remote experts must come out exactly zero, not NaN or stale.
+    remote_only = (expert_map[case.topk_ids.long()] == -1).all(dim=1)
+    if remote_only.any():
+        assert torch.all(out[remote_only] == 0)
+    assert E_local == case.w1.shape[0]
+
+
+def test_default_config_is_used(device):
+    case = make_case(9, 4, 32, 64, 2, torch.float16, device)
+    out = fused_experts(*case.args(), **case.kwargs)
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    assert check_close(out, ref, dtype=torch.float16).ok
+
+
+def test_fused_moe_routes_with_softmax_topk(device):
+    dtype = torch.float16
+    case = make_case(10, 6, 32, 64, 3, dtype, device)
+    gating = torch.randn(10, 6, device=device)
+    out = fused_moe(case.x, case.w1, case.w2, gating, 3, config=SMALL)
+    weights, ids = softmax_topk(gating, 3, renormalize=True)
+    assert torch.allclose(weights.sum(-1), torch.ones(10, device=device))
+    ref = fused_experts_reference(case.x, case.w1, case.w2, weights, ids)
+    assert check_close(out, ref, dtype=dtype).ok
+
+
+def test_results_depend_on_inputs(device):
+    """Guards against a kernel that writes something plausible but ignores its inputs."""
+    case = make_case(8, 4, 32, 64, 2, torch.float32, device, bias=True)
+    a = fused_experts(*case.args(), config=SMALL, **case.kwargs)
+    case.x = case.x.clone()
+    case.x[3] += 1.0
+    b = fused_experts(*case.args(), config=SMALL, **case.kwargs)
+    changed = (a - b).abs().sum(dim=1) > 0
+    assert changed.tolist() == [i == 3 for i in range(8)]
+
+
+@pytest.mark.gpu
+def test_64bit_offsets(device):
+    """Slot index × row stride above 2³¹ must not wrap (offsets are int64 in the kernel)."""
+    M, E, N, K, topk = 40000, 8, 7168, 512, 8  # GEMM1 output: 320000 × 14336 > 2³¹ elements
+    case = make_case(M, E, N, K, topk, torch.bfloat16, device)
+    cfg = {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8,
+           "num_warps": 8, "num_stages": 3}  # fmt: skip
+    with poisoned_workspace():
+        out = fused_experts(*case.args(), config=cfg)
+    rows = torch.tensor([0, 1, M // 2, M - 2, M - 1], device=device)  # the last rows sit past 2³¹
+    ref = fused_experts_reference(case.x[rows], case.w1, case.w2, case.topk_weights[rows],
+                                  case.topk_ids[rows])  # fmt: skip
+    result = check_close(out[rows], ref, dtype=torch.bfloat16)
+    assert result.ok, result
+
+
+@pytest.mark.gpu
+def test_op_captures_in_cuda_graph(device):
+    """Routing metadata needs no host sync, so the whole op replays from a CUDA graph."""
+    case = make_case(64, 8, 128, 256, 2, torch.bfloat16, device, bias=True)
+    fused_experts(*case.args(), config=WIDE_M, **case.kwargs)  # compile outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        out = fused_experts(*case.args(), config=WIDE_M, **case.kwargs)
+    case.x.copy_(torch.randn_like(case.x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    assert check_close(out, ref, dtype=torch.bfloat16).ok
