@@ -141,9 +141,14 @@ def fused_moe_kernel(
             k_group = (k * BLOCK_SIZE_K) // group_k
             a_s = tl.load(a_scale_ptrs + k_group * stride_ask, mask=token_mask, other=0.0)
             b_s = tl.load(b_scale_ptrs + k_group * stride_bsk)
-            partial = tl.dot(a, b).to(tl.float32)
+            if use_int8_w8a8:
+                partial = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+            else:
+                partial = tl.dot(a, b)
             accumulator += partial * a_s[:, None] * b_s[None, :]
-        elif use_fp8_w8a8 or use_int8_w8a8:
+        elif use_int8_w8a8:
+            accumulator = tl.dot(a, b, acc=accumulator, out_dtype=tl.int32)
+        elif use_fp8_w8a8:
             accumulator = tl.dot(a, b, acc=accumulator)
         else:
             accumulator = tl.dot(a, b, acc=accumulator, input_precision=DOT_PRECISION)

@@ -60,7 +60,9 @@ class Problem:
         if self.block_shape is not None:
             bs = tuple(self.block_shape)
             if len(bs) != 2 or any(not isinstance(b, int) or b <= 0 for b in bs):
-                raise ValueError(f"block_shape must be two positive integers, got {self.block_shape!r}")
+                raise ValueError(
+                    f"block_shape must be two positive integers, got {self.block_shape!r}"
+                )
             if self.quant not in ("fp8_w8a8", "int8_w8a8"):
                 raise ValueError("block_shape needs quant fp8_w8a8 or int8_w8a8")
             object.__setattr__(self, "block_shape", bs)
