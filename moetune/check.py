@@ -79,8 +79,9 @@ def check_close(
     if out.shape != ref.shape:
         raise ValueError(f"shape mismatch: out {list(out.shape)} vs ref {list(ref.shape)}")
     tol = tolerance(dtype, quant) if tol is None else tol
-    o = out.detach().double().reshape(out.shape[0], -1).cpu()
-    r = ref.detach().double().reshape(ref.shape[0], -1).cpu()
+    # On the tensors' own device: a GPU sweep checks thousands of outputs, a copy each would cost.
+    o = out.detach().double().reshape(out.shape[0], -1)
+    r = ref.detach().double().reshape(ref.shape[0], -1).to(o.device)
     nan_count = int(torch.isnan(o).sum())
     poisoned = torch.isnan(o).all(dim=1) if math.isnan(poison) else (o == poison).all(dim=1)
     poison_rows = int(poisoned.sum())

@@ -7,19 +7,15 @@ epilogue in DESIGN §1's order: fp32 dequantization → + bias → × router wei
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-# Without a GPU, run the real kernel in Triton's interpreter (must be decided before @triton.jit).
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import triton
 import triton.language as tl
 
+import moetune._interpret  # noqa: F401  (before triton)
 
-@triton.jit
+
+# EM and num_valid_tokens change with the batch size: not specializing on them lets one compiled
+# kernel serve every batch size of a sweep (and of a server).
+@triton.jit(do_not_specialize=["EM", "num_valid_tokens"])
 def fused_moe_kernel(
     # Pointers
     a_ptr,  # [T_a, K]        activations: compute dtype, or fp8/int8 for w8a8

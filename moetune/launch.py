@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+import moetune._interpret  # noqa: F401  (before triton)
 from moetune.align import RoutingBlocks
 from moetune.kernel import fused_moe_kernel
 

@@ -1,0 +1,450 @@
+"""The ``moetune`` command line: thin wrappers that parse, call one library function, render.
+
+Results go to stdout (a rich table, or JSON with ``--json``); progress and diagnostics go to
+stderr. A user mistake prints one ``Error:`` line and exits 2; a failure of the work exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table as RichTable
+
+app = typer.Typer(
+    help="Tune, export and verify fused-MoE Triton kernel configs, every candidate checked "
+    "against a float64 reference.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_JOURNAL_DIR = Path("results/sweeps")
+DEFAULT_TABLE_DIR = Path("results/tables")
+# The built-in problem of a CPU-only machine: small enough for Triton's interpreter.
+TINY = {"E": 4, "N": 32, "K": 64, "topk": 2, "dtype": "float16"}
+TINY_BATCHES = [1, 4, 16]
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its files: exit 2."""
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def _restrict(items: list[str] | None) -> dict[str, list[int]] | None:
+    if not items:
+        return None
+    restrict: dict[str, list[int]] = {}
+    for item in items:
+        knob, sep, values = item.partition("=")
+        if not sep:
+            raise UsageError(f"--restrict takes KNOB=V1,V2 (e.g. BLOCK_SIZE_M=16,32), got {item!r}")
+        restrict[knob.strip()] = _ints(values, f"--restrict {knob}") or []
+    return restrict
+
+
+# Options shared by the commands that take a problem.
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Built-in preset, e.g. Mixtral-8x7B.")
+]
+TpOpt = Annotated[int, typer.Option("--tp", help="Tensor-parallel size for --model.")]
+EOpt = Annotated[int | None, typer.Option("--E", help="Number of experts.")]
+NOpt = Annotated[int | None, typer.Option("--N", help="Intermediate size per shard.")]
+KOpt = Annotated[int | None, typer.Option("--K", help="Hidden size.")]
+TopkOpt = Annotated[int | None, typer.Option("--topk", help="Experts per token.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="bfloat16, float16 or float32.")]
+QuantOpt = Annotated[str | None, typer.Option("--quant", help="fp8_w8a8, int8_w8a8, int8_w8a16.")]
+BlockOpt = Annotated[str | None, typer.Option("--block-shape", help="Block quantization 'bn,bk'.")]
+PerChanOpt = Annotated[bool, typer.Option("--per-channel", help="Per-token × per-channel scales.")]
+BiasOpt = Annotated[bool, typer.Option("--bias", help="The layer has biases.")]
+ActOpt = Annotated[str, typer.Option("--activation", help="silu or swigluoai.")]
+PlatformOpt = Annotated[
+    str | None,
+    typer.Option("--platform", help="h100, h200, mi325x, mi355x, ... (default: the GPU at hand)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _problem(model, tp, E, N, K, topk, dtype, quant, block_shape, per_channel, bias, activation):
+    from moetune.presets import preset_problem
+    from moetune.problem import Problem
+
+    block = _ints(block_shape, "--block-shape")
+    if block is not None and len(block) != 2:
+        raise UsageError(f"--block-shape takes two integers 'bn,bk', got {block_shape!r}")
+    try:
+        if model is not None:
+            if any(v is not None for v in (E, N, K, topk)):
+                raise UsageError("give either --model or --E/--N/--K/--topk, not both")
+            return preset_problem(model, tp, dtype=dtype, quant=quant or "default")
+        missing = [f"--{n}" for n, v in (("E", E), ("N", N), ("K", K), ("topk", topk)) if v is None]
+        if missing and len(missing) < 4:
+            raise UsageError(f"missing {', '.join(missing)} (or use --model)")
+        if missing:
+            return None
+        return Problem(E, N, K, topk, dtype or "bfloat16", quant,
+                       tuple(block) if block else None, per_channel, bias, activation)  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _platform(name: str | None):
+    from moetune.platform import detect_platform, get_platform
+
+    try:
+        return get_platform(name) if name else detect_platform()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _guard(fn):
+    """Turn library errors into one ``Error:`` line: usage mistakes exit 2, failures exit 1."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from moetune.export import ExportError
+        from moetune.journal import JournalError
+        from moetune.tables import TableError
+
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as e:
+            fail(str(e), 2)
+        except (JournalError, ExportError, TableError, OSError) as e:
+            fail(str(e), 1)
+        except KeyboardInterrupt:
+            fail("interrupted; the journal keeps every finished record, re-run to resume", 130)
+
+    return wrapper
+
+
+@app.command()
+@_guard
+def sweep(
+    model: ModelOpt = None,
+    tp: TpOpt = 1,
+    E: EOpt = None,
+    N: NOpt = None,
+    K: KOpt = None,
+    topk: TopkOpt = None,
+    dtype: DtypeOpt = None,
+    quant: QuantOpt = None,
+    block_shape: BlockOpt = None,
+    per_channel: PerChanOpt = False,
+    bias: BiasOpt = False,
+    activation: ActOpt = "silu",
+    platform: PlatformOpt = None,
+    space: Annotated[str, typer.Option(help="Named space: full, fast or tiny.")] = "fast",
+    restrict: Annotated[
+        list[str] | None, typer.Option(help="Narrow a knob: KNOB=V1,V2 (repeatable).")
+    ] = None,
+    space_spec: Annotated[
+        Path | None, typer.Option(help="YAML: {space: fast, restrict: {KNOB: [..]}}.")
+    ] = None,
+    batch_sizes: Annotated[
+        str | None, typer.Option(help="Comma-separated batch sizes (default: vLLM's 18).")
+    ] = None,
+    journal: Annotated[Path | None, typer.Option(help="Journal file (JSON lines).")] = None,
+    fresh: Annotated[
+        bool, typer.Option(help="Start the journal over instead of resuming.")
+    ] = False,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for the exported table.")
+    ] = DEFAULT_TABLE_DIR,
+    compile_workers: Annotated[
+        int, typer.Option(help="Processes compiling candidates ahead (GPU; 0 = none).")
+    ] = min(16, os.cpu_count() or 1),
+    json_out: JsonOpt = False,
+) -> None:
+    """Sweep kernel configs for one MoE problem: check each against the reference, time it.
+
+    With no problem given it sweeps a built-in default: on a CPU-only machine a tiny problem in
+    Triton's interpreter (timings are then interpreter timings, not GPU timings).
+
+    Example: moetune sweep --model Mixtral-8x7B --tp 2 --space fast
+    """
+    from moetune.export import export_configs
+    from moetune.presets import DEFAULT_BATCH_SIZES, preset_problem
+    from moetune.problem import Problem
+    from moetune.space import load_space_spec, search_space
+    from moetune.sweep import run_sweep, timings_note
+
+    plat = _platform(platform)
+    prob = _problem(model, tp, E, N, K, topk, dtype, quant, block_shape, per_channel, bias,
+                    activation)  # fmt: skip
+    batches = _ints(batch_sizes, "--batch-sizes")
+    if prob is None:
+        if plat.is_interpreter:
+            prob = Problem(**TINY)
+            batches = batches or TINY_BATCHES
+            space = "tiny"
+        else:
+            prob = preset_problem("Mixtral-8x7B", 2)
+    if plat.is_interpreter and prob.dtype == "bfloat16":
+        raise UsageError("the interpreter cannot run bfloat16 dots: use --dtype float16 on CPU")
+    batches = batches or list(DEFAULT_BATCH_SIZES)
+    try:
+        restrict_map = _restrict(restrict)
+        if space_spec is not None:
+            spec = load_space_spec(space_spec)
+            space = spec["space"]
+            restrict_map = {**(spec.get("restrict") or {}), **(restrict_map or {})}
+        candidates = search_space(plat, prob, space, restrict_map)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not candidates:
+        raise UsageError("the search space is empty after pruning and restrictions")
+    journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space)
+    note = timings_note(plat.is_interpreter)
+    err.print(f"moetune sweep: {prob.describe()} on {plat.device_name}; {len(candidates)} "
+              f"candidates × {len(batches)} batch sizes; journal {journal}")  # fmt: skip
+    err.print(note)
+    result = _run_with_progress(
+        lambda progress: run_sweep(
+            prob,
+            plat,
+            candidates,
+            batch_sizes=batches,
+            journal_path=journal,
+            space_name=space,
+            fresh=fresh,
+            progress=progress,
+            compile_workers=compile_workers,
+        )
+    )
+    exported = None
+    if any(b.best for b in result.batches):
+        exported = export_configs([result.journal], out_dir)
+    _render_sweep(result, exported, note, json_out)
+    if not any(b.best for b in result.batches):
+        fail("no candidate passed its check at any batch size", 1)
+
+
+def _journal_name(prob, plat, space: str) -> str:
+    parts = [f"E{prob.E}", f"N{prob.N}", f"K{prob.K}", f"top{prob.topk}", prob.dtype]
+    if prob.quant:
+        parts.append(prob.quant)
+    if prob.block_shape:
+        parts.append("block{}x{}".format(*prob.block_shape))
+    if prob.per_channel:
+        parts.append("perchannel")
+    if prob.bias:
+        parts.append("bias")
+    if prob.activation != "silu":
+        parts.append(prob.activation)
+    return "-".join([plat.device_name, *parts, space]) + ".jsonl"
+
+
+def _run_with_progress(work):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err,
+        transient=not err.is_terminal,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("sweep", total=None)
+
+        def update(done: int, total: int, message: str) -> None:
+            if total:
+                progress.update(task, completed=done, total=total, description=message[:60])
+            else:
+                progress.console.print(message, highlight=False)
+
+        return work(update)
+
+
+def _render_sweep(result, exported, note: str, json_out: bool) -> None:
+    from moetune.sweep import fmt_us
+
+    rows = []
+    for b in result.batches:
+        rows.append({
+            "M": b.M,
+            "best": b.best["winner"] if b.best else None,
+            "config": b.best["config"] if b.best else None,
+            "time_us": b.best["timing"]["median_us"] if b.best else None,
+            "default_us": b.default_us,
+            "speedup_vs_default": round(b.speedup, 3) if b.speedup else None,
+            "counts": b.counts,
+            "rejected_or_failed": b.reasons,
+        })  # fmt: skip
+    tables = [str(p) for p in exported.paths] if exported else []
+    if json_out:
+        payload = {"journal": str(result.journal), "tables": tables, "note": note,
+                   "interpreter": result.interpreter, "wall_s": round(result.wall_s, 1),
+                   "batches": rows}  # fmt: skip
+        out.print_json(json.dumps(payload))
+        return
+    t = RichTable(title="moetune sweep", caption=note)
+    for col in ("M", "best config", "time µs", "default µs", "speedup", "ok/rej/fail/pruned",
+                "why rejected/failed"):  # fmt: skip
+        t.add_column(
+            col, justify="right" if col not in ("best config", "why rejected/failed") else "left"
+        )
+    for r in rows:
+        c = r["counts"]
+        t.add_row(
+            str(r["M"]), r["best"] or "-", fmt_us(r["time_us"]), fmt_us(r["default_us"]),
+            f"{r['speedup_vs_default']:.2f}×" if r["speedup_vs_default"] else "-",
+            f"{c.get('ok', 0)}/{c.get('rejected', 0)}/{c.get('failed', 0)}/{c.get('pruned', 0)}",
+            ", ".join(f"{k} ×{v}" for k, v in sorted(r["rejected_or_failed"].items())) or "-",
+        )  # fmt: skip
+    out.print(t)
+    out.print(f"journal: {result.journal}", highlight=False)
+    for p in tables:
+        out.print(f"table:   {p}", highlight=False)
+
+
+@app.command("export-configs")
+@_guard
+def export_configs_cmd(
+    journals: Annotated[list[Path], typer.Argument(help="Sweep journals (JSON lines).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Destination folder.")] = Path("configs"),
+    device_name: Annotated[
+        str | None, typer.Option(help="Override the device part of the file name.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="vllm, or sglang (both names).")] = "vllm",
+    json_out: JsonOpt = False,
+) -> None:
+    """Write the fastest passing config per batch size as a vLLM-named table (+ sidecar).
+
+    Example: moetune export-configs results/sweeps/*.jsonl --out configs
+    """
+    from moetune.export import export_configs
+
+    if fmt not in ("vllm", "sglang"):
+        raise UsageError(f"--format must be vllm or sglang, got {fmt!r}")
+    for j in journals:
+        if not j.is_file():
+            raise UsageError(f"journal not found: {j}")
+    res = export_configs(journals, out_dir, device_name=device_name, sglang=fmt == "sglang")
+    if json_out:
+        entries = {str(k): v for k, v in res.entries.items()}
+        out.print_json(json.dumps({"tables": [str(p) for p in res.paths], "entries": entries}))
+        return
+    for p in res.paths:
+        out.print(f"wrote {p} ({len(res.entries)} batch sizes)", highlight=False)
+
+
+@app.command()
+@_guard
+def verify(
+    paths: Annotated[list[Path], typer.Argument(help="Table files or folders of tables.")],
+    K: KOpt = None,
+    topk: TopkOpt = None,
+    batch_sizes: Annotated[str | None, typer.Option(help="Only these batch sizes.")] = None,
+    schema_only: Annotated[bool, typer.Option(help="Validate files only; run nothing.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-check config tables (moetune's or vLLM's) on the GPU at hand (interpreter on CPU).
+
+    Example: moetune verify configs/ ../shared/data/vllm-tables --batch-sizes 1,64
+    """
+    from moetune.verify import collect_table_paths, verify_tables
+
+    try:
+        files = collect_table_paths(paths)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    with err.status(f"verifying {len(files)} table(s)"):
+        report = verify_tables(files, K=K, topk=topk, schema_only=schema_only,
+                               batch_sizes=_ints(batch_sizes, "--batch-sizes"))  # fmt: skip
+    if json_out:
+        out.print_json(json.dumps({
+            "ok": report.ok, "device": report.device, "interpreter": report.interpreter,
+            "note": report.note, "results": [r.__dict__ for r in report.results],
+        }, default=str))  # fmt: skip
+    else:
+        t = RichTable(title="moetune verify", caption=report.note)
+        for col in ("file", "M", "status", "worst row err", "reason"):
+            t.add_column(col)
+        for r in report.results:
+            style = {"ok": "green", "skipped": "yellow"}.get(r.status, "red")
+            err_txt = f"{r.worst_row_err:.2e}" if r.worst_row_err is not None else "-"
+            t.add_row(Path(r.file).name, str(r.batch_size or "-"), f"[{style}]{r.status}[/]",
+                      err_txt, r.reason or "")  # fmt: skip
+        out.print(t)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def space(
+    model: ModelOpt = None,
+    tp: TpOpt = 1,
+    E: EOpt = None,
+    N: NOpt = None,
+    K: KOpt = None,
+    topk: TopkOpt = None,
+    dtype: DtypeOpt = None,
+    quant: QuantOpt = None,
+    block_shape: BlockOpt = None,
+    platform: PlatformOpt = None,
+    name: Annotated[str, typer.Option("--space", help="full, fast or tiny.")] = "fast",
+    json_out: JsonOpt = False,
+) -> None:
+    """Show the search space a sweep would use (no GPU needed: name the platform).
+
+    Example: moetune space --platform mi325x --model Qwen3-30B-A3B --tp 2 --space fast
+    """
+    from moetune.space import search_space, space_id
+
+    plat = _platform(platform)
+    prob = _problem(model, tp, E, N, K, topk, dtype, quant, block_shape, False, False, "silu")
+    if prob is None:
+        raise UsageError("give --model or --E/--N/--K/--topk")
+    try:
+        cands = search_space(plat, prob, name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if json_out:
+        out.print_json(json.dumps({"platform": plat.key, "space": name, "space_id": space_id(cands),
+                                   "candidates": [c.as_config() for c in cands]}))  # fmt: skip
+        return
+    out.print(f"{plat.device_name} ({plat.arch}), {prob.describe()}: space {name!r} has "
+              f"{len(cands)} candidates (id {space_id(cands)})", highlight=False)  # fmt: skip
+    for c in cands[:20]:
+        out.print("  " + c.key(), highlight=False)
+    if len(cands) > 20:
+        out.print(f"  … {len(cands) - 20} more (--json lists all)", highlight=False)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

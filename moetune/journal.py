@@ -1,0 +1,138 @@
+"""The sweep journal: one JSON line per (candidate, batch size), flushed as it is written.
+
+The first line is a header with provenance and the sweep's identity (problem, space, GPU,
+versions). A re-run of the same sweep reads the records back and skips the pairs they cover; a
+journal of another identity is refused unless the user starts over. A torn last line (a kill in
+the middle of a write) is ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as pyplatform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import triton
+
+import moetune
+import moetune._interpret
+
+# Fields of the header that must match for a journal to be resumed.
+IDENTITY_KEYS = ("problem", "space_id", "device_name", "moetune", "triton", "interpreter")
+
+
+class JournalError(ValueError):
+    pass
+
+
+def provenance(device_name: str, interpreter: bool) -> dict[str, Any]:
+    prov: dict[str, Any] = {
+        "moetune": moetune.__version__,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": pyplatform.python_version(),
+        "host": pyplatform.node(),
+        "device_name": device_name,
+        "interpreter": interpreter,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if torch.cuda.is_available() and not interpreter:
+        prov["gpu"] = torch.cuda.get_device_name()
+        prov["cuda"] = torch.version.cuda
+        prov["hip"] = torch.version.hip
+    return prov
+
+
+@dataclass
+class Journal:
+    path: Path
+    header: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    _fh: TextIO | None = None
+
+    def done(self) -> set[tuple[str, int]]:
+        return {(r["candidate"], r["M"]) for r in self.records if "candidate" in r}
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self._fh is None:
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        self._fh.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.records.append(record)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, encoding="utf-8") as f:
+        yield from enumerate(f, start=1)
+
+
+def read_journal(path: str | os.PathLike[str]) -> Journal:
+    """Load a journal; a malformed line other than a torn last one is a JournalError."""
+    p = Path(path)
+    try:
+        lines = list(_lines(p))
+    except OSError as e:
+        raise JournalError(f"cannot read journal {p}: {e.strerror or e}") from None
+    if not lines:
+        raise JournalError(f"journal {p} is empty")
+    header: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    for i, (lineno, line) in enumerate(lines):
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                warnings.append(f"{p.name}: ignored a torn last line ({lineno})")
+                continue
+            raise JournalError(f"journal {p} line {lineno} is not a JSON object") from None
+        if i == 0:
+            if obj.get("kind") != "moetune-journal":
+                raise JournalError(f"{p} is not a moetune journal (no header line)")
+            header = obj
+        else:
+            records.append(obj)
+    assert header is not None
+    return Journal(p, header, records, warnings)
+
+
+def open_journal(path: str | os.PathLike[str], header: dict[str, Any], *, fresh: bool) -> Journal:
+    """Start a journal, or resume one whose identity matches ``header``."""
+    p = Path(path)
+    header = {"kind": "moetune-journal", **header}
+    if p.exists() and p.stat().st_size > 0 and not fresh:
+        old = read_journal(p)
+        diffs = [k for k in IDENTITY_KEYS if old.header.get(k) != header.get(k)]
+        if diffs:
+            raise JournalError(
+                f"{p} belongs to another sweep (different {', '.join(diffs)}); "
+                "use --fresh to start over or --journal to choose another file"
+            )
+        if old.warnings:
+            # Cut the torn tail so the next append starts on a fresh line.
+            good = "".join(line for _, line in _lines(p) if line.endswith("\n"))
+            p.write_text(good, encoding="utf-8")
+        return old
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.exists() and fresh:
+        p.replace(p.with_name(p.name + ".old"))
+    with open(p, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return Journal(p, header)

@@ -1,0 +1,110 @@
+"""Timing the op: CUDA-graph replay after warm-up, rotating input sets, median with spread.
+
+A graph holds ``calls`` launches of the op, each on the next of several input sets, so a small
+problem is not timed from L2 and launch gaps shrink to what a serving engine's graphs see. Each
+replay is timed with CUDA events; the per-call time is the replay time over ``calls``. Compile
+time never counts: the first call happens before the capture. Without a GPU (the interpreter)
+there are no graphs: the host clock times a few plain calls, and those times only say how the
+interpreter behaves, never how a GPU would.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_us: float
+    p20_us: float
+    p80_us: float
+    samples: int
+    method: str  # "cuda-graph" or "host-clock"
+
+    def as_dict(self) -> dict:
+        return {
+            "median_us": round(self.median_us, 3),
+            "p20_us": round(self.p20_us, 3),
+            "p80_us": round(self.p80_us, 3),
+            "samples": self.samples,
+            "method": self.method,
+        }
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float, float]:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=10, method="inclusive")
+    return statistics.median(xs), q[1], q[7]
+
+
+def time_op(
+    fn: Callable[[int], object],
+    num_sets: int,
+    *,
+    device: torch.device | str,
+    replays: int = 20,
+    calls_per_graph: int | None = None,
+    warmup: int = 2,
+) -> Timing:
+    """Time ``fn(i)``, which runs the op on input set ``i`` (0 ≤ i < num_sets)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        fn(0)  # compile
+        samples = []
+        for r in range(max(1, min(replays, 3))):
+            t0 = time.perf_counter()
+            fn(r % num_sets)
+            samples.append((time.perf_counter() - t0) * 1e6)
+        med, lo, hi = _quantiles(samples)
+        return Timing(med, lo, hi, len(samples), "host-clock")
+
+    calls = calls_per_graph or max(num_sets, 4)
+    for i in range(num_sets):
+        fn(i)  # compile and autotune-free warm-up outside the capture
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        for i in range(2):  # warm-up on the side stream, as capture requires
+            fn(i % num_sets)
+        torch.cuda.synchronize(device)
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(calls):
+                fn(i % num_sets)
+    torch.cuda.synchronize(device)
+    for _ in range(warmup):
+        graph.replay()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    for s, e in zip(start, end, strict=True):
+        s.record()
+        graph.replay()
+        e.record()
+    torch.cuda.synchronize(device)
+    samples = [s.elapsed_time(e) * 1e3 / calls for s, e in zip(start, end, strict=True)]
+    del graph
+    med, lo, hi = _quantiles(samples)
+    return Timing(med, lo, hi, len(samples), "cuda-graph")
+
+
+def rotation_count(bytes_per_set: int, l2_bytes: int, cap: int = 8) -> int:
+    """Enough input sets that one pass over them is at least 4× the L2 (at most ``cap``)."""
+    if bytes_per_set <= 0:
+        return 1
+    return max(1, min(cap, -(-4 * l2_bytes // bytes_per_set)))
+
+
+def l2_bytes(device: torch.device | str) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "L2_cache_size", 50 * 2**20))

@@ -1,0 +1,81 @@
+"""The CLI end to end in the interpreter: sweep → journal → export → verify → get_config."""
+
+import json
+import warnings
+
+import pytest
+from typer.testing import CliRunner
+
+from moetune.cli import app
+from moetune.journal import read_journal
+from moetune.lookup import get_config
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", ["sweep", "export-configs", "verify", "space"])
+def test_every_command_has_help_with_an_example(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example: moetune " + command in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "match"),
+    [
+        (["sweep", "--model", "NoSuchModel"], 2, "unknown"),
+        (["sweep", "--E", "4", "--N", "32"], 2, "missing --K, --topk"),
+        (["sweep", "--E", "0", "--N", "32", "--K", "64", "--topk", "1"], 2, "E must be"),
+        (["sweep", "--batch-sizes", "1,x"], 2, "comma-separated"),
+        (["sweep", "--platform", "tpu"], 2, "tpu"),
+        (["sweep", "--restrict", "BLOCK_SIZE_Q=16"], 2, "BLOCK_SIZE_Q"),
+        (["export-configs", "missing.jsonl"], 2, "not found"),
+        (["verify", "no/such/dir"], 2, "no/such/dir"),
+    ],
+)
+def test_mistakes_give_one_error_line(args, code, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and match in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_tiny_sweep_export_verify_lookup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "--E", "4", "--N", "32", "--K", "64", "--topk", "2", "--dtype", "float16",
+            "--batch-sizes", "1,8", "--restrict", "BLOCK_SIZE_N=32", "--restrict",
+            "BLOCK_SIZE_K=32", "--journal", "j.jsonl", "--out", "tables", "--json"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout[result.stdout.index("{") :])
+    assert payload["interpreter"] and "not GPU timings" in payload["note"]
+    assert [b["M"] for b in payload["batches"]] == [1, 8]
+    assert all(b["best"] for b in payload["batches"])
+    journal = read_journal(tmp_path / "j.jsonl")
+    assert journal.header["interpreter"] is True
+    assert {r["M"] for r in journal.records if "candidate" in r} == {1, 8}
+    table = tmp_path / "tables" / "E=4,N=32,device_name=cpu_interpreter.json"
+    doc = json.loads(table.read_text())
+    assert set(doc) == {"triton_version", "1", "8"}
+
+    # Resume: the same command evaluates nothing again.
+    n_before = len(journal.records)
+    assert runner.invoke(app, args).exit_code == 0
+    assert len(read_journal(tmp_path / "j.jsonl").records) == n_before
+
+    # A GPU-named table from an interpreter run is refused, nothing written.
+    result = runner.invoke(app, ["export-configs", "j.jsonl", "--out", "gpu",
+                                 "--device-name", "NVIDIA_H100_80GB_HBM3"])  # fmt: skip
+    assert result.exit_code == 1 and "interpreter" in result.output
+    assert not (tmp_path / "gpu").exists() or not any((tmp_path / "gpu").iterdir())
+
+    result = runner.invoke(app, ["verify", str(table), "--json"])
+    assert result.exit_code == 0, result.output
+
+    monkeypatch.setenv("MOETUNE_CONFIG_DIR", str(tmp_path / "tables"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # found: no "missing table" warning
+        cfg = get_config(8, 4, 32, device_name="cpu_interpreter")
+    assert cfg == doc["8"]
