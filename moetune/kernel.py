@@ -64,6 +64,7 @@ def fused_moe_kernel(
     per_channel_quant: tl.constexpr,
     compute_type: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_MAX_IMPRECISE_ACC: tl.constexpr,  # 0: fp32 accumulation; None: Hopper's fast fp8 mode
 ):
     """Grid: ``(cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N),)``.
 
@@ -140,12 +141,14 @@ def fused_moe_kernel(
             if use_int8_w8a8:
                 partial = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
             else:
-                partial = tl.dot(a, b)
+                partial = tl.dot(a, b, max_num_imprecise_acc=FP8_MAX_IMPRECISE_ACC)
             accumulator += partial * a_s[:, None] * b_s[None, :]
         elif use_int8_w8a8:
             accumulator = tl.dot(a, b, acc=accumulator, out_dtype=tl.int32)
         elif use_fp8_w8a8:
-            accumulator = tl.dot(a, b, acc=accumulator)
+            accumulator = tl.dot(
+                a, b, acc=accumulator, max_num_imprecise_acc=FP8_MAX_IMPRECISE_ACC
+            )
         else:
             accumulator = tl.dot(a, b, acc=accumulator, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_SIZE_K * stride_ak
