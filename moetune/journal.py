@@ -18,28 +18,42 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-import triton
 
 import moetune
-import moetune._interpret
+from moetune.launch import FP8_ACCUM_DEFAULT, FP8_ACCUM_ENV
 
 # Fields of the header that must match for a journal to be resumed.
-IDENTITY_KEYS = ("problem", "space_id", "device_name", "moetune", "triton", "interpreter")
+IDENTITY_KEYS = (
+    "problem",
+    "space_id",
+    "device_name",
+    "moetune",
+    "triton",
+    "interpreter",
+    "fp8_accum",
+)
 
 
 class JournalError(ValueError):
     pass
 
 
+def triton_version() -> str:
+    import triton  # after moetune.launch has chosen the interpreter or the compiler
+
+    return triton.__version__
+
+
 def provenance(device_name: str, interpreter: bool) -> dict[str, Any]:
     prov: dict[str, Any] = {
         "moetune": moetune.__version__,
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": triton_version(),
         "python": pyplatform.python_version(),
         "host": pyplatform.node(),
         "device_name": device_name,
         "interpreter": interpreter,
+        "fp8_accum": os.environ.get(FP8_ACCUM_ENV, FP8_ACCUM_DEFAULT),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if torch.cuda.is_available() and not interpreter:

@@ -7,10 +7,12 @@ epilogue in DESIGN §1's order: fp32 dequantization → + bias → × router wei
 
 from __future__ import annotations
 
+import moetune._interpret  # noqa: F401  (must run before triton is imported)
+
+# isort: split
+
 import triton
 import triton.language as tl
-
-import moetune._interpret  # noqa: F401  (before triton)
 
 
 # EM and num_valid_tokens change with the batch size: not specializing on them lets one compiled
@@ -146,9 +148,7 @@ def fused_moe_kernel(
         elif use_int8_w8a8:
             accumulator = tl.dot(a, b, acc=accumulator, out_dtype=tl.int32)
         elif use_fp8_w8a8:
-            accumulator = tl.dot(
-                a, b, acc=accumulator, max_num_imprecise_acc=FP8_MAX_IMPRECISE_ACC
-            )
+            accumulator = tl.dot(a, b, acc=accumulator, max_num_imprecise_acc=FP8_MAX_IMPRECISE_ACC)
         else:
             accumulator = tl.dot(a, b, acc=accumulator, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_SIZE_K * stride_ak

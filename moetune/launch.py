@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import moetune._interpret  # noqa: F401  (must run before triton is imported)
+
+# isort: split
+
 import os
 from typing import Any
 
@@ -9,21 +13,26 @@ import torch
 import triton
 import triton.language as tl
 
-import moetune._interpret  # noqa: F401  (before triton)
 from moetune.align import RoutingBlocks
 from moetune.kernel import fused_moe_kernel
 
-# Hopper's fp8 wgmma accumulates in reduced precision unless the compiler promotes partial sums
-# to fp32 (max_num_imprecise_acc); Triton's sm90 default never promotes. Measured on an H100 with
-# the Mixtral-8x7B shape at M=4096, that fast mode puts whole rows 4-7% off the float64 reference
-# for BLOCK_SIZE_M >= 64 (the wgmma path), past the fp8 bound; BLOCK_SIZE_M=16 (mma.sync, fp32
-# accumulation) stays near 1e-4. moetune promotes after every instruction (0) unless
-# MOETUNE_FP8_FAST_ACCUM=1 asks for the fast mode, e.g. to reproduce vLLM's kernel.
-FP8_FAST_ACCUM_ENV = "MOETUNE_FP8_FAST_ACCUM"
+# Hopper's fp8 wgmma accumulates in reduced precision unless the compiler adds partial sums into
+# an fp32 accumulator every ``max_num_imprecise_acc`` products; Triton's sm90 default never does.
+# MOETUNE_FP8_ACCUM picks the mode: "precise" (promote after every instruction), "tile" (after
+# every BLOCK_SIZE_K products, as DeepSeek-V3 promotes every 128) or "fast" (never: what vLLM's
+# kernel does). Measurements on an H100 are in results/fp8-accum/.
+FP8_ACCUM_ENV = "MOETUNE_FP8_ACCUM"
+FP8_ACCUM_MODES = ("precise", "tile", "fast")
+FP8_ACCUM_DEFAULT = "tile"
 
 
-def fp8_max_imprecise_acc() -> int | None:
-    return None if os.environ.get(FP8_FAST_ACCUM_ENV) == "1" else 0
+def fp8_max_imprecise_acc(block_k: int) -> int | None:
+    mode = os.environ.get(FP8_ACCUM_ENV, FP8_ACCUM_DEFAULT)
+    if mode not in FP8_ACCUM_MODES:
+        raise ValueError(
+            f"{FP8_ACCUM_ENV} must be one of {', '.join(FP8_ACCUM_MODES)}, got {mode!r}"
+        )
+    return {"precise": 0, "tile": block_k, "fast": None}[mode]
 
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -139,6 +148,8 @@ def invoke_moe_gemm(
         per_channel_quant=per_channel,
         compute_type=_TL_DTYPES[compute_dtype],
         DOT_PRECISION="ieee" if compute_dtype == torch.float32 else "tf32",
-        FP8_MAX_IMPRECISE_ACC=fp8_max_imprecise_acc() if quant == "fp8_w8a8" else 0,
+        FP8_MAX_IMPRECISE_ACC=(
+            fp8_max_imprecise_acc(config["BLOCK_SIZE_K"]) if quant == "fp8_w8a8" else 0
+        ),
         **launch,
     )
