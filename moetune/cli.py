@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # Click's own one-line "Error:" for parse mistakes, plain --help
 )
 out = Console()
 err = Console(stderr=True)
@@ -38,7 +39,12 @@ class UsageError(Exception):
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    """One ``Error:`` line: the message is folded onto one line and printed verbatim (a path or
+    a key such as ``[/x]`` must not be read as rich markup)."""
+    from rich.markup import escape
+
+    text = escape(" ".join(str(message).split()))
+    err.print(f"[bold red]Error:[/] {text}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -95,15 +101,26 @@ def _problem(model, tp, E, N, K, topk, dtype, quant, block_shape, per_channel, b
     block = _ints(block_shape, "--block-shape")
     if block is not None and len(block) != 2:
         raise UsageError(f"--block-shape takes two integers 'bn,bk', got {block_shape!r}")
+    # Options that shape an explicit problem only: a preset (or the default problem) fixes them.
+    flags = {"--block-shape": block is not None, "--per-channel": per_channel, "--bias": bias,
+             "--activation": activation != "silu"}  # fmt: skip
+    shaping = [opt for opt, given in flags.items() if given]
     try:
         if model is not None:
             if any(v is not None for v in (E, N, K, topk)):
                 raise UsageError("give either --model or --E/--N/--K/--topk, not both")
+            if shaping:
+                raise UsageError(f"{', '.join(shaping)}: --model takes them from its preset")
             return preset_problem(model, tp, dtype=dtype, quant=quant or "default")
+        if tp != 1:
+            raise UsageError("--tp splits a --model; with --E/--N/--K/--topk give N per shard")
         missing = [f"--{n}" for n, v in (("E", E), ("N", N), ("K", K), ("topk", topk)) if v is None]
         if missing and len(missing) < 4:
             raise UsageError(f"missing {', '.join(missing)} (or use --model)")
         if missing:
+            given = shaping + [o for o, v in (("--dtype", dtype), ("--quant", quant)) if v]
+            if given:
+                raise UsageError(f"{', '.join(given)} needs --model or --E/--N/--K/--topk")
             return None
         return Problem(E, N, K, topk, dtype or "bfloat16", quant,
                        tuple(block) if block else None, per_channel, bias, activation)  # fmt: skip
@@ -111,13 +128,28 @@ def _problem(model, tp, E, N, K, topk, dtype, quant, block_shape, per_channel, b
         raise UsageError(str(e)) from None
 
 
-def _platform(name: str | None):
+def _platform(name: str | None, *, runs_here: bool = True):
+    """The named platform, or the one at hand. With ``runs_here`` the work runs on this machine,
+    so a named GPU must be the one present (timings of another chip would be filed under its
+    name), and the interpreter needs Triton's interpreter switched on."""
     from moetune.platform import detect_platform, get_platform
 
     try:
-        return get_platform(name) if name else detect_platform()
+        plat = get_platform(name) if name else detect_platform()
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if name and runs_here:
+        here = detect_platform()
+        if plat.is_interpreter and not here.is_interpreter:
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                raise UsageError("--platform interpreter needs TRITON_INTERPRET=1 on a GPU machine")
+        elif plat.key != here.key:
+            has = "no GPU" if here.is_interpreter else f"a {here.device_name}"
+            raise UsageError(
+                f"--platform {name} needs that GPU and this machine has {has} "
+                f"(`moetune space --platform {name}` shows its space without one)"
+            )
+    return plat
 
 
 def _guard(fn):
@@ -178,6 +210,24 @@ def sweep(
     compile_workers: Annotated[
         int, typer.Option(help="Processes compiling candidates ahead (GPU; 0 = none).")
     ] = min(16, os.cpu_count() or 1),
+    gpus: Annotated[
+        str | None, typer.Option(help="GPUs to spread the work over: 'all' or '0,1,...'.")
+    ] = None,
+    isolate: Annotated[
+        bool | None,
+        typer.Option(help="Run candidates in worker processes (default: on GPUs, not on CPU)."),
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds one (candidate, batch size) may take before its "
+            "worker is killed and the pair recorded as failed."
+        ),
+    ] = 600.0,
+    backend: Annotated[str, typer.Option(help="local, or ray (needs moetune[ray]).")] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: start a local one).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Sweep kernel configs for one MoE problem: check each against the reference, time it.
@@ -218,10 +268,12 @@ def sweep(
         raise UsageError(str(e)) from None
     if not candidates:
         raise UsageError("the search space is empty after pruning and restrictions")
+    execution = _execution(plat, gpus, isolate, timeout, backend, ray_address)
     journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space)
     note = timings_note(plat.is_interpreter)
     err.print(f"moetune sweep: {prob.describe()} on {plat.device_name}; {len(candidates)} "
-              f"candidates × {len(batches)} batch sizes; journal {journal}")  # fmt: skip
+              f"candidates × {len(batches)} batch sizes; journal {journal}",
+              markup=False, highlight=False)  # fmt: skip
     err.print(note)
     result = _run_with_progress(
         lambda progress: run_sweep(
@@ -234,6 +286,7 @@ def sweep(
             fresh=fresh,
             progress=progress,
             compile_workers=compile_workers,
+            execution=execution,
         )
     )
     exported = None
@@ -242,6 +295,41 @@ def sweep(
     _render_sweep(result, exported, note, json_out)
     if not any(b.best for b in result.batches):
         fail("no candidate passed its check at any batch size", 1)
+
+
+def _execution(plat, gpus: str | None, isolate: bool | None, timeout: float, backend: str,
+               ray_address: str | None):  # fmt: skip
+    from moetune.sweep import Execution
+
+    if backend not in ("local", "ray"):
+        raise UsageError(f"--backend must be local or ray, got {backend!r}")
+    if timeout <= 0:
+        raise UsageError(f"--timeout must be positive, got {timeout}")
+    gpu_list: list[int] | None = None
+    if gpus is not None:
+        if plat.is_interpreter:
+            raise UsageError("--gpus needs GPUs; this run uses Triton's interpreter on the CPU")
+        import torch
+
+        count = torch.cuda.device_count()
+        try:
+            gpu_list = list(range(count)) if gpus == "all" else [int(g) for g in gpus.split(",")]
+        except ValueError:
+            raise UsageError(f"--gpus takes 'all' or GPU indices like 0,1; got {gpus!r}") from None
+        if any(g < 0 for g in gpu_list):
+            raise UsageError(f"--gpus takes 'all' or GPU indices like 0,1; got {gpus!r}")
+        bad = [g for g in gpu_list or [] if g >= count]
+        if bad or not gpu_list:
+            raise UsageError(f"--gpus {gpus!r}: this machine has {count} GPU(s)")
+        if len(set(gpu_list)) != len(gpu_list):
+            raise UsageError(f"--gpus {gpus!r} names a GPU twice")
+    elif not plat.is_interpreter:
+        gpu_list = [0]
+    if isolate is None:
+        isolate = not plat.is_interpreter
+    return Execution(isolate=isolate or backend == "ray" or len(gpu_list or []) > 1,
+                     gpus=gpu_list, timeout_s=timeout, backend=backend,
+                     ray_address=ray_address)  # fmt: skip
 
 
 def _journal_name(prob, plat, space: str) -> str:
@@ -346,16 +434,22 @@ def export_configs_cmd(
 
     if fmt not in ("vllm", "sglang"):
         raise UsageError(f"--format must be vllm or sglang, got {fmt!r}")
+    if device_name is not None and (not device_name or set(device_name) & set(" \t\n,/=")):
+        raise UsageError(f"--device-name {device_name!r} must be vLLM's spelling: no spaces, "
+                         "',', '/' or '=' (e.g. NVIDIA_H100_80GB_HBM3)")  # fmt: skip
     for j in journals:
         if not j.is_file():
-            raise UsageError(f"journal not found: {j}")
+            what = "is a folder" if j.is_dir() else "not found"
+            raise UsageError(f"journal {what}: {j}")
     res = export_configs(journals, out_dir, device_name=device_name, sglang=fmt == "sglang")
+    for w in res.warnings:
+        err.print(f"Warning: {w}", markup=False, highlight=False)
     if json_out:
         entries = {str(k): v for k, v in res.entries.items()}
         out.print_json(json.dumps({"tables": [str(p) for p in res.paths], "entries": entries}))
         return
     for p in res.paths:
-        out.print(f"wrote {p} ({len(res.entries)} batch sizes)", highlight=False)
+        out.print(f"wrote {p} ({len(res.entries)} batch sizes)", markup=False, highlight=False)
 
 
 @app.command()
@@ -372,19 +466,28 @@ def verify(
 
     Example: moetune verify configs/ ../shared/data/vllm-tables --batch-sizes 1,64
     """
+    from rich.markup import escape
+
     from moetune.verify import collect_table_paths, verify_tables
 
+    for label, v in (("--K", K), ("--topk", topk)):
+        if v is not None and v < 1:
+            raise UsageError(f"{label} must be a positive integer, got {v}")
+    batches = _ints(batch_sizes, "--batch-sizes")
     try:
         files = collect_table_paths(paths)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    with err.status(f"verifying {len(files)} table(s)"):
-        report = verify_tables(files, K=K, topk=topk, schema_only=schema_only,
-                               batch_sizes=_ints(batch_sizes, "--batch-sizes"))  # fmt: skip
+    try:
+        with err.status(f"verifying {len(files)} table(s)"):
+            report = verify_tables(files, K=K, topk=topk, schema_only=schema_only,
+                                   batch_sizes=batches)  # fmt: skip
+    except ValueError as e:  # the kernel cannot run on this machine
+        fail(str(e), 1)
     if json_out:
         out.print_json(json.dumps({
             "ok": report.ok, "device": report.device, "interpreter": report.interpreter,
-            "note": report.note, "results": [r.__dict__ for r in report.results],
+            "note": report.note, "results": [r.as_dict() for r in report.results],
         }, default=str))  # fmt: skip
     else:
         t = RichTable(title="moetune verify", caption=report.note)
@@ -393,11 +496,14 @@ def verify(
         for r in report.results:
             style = {"ok": "green", "skipped": "yellow"}.get(r.status, "red")
             err_txt = f"{r.worst_row_err:.2e}" if r.worst_row_err is not None else "-"
-            t.add_row(Path(r.file).name, str(r.batch_size or "-"), f"[{style}]{r.status}[/]",
-                      err_txt, r.reason or "")  # fmt: skip
+            # File names and reasons quote the table's own keys: text, never rich markup.
+            t.add_row(escape(Path(r.file).name), str(r.batch_size or "-"),
+                      f"[{style}]{r.status}[/]", err_txt, escape(r.reason or ""))  # fmt: skip
         out.print(t)
     if not report.ok:
-        raise typer.Exit(1)
+        bad = [r for r in report.results if r.status in ("failed", "invalid")]
+        first = f"{Path(bad[0].file).name}: {bad[0].status}, {bad[0].reason}"
+        fail(f"{len(bad)} of {len(report.results)} results failed or invalid; first {first}", 1)
 
 
 @app.command()
@@ -422,7 +528,7 @@ def space(
     """
     from moetune.space import search_space, space_id
 
-    plat = _platform(platform)
+    plat = _platform(platform, runs_here=False)
     prob = _problem(model, tp, E, N, K, topk, dtype, quant, block_shape, False, False, "silu")
     if prob is None:
         raise UsageError("give --model or --E/--N/--K/--topk")
@@ -442,9 +548,19 @@ def space(
         out.print(f"  … {len(cands) - 20} more (--json lists all)", highlight=False)
 
 
+# Run as a script (or re-imported as a spawned worker's __mp_main__), the importable
+# moetune.cli registers it: importing it here too would be circular.
+if __name__ not in ("__main__", "__mp_main__"):
+    from moetune.cli_bench import bench  # it imports this module's shared options
+
+    app.command()(bench)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    from moetune.cli import main as _main  # the importable module, with every command
+
+    sys.exit(_main())

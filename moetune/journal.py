@@ -100,6 +100,8 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
         lines = list(_lines(p))
     except OSError as e:
         raise JournalError(f"cannot read journal {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise JournalError(f"{p} is not a moetune journal (not UTF-8 text)") from None
     if not lines:
         raise JournalError(f"journal {p} is empty")
     header: dict[str, Any] | None = None
@@ -114,6 +116,8 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
             if i == len(lines) - 1 and not line.endswith("\n"):
                 warnings.append(f"{p.name}: ignored a torn last line ({lineno})")
                 continue
+            if i == 0:
+                raise JournalError(f"{p} is not a moetune journal (no header line)") from None
             raise JournalError(f"journal {p} line {lineno} is not a JSON object") from None
         if i == 0:
             if obj.get("kind") != "moetune-journal":
@@ -121,8 +125,25 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
             header = obj
         else:
             records.append(obj)
-    assert header is not None
+    if header is None:  # the only line was torn
+        raise JournalError(f"{p} is not a moetune journal (no complete header line)")
     return Journal(p, header, records, warnings)
+
+
+def _set_aside(p: Path) -> None:
+    """Move an old journal to a free ``<name>.old[.N]``; refuse to move anything else away."""
+    try:
+        with open(p, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        first = None
+    if not isinstance(first, dict) or first.get("kind") != "moetune-journal":
+        raise JournalError(f"{p} is not a moetune journal: --fresh will not replace it")
+    old, n = p.with_name(p.name + ".old"), 0
+    while old.exists():
+        n += 1
+        old = p.with_name(f"{p.name}.old.{n}")
+    p.replace(old)
 
 
 def open_journal(path: str | os.PathLike[str], header: dict[str, Any], *, fresh: bool) -> Journal:
@@ -142,11 +163,14 @@ def open_journal(path: str | os.PathLike[str], header: dict[str, Any], *, fresh:
             good = "".join(line for _, line in _lines(p) if line.endswith("\n"))
             p.write_text(good, encoding="utf-8")
         return old
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if p.exists() and fresh:
-        p.replace(p.with_name(p.name + ".old"))
-    with open(p, "w", encoding="utf-8") as f:
-        f.write(json.dumps(header, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    if p.exists() and fresh and p.stat().st_size > 0:
+        _set_aside(p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(json.dumps(header, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise JournalError(f"cannot write journal {p}: {e.strerror or e}") from None
     return Journal(p, header)

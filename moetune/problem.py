@@ -59,10 +59,15 @@ class Problem:
             )
         if self.block_shape is not None:
             bs = tuple(self.block_shape)
-            if len(bs) != 2 or any(not isinstance(b, int) or b <= 0 for b in bs):
+            if len(bs) != 2 or any(
+                not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in bs
+            ):
                 raise ValueError(
                     f"block_shape must be two positive integers, got {self.block_shape!r}"
                 )
+            if bs[1] % 16:
+                # A K tile (a power of two >= 16 for tl.dot) may not straddle two scale groups.
+                raise ValueError(f"block_shape bk={bs[1]} is not a multiple of 16: no K tile fits")
             if self.quant not in ("fp8_w8a8", "int8_w8a8"):
                 raise ValueError("block_shape needs quant fp8_w8a8 or int8_w8a8")
             object.__setattr__(self, "block_shape", bs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -242,11 +243,19 @@ def load_space_spec(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ValueError(f"{p}: cannot read space spec: {e}") from None
+        raise ValueError(f"{p}: cannot read space spec: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{p}: space spec is not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError(f"{p}: space spec is nested too deeply") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML: {e}") from None
+        # One line: pyyaml's own message spans several, with a snippet of the file.
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{p}: not valid YAML: {what}{where}") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping with keys 'space' and 'restrict'")
@@ -413,7 +422,17 @@ def search_space(
         knobs = [k for k in KNOBS if k in group]
         for values in itertools.product(*(group[k] for k in knobs)):
             seen.add(Candidate(**dict(zip(knobs, values, strict=True))))
-    return sorted(c for c in seen if prune_reason(c, platform, problem) is None)
+    reasons = {c: prune_reason(c, platform, problem) for c in seen}
+    kept = sorted(c for c, why in reasons.items() if why is None)
+    if seen and not kept:
+        # An empty sweep is a problem the space cannot serve (e.g. a block_k no K tile divides):
+        # say why, rather than leave the caller to report "nothing to do".
+        common = Counter(reasons.values()).most_common(3)
+        raise ValueError(
+            f"every candidate of space {name!r} is pruned on {platform.key} for "
+            f"{problem.describe()}: " + "; ".join(f"{why} (x{n})" for why, n in common)
+        )
+    return kept
 
 
 def space_id(candidates: list[Candidate]) -> str:

@@ -18,21 +18,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from moetune.check import check_close
 from moetune.defaults import default_config
-from moetune.inputs import random_moe_inputs
+from moetune.evaluate import Workload, evaluate, recheck
 from moetune.journal import Journal, open_journal, provenance
-from moetune.ops import fused_experts, poisoned_workspace
 from moetune.platform import Platform
 from moetune.precompile import precompile
 from moetune.problem import Problem
 from moetune.space import Candidate, prune_reason, space_id
-from moetune.timing import l2_bytes, rotation_count, time_op
+from moetune.workers import WorkerPool, chunk_pairs
 
 Progress = Callable[[int, int, str], None]  # (done, total, message)
 FINALISTS = 4  # candidates per batch size timed again with more replays
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where the work runs. ``isolate`` puts it in worker processes (one per GPU in ``gpus``, or
+    one CPU worker); ``backend="ray"`` hands it to Ray actors instead."""
+
+    isolate: bool = False
+    gpus: list[int] | None = None
+    timeout_s: float = 600.0
+    chunk_size: int = 6
+    backend: str = "local"
+    ray_address: str | None = None
 
 
 @dataclass
@@ -58,92 +67,6 @@ class SweepResult:
     wall_s: float
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    msg = text[0] if text else ""
-    name = type(e).__name__
-    if "OutOfResources" in name or "out of resource" in str(e):
-        return f"out of resources: {msg}"
-    return f"{name}: {msg}"[:300]
-
-
-class _Workload:
-    """Inputs for every batch size, built once: rotating timing sets, a check set, a recheck set.
-
-    Each set is drawn at the largest batch size and sliced, so weights are shared across batch
-    sizes (a sweep of a large model holds a few weight copies, not one per batch size).
-    """
-
-    def __init__(self, problem: Problem, platform: Platform, batch_sizes: list[int], device: str):
-        self.problem, self.device = problem, device
-        self.fp8 = getattr(torch, platform.fp8_dtype)
-        m_max = max(batch_sizes)
-        self.check = self._draw(m_max, seed=1)
-        w_bytes = sum(t.numel() * t.element_size() for t in self.check[0][1:3])
-        self.num_sets = rotation_count(w_bytes, l2_bytes(device))
-        self.sets = [self.check] + [self._draw(m_max, seed=2 + i) for i in range(self.num_sets - 1)]
-        self.refs: dict[int, torch.Tensor] = {}
-
-    def _draw(self, M: int, seed: int) -> tuple[tuple, dict]:
-        return random_moe_inputs(self.problem, M, self.device, seed=seed, fp8_dtype=self.fp8)
-
-    @staticmethod
-    def slice(inputs: tuple[tuple, dict], M: int) -> tuple[tuple, dict]:
-        (x, w1, w2, tw, ti), kw = inputs
-        return (x[:M], w1, w2, tw[:M], ti[:M]), kw
-
-    def reference(self, M: int) -> torch.Tensor:
-        if M not in self.refs:
-            from moetune.reference import fused_experts_reference
-
-            args, kw = self.slice(self.check, M)
-            self.refs[M] = fused_experts_reference(*args, **kw)
-        return self.refs[M]
-
-
-def evaluate(
-    workload: _Workload, config: dict[str, Any], M: int, *, replays: int
-) -> dict[str, Any]:
-    """Check then time one config at one batch size; never raises for a bad candidate."""
-    problem = workload.problem
-    try:
-        args, kw = workload.slice(workload.check, M)
-        with poisoned_workspace():
-            out = fused_experts(*args, config=config, **kw)
-        result = check_close(
-            out, workload.reference(M), dtype=problem.torch_dtype, quant=problem.quant
-        )
-        if not result.ok:
-            return {"status": "rejected", "reason": f"check failed: {result.reason}",
-                    "check": result.as_dict()}  # fmt: skip
-        sliced = [workload.slice(s, M) for s in workload.sets]
-
-        def run(i: int) -> object:
-            a, k = sliced[i]
-            return fused_experts(*a, config=config, **k)
-
-        timing = time_op(run, len(sliced), device=workload.device, replays=replays)
-        return {"status": "ok", "timing": timing.as_dict(), "check": result.as_dict()}
-    except Exception as e:  # compile errors, out of resources, launch failures
-        if workload.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return {"status": "failed", "reason": _first_line(e)}
-
-
-def recheck(problem: Problem, workload: _Workload, config: dict, M: int, seed: int) -> dict:
-    """A winner's check on fresh inputs (new weights, tokens and routing)."""
-    from moetune.reference import fused_experts_reference
-
-    fresh = workload.slice(workload._draw(M, seed=seed), M)
-    try:
-        with poisoned_workspace():
-            out = fused_experts(*fresh[0], config=config, **fresh[1])
-        ref = fused_experts_reference(*fresh[0], **fresh[1])
-        return check_close(out, ref, dtype=problem.torch_dtype, quant=problem.quant).as_dict()
-    except Exception as e:
-        return {"ok": False, "reason": _first_line(e)}
-
-
 def problem_dict(problem: Problem) -> dict[str, Any]:
     d = dataclasses.asdict(problem)
     d["block_shape"] = list(problem.block_shape) if problem.block_shape else None
@@ -162,6 +85,7 @@ def run_sweep(
     replays: int = 5,
     progress: Progress | None = None,
     compile_workers: int = 0,
+    execution: Execution | None = None,
 ) -> SweepResult:
     """Sweep ``candidates`` over ``batch_sizes``; resumable from ``journal_path``."""
     t0 = time.time()
@@ -175,6 +99,9 @@ def run_sweep(
         **provenance(platform.device_name, platform.is_interpreter),
     }
     journal = open_journal(journal_path, header, fresh=fresh)
+    for warning in journal.warnings:
+        if progress:
+            progress(0, 0, f"warning: {warning}")
     try:
         _sweep_all(
             problem,
@@ -186,6 +113,7 @@ def run_sweep(
             replays,
             progress,
             compile_workers,
+            execution or Execution(),
         )
         batches = _finish(problem, platform, journal, batch_sizes, device, progress)
     finally:
@@ -194,7 +122,7 @@ def run_sweep(
 
 
 def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, device, replays,
-               progress, compile_workers) -> None:  # fmt: skip
+               progress, compile_workers, execution: Execution) -> None:  # fmt: skip
     done = journal.done()
     if device == "cuda" and compile_workers > 1:
         todo = [c.as_config() for c in candidates
@@ -205,12 +133,22 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, dev
         n = precompile(problem, todo, platform.fp8_dtype, compile_workers)
         if progress:
             progress(0, 0, f"compiled {n} of {len(todo)} in {time.time() - t_compile:.0f} s")
-    workload = _Workload(problem, platform, batch_sizes, device)
     pairs = [(c, M) for c in candidates for M in batch_sizes] + [(None, M) for M in batch_sizes]
     total = len(pairs)
-    for i, (cand, M) in enumerate(pairs):
+    count = [0]
+
+    def on_record(record: dict[str, Any]) -> None:
+        record.setdefault("t", round(time.time(), 2))
+        journal.append(record)
+        count[0] += 1
+        if progress:
+            progress(count[0], total, f"M={record['M']} {record['candidate']}: {record['status']}")
+
+    work: list[tuple[str, dict[str, Any], int]] = []
+    for cand, M in pairs:
         key = cand.key() if cand else "default"
         if (key, M) in done:
+            count[0] += 1
             continue
         if cand is None:
             config = default_config(M, problem.E, problem.N, problem.K, problem.topk,
@@ -220,15 +158,29 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, dev
         else:
             config = cand.as_config()
             reason = prune_reason(cand, platform, problem, M)
-        record: dict[str, Any] = {"candidate": key, "M": M, "config": config,
-                                  "t": round(time.time(), 2)}  # fmt: skip
         if reason is not None:
-            record.update(status="pruned", reason=reason)
+            on_record({"candidate": key, "M": M, "config": config, "status": "pruned",
+                       "reason": reason})  # fmt: skip
         else:
-            record.update(evaluate(workload, config, M, replays=replays))
-        journal.append(record)
-        if progress:
-            progress(i + 1, total, f"M={M} {key}: {record['status']}")
+            work.append((key, config, M))
+    if not work:
+        return
+    if execution.backend == "ray":
+        from moetune.ray_backend import run_on_ray
+
+        run_on_ray(problem, platform, device, batch_sizes, replays, work, execution, on_record)
+    elif execution.isolate:
+        pool = WorkerPool(problem_dict(problem), platform.key, device, batch_sizes, replays,
+                          execution.gpus, execution.timeout_s)  # fmt: skip
+        try:
+            pool.run(chunk_pairs(work, execution.chunk_size), on_record)
+        finally:
+            pool.close()
+    else:
+        workload = Workload(problem, platform, batch_sizes, device)
+        for key, config, M in work:
+            on_record({"candidate": key, "M": M, "config": config,
+                       **evaluate(workload, config, M, replays=replays, key=key)})  # fmt: skip
 
 
 def _finish(
@@ -254,7 +206,7 @@ def _finish(
         default_us = default["timing"]["median_us"] if default else None
         if M not in winners:
             if workload is None:
-                workload = _Workload(problem, platform, batch_sizes, device)
+                workload = Workload(problem, platform, batch_sizes, device)
             winners[M] = _pick_winner(problem, workload, recs, M, journal, progress)
         if winners[M] is not None and default is not None and winners[M].get("default_us") is None:
             winners[M]["default_us"] = default_us

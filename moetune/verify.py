@@ -377,7 +377,8 @@ def _verify_file(
     try:
         table = load_table(path)
     except TableError as e:
-        bs = int(e.key) if e.key is not None and e.key.isdigit() else None
+        # ASCII digits only: str.isdigit() also takes "²", and int() refuses 4300+ digits.
+        bs = int(e.key) if e.key is not None and re.fullmatch(r"[0-9]{1,18}", e.key) else None
         where = f'key "{e.key}": ' if e.key is not None else ""
         emit(EntryResult(fname, bs, "invalid", where + e.reason, None, ""))
         return

@@ -1,0 +1,111 @@
+"""Evaluating one candidate at one batch size: check against the reference, then time.
+
+Used in the sweep's own process (interpreter, tests) and in its worker processes (GPUs), so it
+never raises for a bad candidate: every outcome is a journal record. Faults can be injected here
+through ``moetune.faults`` (a test-only hook) without touching the kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moetune import faults
+from moetune.check import check_close
+from moetune.inputs import random_moe_inputs
+from moetune.ops import fused_experts, poisoned_workspace
+from moetune.platform import Platform
+from moetune.problem import Problem
+from moetune.timing import l2_bytes, rotation_count, time_op
+
+# A CUDA error of this kind leaves the context unusable: the worker must be replaced.
+FATAL_CUDA_MARKERS = ("illegal memory access", "unspecified launch failure", "CUDA error")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    msg = text[0] if text else ""
+    name = type(e).__name__
+    if "OutOfResources" in name or "out of resource" in str(e):
+        return f"out of resources: {msg}"
+    return f"{name}: {msg}"[:300]
+
+
+class Workload:
+    """Inputs for every batch size, built once: rotating timing sets, a check set, a recheck set.
+
+    Each set is drawn at the largest batch size and sliced, so weights are shared across batch
+    sizes (a sweep of a large model holds a few weight copies, not one per batch size).
+    """
+
+    def __init__(self, problem: Problem, platform: Platform, batch_sizes: list[int], device: str):
+        self.problem, self.device = problem, device
+        self.fp8 = getattr(torch, platform.fp8_dtype)
+        m_max = max(batch_sizes)
+        self.check = self._draw(m_max, seed=1)
+        w_bytes = sum(t.numel() * t.element_size() for t in self.check[0][1:3])
+        self.num_sets = rotation_count(w_bytes, l2_bytes(device))
+        self.sets = [self.check] + [self._draw(m_max, seed=2 + i) for i in range(self.num_sets - 1)]
+        self.refs: dict[int, torch.Tensor] = {}
+
+    def _draw(self, M: int, seed: int) -> tuple[tuple, dict]:
+        return random_moe_inputs(self.problem, M, self.device, seed=seed, fp8_dtype=self.fp8)
+
+    @staticmethod
+    def slice(inputs: tuple[tuple, dict], M: int) -> tuple[tuple, dict]:
+        (x, w1, w2, tw, ti), kw = inputs
+        return (x[:M], w1, w2, tw[:M], ti[:M]), kw
+
+    def reference(self, M: int) -> torch.Tensor:
+        if M not in self.refs:
+            from moetune.reference import fused_experts_reference
+
+            args, kw = self.slice(self.check, M)
+            self.refs[M] = fused_experts_reference(*args, **kw)
+        return self.refs[M]
+
+
+def evaluate(
+    workload: Workload, config: dict[str, Any], M: int, *, replays: int, key: str = ""
+) -> dict[str, Any]:
+    """Check then time one config at one batch size; never raises for a bad candidate."""
+    problem = workload.problem
+    try:
+        faults.before_run(key)
+        args, kw = workload.slice(workload.check, M)
+        with poisoned_workspace():
+            out = fused_experts(*args, config=config, **kw)
+        faults.corrupt_output(key, out)
+        result = check_close(
+            out, workload.reference(M), dtype=problem.torch_dtype, quant=problem.quant
+        )
+        if not result.ok:
+            return {"status": "rejected", "reason": f"check failed: {result.reason}",
+                    "check": result.as_dict()}  # fmt: skip
+        sliced = [workload.slice(s, M) for s in workload.sets]
+
+        def run(i: int) -> object:
+            a, k = sliced[i]
+            return fused_experts(*a, config=config, **k)
+
+        timing = time_op(run, len(sliced), device=workload.device, replays=replays)
+        return {"status": "ok", "timing": timing.as_dict(), "check": result.as_dict()}
+    except Exception as e:  # compile errors, out of resources, launch failures
+        if workload.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return {"status": "failed", "reason": _first_line(e)}
+
+
+def recheck(problem: Problem, workload: Workload, config: dict, M: int, seed: int) -> dict:
+    """A winner's check on fresh inputs (new weights, tokens and routing)."""
+    from moetune.reference import fused_experts_reference
+
+    fresh = workload.slice(workload._draw(M, seed=seed), M)
+    try:
+        with poisoned_workspace():
+            out = fused_experts(*fresh[0], config=config, **fresh[1])
+        ref = fused_experts_reference(*fresh[0], **fresh[1])
+        return check_close(out, ref, dtype=problem.torch_dtype, quant=problem.quant).as_dict()
+    except Exception as e:
+        return {"ok": False, "reason": _first_line(e)}

@@ -1,0 +1,198 @@
+"""Running a sweep's (candidate, batch size) work in worker processes, one per GPU.
+
+Why processes: a candidate can corrupt the CUDA context (an illegal memory access poisons every
+later call in that process), hang, or kill its process. Each worker evaluates chunks of work
+sent by the driver, which alone writes the journal. When a worker dies or a pair runs past the
+timeout, the driver records that pair as failed with the reason, requeues the rest of the chunk
+and starts a fresh worker on the same GPU; the sweep goes on.
+
+Chunks hold consecutive pairs of one candidate, so a worker reuses its compiled kernel, and the
+shared queue of chunks balances the GPUs (not one whole batch size per GPU).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Pair = tuple[str, dict[str, Any], int]  # (candidate key, config, batch size)
+OnRecord = Callable[[dict[str, Any]], None]
+EXIT_CUDA_FATAL = 3
+
+
+def chunk_pairs(pairs: list[Pair], size: int) -> list[list[Pair]]:
+    """Consecutive pairs of the same candidate, at most ``size`` per chunk."""
+    chunks: list[list[Pair]] = []
+    for pair in pairs:
+        if chunks and len(chunks[-1]) < size and chunks[-1][-1][0] == pair[0]:
+            chunks[-1].append(pair)
+        else:
+            chunks.append([pair])
+    return chunks
+
+
+def worker_main(
+    wid: int, problem_d: dict, platform_key: str, device: str, batch_sizes: list[int],
+    replays: int, tasks: Any, results: Any,
+) -> None:  # fmt: skip
+    """Worker process: build the inputs once, then evaluate chunks until told to stop."""
+    from moetune.evaluate import FATAL_CUDA_MARKERS, Workload, evaluate
+    from moetune.platform import get_platform
+    from moetune.problem import Problem
+
+    bs = problem_d.get("block_shape")
+    problem = Problem(**{**problem_d, "block_shape": tuple(bs) if bs else None})
+    workload = Workload(problem, get_platform(platform_key), batch_sizes, device)
+    results.put(("ready", wid, None))
+    parent = os.getppid()
+    while True:
+        try:
+            chunk = tasks.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:  # the driver was killed: do not linger on the GPU
+                return
+            continue
+        if chunk is None:
+            return
+        for key, config, M in chunk:
+            rec = evaluate(workload, config, M, replays=replays, key=key)
+            results.put(("done", wid, (key, M, rec)))
+            reason = rec.get("reason", "")
+            if rec["status"] == "failed" and any(m in reason for m in FATAL_CUDA_MARKERS):
+                # The context is gone: report, flush, and let the driver start a new worker.
+                results.close()
+                results.join_thread()
+                os._exit(EXIT_CUDA_FATAL)
+
+
+@dataclass
+class _Slot:
+    gpu: str | None
+    proc: Any = None
+    tasks: Any = None
+    chunk: list[Pair] = field(default_factory=list)
+    next_index: int = 0  # first pair of the chunk without a result
+    since: float = 0.0  # when that pair started (last result, or the chunk's assignment)
+    ready: bool = False
+
+
+class WorkerPool:
+    """Local worker processes; ``gpus`` None means one CPU worker (interpreter, tests)."""
+
+    def __init__(
+        self, problem_d: dict, platform_key: str, device: str, batch_sizes: list[int],
+        replays: int, gpus: list[int] | None, timeout_s: float,
+    ) -> None:  # fmt: skip
+        self.args = (problem_d, platform_key, device, batch_sizes, replays)
+        self.timeout_s = timeout_s
+        self.ctx = mp.get_context("spawn")
+        self.results = self.ctx.Queue()
+        self.slots = [_Slot(str(g) if g is not None else None) for g in (gpus or [None])]
+        self.restarts = 0
+        self.start_failures = 0
+        for wid in range(len(self.slots)):
+            self._start(wid)
+
+    def _start(self, wid: int) -> None:
+        slot = self.slots[wid]
+        slot.tasks = self.ctx.Queue()
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if slot.gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpu  # the child inherits it at spawn
+        try:
+            slot.proc = self.ctx.Process(
+                target=worker_main, args=(wid, *self.args, slot.tasks, self.results), daemon=True
+            )
+            slot.proc.start()
+        finally:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        slot.ready, slot.chunk, slot.next_index = False, [], 0
+
+    def run(self, chunks: list[list[Pair]], on_record: OnRecord) -> None:
+        todo = deque(chunks)
+        while todo or any(s.chunk for s in self.slots):
+            for slot in self.slots:
+                if slot.ready and not slot.chunk and todo:
+                    slot.chunk, slot.next_index, slot.since = todo.popleft(), 0, time.time()
+                    slot.tasks.put(slot.chunk)
+            self._drain(on_record, wait=0.2)
+            for wid, slot in enumerate(self.slots):
+                self._police(wid, slot, todo, on_record)
+
+    def _drain(self, on_record: OnRecord, wait: float) -> None:
+        try:
+            msg = self.results.get(timeout=wait)
+        except queue.Empty:
+            return
+        while True:
+            kind, wid, payload = msg
+            slot = self.slots[wid]
+            if kind == "ready":
+                slot.ready = True
+            elif kind == "done" and slot.chunk:
+                key, M, rec = payload
+                on_record({"candidate": key, "M": M, "config": slot.chunk[slot.next_index][1],
+                           "worker": wid, "gpu": slot.gpu, **rec})  # fmt: skip
+                slot.next_index += 1
+                slot.since = time.time()
+                if slot.next_index >= len(slot.chunk):
+                    slot.chunk = []
+            try:
+                msg = self.results.get_nowait()
+            except queue.Empty:
+                return
+
+    def _police(self, wid: int, slot: _Slot, todo: deque, on_record: OnRecord) -> None:
+        dead = not slot.proc.is_alive()
+        late = bool(slot.chunk) and time.time() - slot.since > self.timeout_s
+        if not dead and not late:
+            return
+        if dead and not slot.ready:
+            self.start_failures += 1
+            if self.start_failures > 3:
+                raise RuntimeError(
+                    f"worker processes keep dying before they are ready "
+                    f"(last exit code {slot.proc.exitcode}); see their output above"
+                )
+        if dead:
+            self._drain(on_record, wait=0.5)  # results it sent before dying still count
+        if late and not dead:
+            slot.proc.kill()
+        slot.proc.join(timeout=10)
+        if slot.chunk:
+            key, config, M = slot.chunk[slot.next_index]
+            if late and not dead:
+                reason = f"timeout: no result after {self.timeout_s:.0f} s; worker killed"
+            elif slot.proc.exitcode == EXIT_CUDA_FATAL:
+                reason = "worker lost its CUDA context"
+            else:
+                reason = f"worker crashed (exit code {slot.proc.exitcode})"
+            if not (dead and slot.proc.exitcode == EXIT_CUDA_FATAL):
+                on_record({"candidate": key, "M": M, "config": config, "worker": wid,
+                           "gpu": slot.gpu, "status": "failed", "reason": reason})  # fmt: skip
+                slot.next_index += 1
+            rest = slot.chunk[slot.next_index :]
+            if rest:
+                todo.appendleft(rest)
+        self.restarts += 1
+        self._start(wid)
+
+    def close(self) -> None:
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.is_alive():
+                slot.tasks.put(None)
+        deadline = time.time() + 10
+        for slot in self.slots:
+            if slot.proc is not None:
+                slot.proc.join(timeout=max(0.1, deadline - time.time()))
+                if slot.proc.is_alive():
+                    slot.proc.kill()
