@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table as RichTable
 
-from moetune.cli import (
+from moetune.cli_common import (
     TINY,
     TINY_BATCHES,
     ActOpt,
@@ -30,18 +30,18 @@ from moetune.cli import (
     TopkOpt,
     TpOpt,
     UsageError,
-    _guard,
-    _ints,
-    _problem,
     err,
     fail,
+    guard,
     out,
+    parse_ints,
+    problem_from_options,
 )
 
 DEFAULT_BENCH_DIR = Path("results/bench")
 
 
-@_guard
+@guard
 def bench(
     model: ModelOpt = None,
     tp: TpOpt = 1,
@@ -83,9 +83,10 @@ def bench(
     from moetune.problem import Problem
 
     plat = detect_platform()
-    prob = _problem(model, tp, E, N, K, topk, dtype, quant, block_shape, per_channel, bias,
-                    activation)  # fmt: skip
-    batches = _ints(batch_sizes, "--batch-sizes")
+    prob = problem_from_options(
+        model, tp, E, N, K, topk, dtype, quant, block_shape, per_channel, bias, activation
+    )
+    batches = parse_ints(batch_sizes, "--batch-sizes")
     if skew not in SKEWS:
         raise UsageError(f"--skew must be one of {', '.join(SKEWS)}, got {skew!r}")
     if replays < 1:
