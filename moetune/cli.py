@@ -91,8 +91,12 @@ def sweep(
         Path, typer.Option("--out", help="Folder for the exported table.")
     ] = DEFAULT_TABLE_DIR,
     compile_workers: Annotated[
-        int, typer.Option(help="Processes compiling candidates ahead (GPU; 0 = none).")
-    ] = min(16, os.cpu_count() or 1),
+        int | None,
+        typer.Option(
+            help="Processes compiling candidates ahead on GPUs (default: 16 per GPU, "
+            "at most one per CPU core; 0 = none)."
+        ),
+    ] = None,
     gpus: Annotated[
         str | None, typer.Option(help="GPUs to spread the work over: 'all' or '0,1,...'.")
     ] = None,
@@ -153,6 +157,8 @@ def sweep(
     if not candidates:
         raise UsageError("the search space is empty after pruning and restrictions")
     execution = _execution(plat, gpus, isolate, timeout, backend, ray_address)
+    if compile_workers is None:
+        compile_workers = min(os.cpu_count() or 1, 16 * len(execution.gpus or [0]))
     journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space)
     note = timings_note(plat.is_interpreter)
     err.print(f"moetune sweep: {prob.describe()} on {plat.device_name}; {len(candidates)} "

@@ -9,15 +9,18 @@ that fails to compile here is simply left for the sweep to record with its reaso
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import multiprocessing as mp
 import os
+import time
 
 from moetune.problem import Problem
+from moetune.workers import visible_device
+
+COMPILE_DEADLINE_S = 1800
 
 
-def _compile_some(problem: Problem, configs: list[dict], fp8_dtype: str) -> int:
+def _compile_some(problem: Problem, configs: list[dict], fp8_dtype: str, results) -> None:
     import torch
 
     from moetune.inputs import random_moe_inputs
@@ -33,23 +36,49 @@ def _compile_some(problem: Problem, configs: list[dict], fp8_dtype: str) -> int:
             compiled += 1
         except Exception:  # recorded later by the sweep, with its reason
             torch.cuda.synchronize()
-    return compiled
+    results.put(compiled)
 
 
-def precompile(problem: Problem, configs: list[dict], fp8_dtype: str, workers: int) -> int:
-    """Compile ``configs`` for ``problem`` in ``workers`` processes; returns how many compiled."""
+def precompile(
+    problem: Problem,
+    configs: list[dict],
+    fp8_dtype: str,
+    workers: int,
+    gpus: list[int] | None = None,
+) -> int:
+    """Compile ``configs`` in ``workers`` processes spread over ``gpus``; returns how many
+    compiled (0 if the processes could not run: the sweep then compiles what is missing)."""
     if workers <= 1 or not configs:
         return 0
-    chunks = [configs[i::workers] for i in range(workers)]
+    gpus = gpus or [0]
     ctx = mp.get_context("spawn")
-    env_backup = os.environ.get("CUDA_MODULE_LOADING")
-    os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
+    results = ctx.Queue()
+    procs = []
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [visible_device(g) for g in gpus]
     try:
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_compile_some, problem, c, fp8_dtype) for c in chunks if c]
-            return sum(f.result() for f in futures)
-    except Exception:  # a broken pool only costs speed: the sweep compiles what is missing
+        for i in range(min(workers, len(configs))):
+            os.environ["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]  # inherited at spawn
+            p = ctx.Process(target=_compile_some, daemon=True,
+                            args=(problem, configs[i::workers], fp8_dtype, results))  # fmt: skip
+            p.start()
+            procs.append(p)
+    except OSError:  # no processes to be had: the sweep compiles as it goes
+        for p in procs:
+            p.kill()
         return 0
     finally:
-        if env_backup is None:
-            os.environ.pop("CUDA_MODULE_LOADING", None)
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    compiled = 0
+    deadline = time.time() + COMPILE_DEADLINE_S
+    for p in procs:
+        p.join(timeout=max(1.0, deadline - time.time()))
+        if p.is_alive():  # a compile that hangs is left for the sweep's per-pair timeout
+            p.kill()
+            p.join()
+    while not results.empty():
+        compiled += results.get()
+    return compiled

@@ -21,8 +21,8 @@ _FORWARDED_ENV = ("TRITON_INTERPRET", FAULTS_ENV, FP8_ACCUM_ENV)
 
 
 class _PairWorker:
-    def __init__(self, problem_d: dict, platform_key: str, device: str, batch_sizes: list[int],
-                 replays: int) -> None:  # fmt: skip
+    def __init__(self, problem_d: dict, platform_key: str, device: str,
+                 batch_sizes: list[int]) -> None:  # fmt: skip
         from moetune.evaluate import Workload
         from moetune.platform import get_platform
         from moetune.problem import Problem
@@ -30,19 +30,18 @@ class _PairWorker:
         bs = problem_d.get("block_shape")
         problem = Problem(**{**problem_d, "block_shape": tuple(bs) if bs else None})
         self.workload = Workload(problem, get_platform(platform_key), batch_sizes, device)
-        self.replays = replays
 
-    def run(self, key: str, config: dict, M: int) -> dict:
+    def run(self, key: str, config: dict, M: int, replays: int) -> dict:
         from moetune.evaluate import FATAL_CUDA_MARKERS, evaluate
 
-        rec = evaluate(self.workload, config, M, replays=self.replays, key=key)
+        rec = evaluate(self.workload, config, M, replays=replays, key=key)
         if rec["status"] == "failed" and any(m in rec["reason"] for m in FATAL_CUDA_MARKERS):
             rec["fatal"] = True  # the driver replaces this actor
         return rec
 
 
-def run_on_ray(problem, platform, device, batch_sizes, replays, work, execution, on_record) -> None:
-    """Evaluate ``work`` [(key, config, M)] on Ray actors, calling ``on_record`` per result."""
+def run_on_ray(problem, platform, device, batch_sizes, work, execution, on_record) -> None:
+    """Evaluate ``work`` [(key, config, M, replays)] on Ray actors; ``on_record`` per result."""
     try:
         import ray
     except ImportError:
@@ -60,7 +59,7 @@ def run_on_ray(problem, platform, device, batch_sizes, replays, work, execution,
     if n < 1:
         raise RuntimeError("the Ray cluster has no GPU")
     actor_cls = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_restarts=0)(_PairWorker)
-    args = (problem_dict(problem), platform.key, device, batch_sizes, replays)
+    args = (problem_dict(problem), platform.key, device, batch_sizes)
     actors = [actor_cls.remote(*args) for _ in range(n)]
     todo = deque(work)
     running: dict[Any, tuple[int, tuple, float]] = {}  # ref -> (actor index, pair, start)
@@ -76,7 +75,7 @@ def run_on_ray(problem, platform, device, batch_sizes, replays, work, execution,
         while running:
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in ready:
-                i, (key, config, M), _ = running.pop(ref)
+                i, (key, config, M, _), _ = running.pop(ref)
                 base = {"candidate": key, "M": M, "config": config, "worker": f"ray-{i}"}
                 try:
                     rec = ray.get(ref)
@@ -89,7 +88,7 @@ def run_on_ray(problem, platform, device, batch_sizes, replays, work, execution,
                 on_record({**base, **rec})
                 submit(i)
             now = time.time()
-            for ref, (i, (key, config, M), start) in list(running.items()):
+            for ref, (i, (key, config, M, _), start) in list(running.items()):
                 if now - start > execution.timeout_s:
                     running.pop(ref)
                     ray.kill(actors[i])

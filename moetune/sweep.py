@@ -29,6 +29,7 @@ from moetune.workers import WorkerPool, chunk_pairs
 
 Progress = Callable[[int, int, str], None]  # (done, total, message)
 FINALISTS = 4  # candidates per batch size timed again with more replays
+FINAL_REPLAYS = 40
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ def run_sweep(
             compile_workers,
             execution or Execution(),
         )
+        execution = execution or Execution()
+        _time_finalists(problem, platform, journal, batch_sizes, device, execution, progress)
         batches = _finish(problem, platform, journal, batch_sizes, device, progress)
     finally:
         journal.close()
@@ -130,7 +133,7 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, dev
         if progress:
             progress(0, 0, f"compiling {len(todo)} candidates in {compile_workers} processes")
         t_compile = time.time()
-        n = precompile(problem, todo, platform.fp8_dtype, compile_workers)
+        n = precompile(problem, todo, platform.fp8_dtype, compile_workers, execution.gpus)
         if progress:
             progress(0, 0, f"compiled {n} of {len(todo)} in {time.time() - t_compile:.0f} s")
     pairs = [(c, M) for c in candidates for M in batch_sizes] + [(None, M) for M in batch_sizes]
@@ -162,15 +165,22 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, dev
             on_record({"candidate": key, "M": M, "config": config, "status": "pruned",
                        "reason": reason})  # fmt: skip
         else:
-            work.append((key, config, M))
+            work.append((key, config, M, replays))
+    _execute(problem, platform, device, batch_sizes, work, execution, on_record)
+
+
+def _execute(problem, platform, device, batch_sizes, work, execution: Execution,
+             on_record) -> None:  # fmt: skip
+    """Run ``work`` [(key, config, M, replays)] where ``execution`` says; never raises for a
+    bad candidate."""
     if not work:
         return
     if execution.backend == "ray":
         from moetune.ray_backend import run_on_ray
 
-        run_on_ray(problem, platform, device, batch_sizes, replays, work, execution, on_record)
+        run_on_ray(problem, platform, device, batch_sizes, work, execution, on_record)
     elif execution.isolate:
-        pool = WorkerPool(problem_dict(problem), platform.key, device, batch_sizes, replays,
+        pool = WorkerPool(problem_dict(problem), platform.key, device, batch_sizes,
                           execution.gpus, execution.timeout_s)  # fmt: skip
         try:
             pool.run(chunk_pairs(work, execution.chunk_size), on_record)
@@ -178,9 +188,36 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, dev
             pool.close()
     else:
         workload = Workload(problem, platform, batch_sizes, device)
-        for key, config, M in work:
+        for key, config, M, replays in work:
             on_record({"candidate": key, "M": M, "config": config,
                        **evaluate(workload, config, M, replays=replays, key=key)})  # fmt: skip
+
+
+def _time_finalists(problem, platform, journal: Journal, batch_sizes, device, execution,
+                    progress) -> None:  # fmt: skip
+    """Re-time the FINALISTS fastest candidates of each batch size with more replays, spread
+    over the same workers as the sweep (recorded as ``final:<key>``, so a resume skips them)."""
+    done = journal.done()
+    have_winner = {r["M"] for r in journal.records if r.get("kind") == "winner"}
+    work = []
+    for M in batch_sizes:
+        if M in have_winner:
+            continue
+        ok = [r for r in journal.records if r.get("M") == M and r.get("status") == "ok"
+              and r.get("phase") != "final" and r.get("candidate") != "default"]  # fmt: skip
+        ok.sort(key=lambda r: r["timing"]["median_us"])
+        for r in ok[:FINALISTS]:
+            key = f"final:{r['candidate']}"
+            if (key, M) not in done:
+                work.append((key, r["config"], M, FINAL_REPLAYS))
+
+    def on_record(record: dict[str, Any]) -> None:
+        record.update(phase="final", t=round(time.time(), 2))
+        journal.append(record)
+
+    if work and progress:
+        progress(0, 0, f"re-timing {len(work)} finalists")
+    _execute(problem, platform, device, batch_sizes, work, execution, on_record)
 
 
 def _finish(
@@ -191,7 +228,9 @@ def _finish(
     winners = {r["M"]: r for r in journal.records if r.get("kind") == "winner"}
     results = []
     for M in batch_sizes:
-        recs = [r for r in journal.records if r.get("M") == M and "candidate" in r]
+        recs = [r for r in journal.records
+                if r.get("M") == M and "candidate" in r and r.get("phase") != "final"]  # fmt: skip
+        finals = [r for r in journal.records if r.get("M") == M and r.get("phase") == "final"]
         counts: dict[str, int] = {}
         reasons: dict[str, int] = {}
         for r in recs:
@@ -207,34 +246,27 @@ def _finish(
         if M not in winners:
             if workload is None:
                 workload = Workload(problem, platform, batch_sizes, device)
-            winners[M] = _pick_winner(problem, workload, recs, M, journal, progress)
+            winners[M] = _pick_winner(problem, workload, finals, M, journal, progress)
         if winners[M] is not None and default is not None and winners[M].get("default_us") is None:
             winners[M]["default_us"] = default_us
         results.append(BatchResult(M, winners[M], default_us, counts, reasons))
     return results
 
 
-def _pick_winner(problem, workload, recs, M, journal: Journal, progress) -> dict | None:
-    ok = [r for r in recs if r["status"] == "ok" and r["candidate"] != "default"]
-    ok.sort(key=lambda r: r["timing"]["median_us"])
-    finalists = []
-    for r in ok[:FINALISTS]:
-        again = evaluate(workload, r["config"], M, replays=40)
-        if again["status"] == "ok":
-            finalists.append((again["timing"]["median_us"], r, again))
-    finalists.sort(key=lambda t: t[0])
-    for n, (_, r, again) in enumerate(finalists):
+def _pick_winner(problem, workload, finals, M, journal: Journal, progress) -> dict | None:
+    """The fastest re-timed finalist that also passes a check on fresh inputs."""
+    ok = sorted((r for r in finals if r["status"] == "ok"), key=lambda r: r["timing"]["median_us"])
+    for n, r in enumerate(ok):
+        name = r["candidate"].removeprefix("final:")
         check = recheck(problem, workload, r["config"], M, seed=1000 + M)
         if progress:
-            progress(
-                0, 0, f"M={M} winner {r['candidate']}: recheck {'ok' if check['ok'] else 'FAILED'}"
-            )
+            progress(0, 0, f"M={M} winner {name}: recheck {'ok' if check['ok'] else 'FAILED'}")
         if check["ok"]:
-            winner = {"kind": "winner", "M": M, "winner": r["candidate"], "config": r["config"],
-                      "timing": again["timing"], "recheck": check, "rank": n}  # fmt: skip
+            winner = {"kind": "winner", "M": M, "winner": name, "config": r["config"],
+                      "timing": r["timing"], "recheck": check, "rank": n}  # fmt: skip
             journal.append(winner)
             return winner
-        journal.append({"kind": "recheck-failed", "M": M, "failed": r["candidate"],
+        journal.append({"kind": "recheck-failed", "M": M, "failed": name,
                         "recheck": check})  # fmt: skip
     return None
 

@@ -21,9 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-Pair = tuple[str, dict[str, Any], int]  # (candidate key, config, batch size)
+Pair = tuple[str, dict[str, Any], int, int]  # (candidate key, config, batch size, replays)
 OnRecord = Callable[[dict[str, Any]], None]
 EXIT_CUDA_FATAL = 3
+
+
+def visible_device(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry for GPU ``index`` as this process numbers its GPUs (a user
+    who already narrowed CUDA_VISIBLE_DEVICES keeps that numbering in --gpus)."""
+    current = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if current:
+        entries = [e.strip() for e in current.split(",") if e.strip()]
+        if index < len(entries):
+            return entries[index]
+    return str(index)
 
 
 def chunk_pairs(pairs: list[Pair], size: int) -> list[list[Pair]]:
@@ -39,7 +50,7 @@ def chunk_pairs(pairs: list[Pair], size: int) -> list[list[Pair]]:
 
 def worker_main(
     wid: int, problem_d: dict, platform_key: str, device: str, batch_sizes: list[int],
-    replays: int, tasks: Any, results: Any,
+    tasks: Any, results: Any,
 ) -> None:  # fmt: skip
     """Worker process: build the inputs once, then evaluate chunks until told to stop."""
     from moetune.evaluate import FATAL_CUDA_MARKERS, Workload, evaluate
@@ -60,7 +71,7 @@ def worker_main(
             continue
         if chunk is None:
             return
-        for key, config, M in chunk:
+        for key, config, M, replays in chunk:
             rec = evaluate(workload, config, M, replays=replays, key=key)
             results.put(("done", wid, (key, M, rec)))
             reason = rec.get("reason", "")
@@ -87,9 +98,9 @@ class WorkerPool:
 
     def __init__(
         self, problem_d: dict, platform_key: str, device: str, batch_sizes: list[int],
-        replays: int, gpus: list[int] | None, timeout_s: float,
+        gpus: list[int] | None, timeout_s: float,
     ) -> None:  # fmt: skip
-        self.args = (problem_d, platform_key, device, batch_sizes, replays)
+        self.args = (problem_d, platform_key, device, batch_sizes)
         self.timeout_s = timeout_s
         self.ctx = mp.get_context("spawn")
         self.results = self.ctx.Queue()
@@ -103,8 +114,8 @@ class WorkerPool:
         slot = self.slots[wid]
         slot.tasks = self.ctx.Queue()
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if slot.gpu is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpu  # the child inherits it at spawn
+        if slot.gpu is not None:  # the child inherits it at spawn
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(int(slot.gpu))
         try:
             slot.proc = self.ctx.Process(
                 target=worker_main, args=(wid, *self.args, slot.tasks, self.results), daemon=True
@@ -169,7 +180,7 @@ class WorkerPool:
             slot.proc.kill()
         slot.proc.join(timeout=10)
         if slot.chunk:
-            key, config, M = slot.chunk[slot.next_index]
+            key, config, M, _ = slot.chunk[slot.next_index]
             if late and not dead:
                 reason = f"timeout: no result after {self.timeout_s:.0f} s; worker killed"
             elif slot.proc.exitcode == EXIT_CUDA_FATAL:

@@ -71,3 +71,15 @@ def test_ray_backend_runs_and_isolates_a_crash(tmp_path, monkeypatch):
         ray.shutdown()
     assert got["crash"]["status"] == "failed" and "worker crashed" in got["crash"]["reason"]
     assert got["wrong"]["status"] == "rejected"
+
+
+def test_gpu_indices_follow_the_users_visible_devices(monkeypatch):
+    """--gpus 0,1 under CUDA_VISIBLE_DEVICES=4,6 must mean physical GPUs 4 and 6."""
+    from moetune.workers import chunk_pairs, visible_device
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert [visible_device(0), visible_device(1)] == ["4", "6"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_device(3) == "3"
+    pairs = [("a", {}, 1, 5), ("a", {}, 8, 5), ("a", {}, 16, 5), ("b", {}, 1, 5)]
+    assert [[p[0] for p in c] for c in chunk_pairs(pairs, 2)] == [["a", "a"], ["a"], ["b"]]
