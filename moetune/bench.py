@@ -342,15 +342,7 @@ def _fmt(us: float | None) -> str:
 
 def bench_name(problem: Problem, device_name: str, skew: str = "uniform") -> str:
     """File stem of a bench's outputs: device, problem and routing skew."""
-    p = problem
-    parts = [device_name, f"E{p.E}", f"N{p.N}", f"K{p.K}", f"top{p.topk}", p.dtype]
-    parts += [p.quant] if p.quant else []
-    parts += ["block{}x{}".format(*p.block_shape)] if p.block_shape else []
-    parts += ["perchannel"] if p.per_channel else []
-    parts += ["bias"] if p.bias else []
-    parts += [p.activation] if p.activation != "silu" else []
-    parts += [skew] if skew != "uniform" else []
-    return "-".join(parts)
+    return "-".join([device_name, problem.slug(), *([skew] if skew != "uniform" else [])])
 
 
 def save_json(result: BenchResult, path: Path) -> Path:

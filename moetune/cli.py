@@ -223,18 +223,7 @@ def _execution(plat, gpus: str | None, isolate: bool | None, timeout: float, bac
 
 
 def _journal_name(prob, plat, space: str) -> str:
-    parts = [f"E{prob.E}", f"N{prob.N}", f"K{prob.K}", f"top{prob.topk}", prob.dtype]
-    if prob.quant:
-        parts.append(prob.quant)
-    if prob.block_shape:
-        parts.append("block{}x{}".format(*prob.block_shape))
-    if prob.per_channel:
-        parts.append("perchannel")
-    if prob.bias:
-        parts.append("bias")
-    if prob.activation != "silu":
-        parts.append(prob.activation)
-    return "-".join([plat.device_name, *parts, space]) + ".jsonl"
+    return f"{plat.device_name}-{prob.slug()}-{space}.jsonl"
 
 
 def _render_sweep(result, exported, note: str, json_out: bool) -> None:

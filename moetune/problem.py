@@ -87,6 +87,16 @@ class Problem:
             return self.quant
         return "float32" if self.dtype == "float32" else None
 
+    def slug(self) -> str:
+        """A file-name-safe identity, e.g. ``E8-N7168-K4096-top2-bfloat16-fp8_w8a8``."""
+        parts = [f"E{self.E}", f"N{self.N}", f"K{self.K}", f"top{self.topk}", self.dtype]
+        parts += [self.quant] if self.quant else []
+        parts += ["block{}x{}".format(*self.block_shape)] if self.block_shape else []
+        parts += ["perchannel"] if self.per_channel else []
+        parts += ["bias"] if self.bias else []
+        parts += [self.activation] if self.activation != "silu" else []
+        return "-".join(parts)
+
     def describe(self) -> str:
         parts = [f"E={self.E}", f"N={self.N}", f"K={self.K}", f"topk={self.topk}", self.dtype]
         if self.quant:
