@@ -103,6 +103,7 @@ def run_sweep(
     for warning in journal.warnings:
         if progress:
             progress(0, 0, f"warning: {warning}")
+    execution = execution or Execution()
     try:
         _sweep_all(
             problem,
@@ -114,9 +115,8 @@ def run_sweep(
             replays,
             progress,
             compile_workers,
-            execution or Execution(),
+            execution,
         )
-        execution = execution or Execution()
         _time_finalists(problem, platform, journal, batch_sizes, device, execution, progress)
         batches = _finish(problem, platform, journal, batch_sizes, device, progress)
     finally:

@@ -55,43 +55,32 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moetune.check import check_close
-from moetune.launch import LAUNCH_KEYS, META_KEYS, ROCM_KEYS, validate_config
-from moetune.platform import detect_platform, device_name_aliases
-from moetune.presets import MODEL_PRESETS
-from moetune.problem import Problem
-from moetune.tables import TableError, TableName, load_table, parse_table_filename
+from moetune.platform import device_name_aliases
+from moetune.tables import TableError, load_table, parse_table_filename
+from moetune.verify_plan import (
+    INTERPRETER_BLOCK_CAP,
+    FilePlan,
+    Notes,
+    Target,
+    entry_config,
+    plan_file,
+    plan_target,
+)
 
 STATUSES = ("ok", "failed", "invalid", "skipped")
 INTERPRETER_NOTE = (
     "Interpreter run on CPU: entries checked on a tiny stand-in problem, not the table's shape; "
     "timings and GPU-specific failures are not covered."
 )
-DEFAULT_K = 4096
-DEFAULT_TOPK = 2
-PRESET_TPS = (1, 2, 4, 8)
-# The interpreter's stand-in problem and its cap on BLOCK sizes (see the module doc).
-STAND_IN_E, STAND_IN_N, STAND_IN_K, STAND_IN_M = 4, 32, 64, 8
-STAND_IN_BLOCK = (32, 32)
-INTERPRETER_BLOCK_CAP = 64
-
-# File dtype part -> (compute dtype or None for the platform's default, quantization).
-_FILE_DTYPES: dict[str | None, tuple[str | None, str | None]] = {
-    None: (None, None),
-    "bf16": ("bfloat16", None),
-    "float32": ("float32", None),
-    "fp8_w8a8": (None, "fp8_w8a8"),
-    "int8_w8a8": (None, "int8_w8a8"),
-    "int8_w8a16": (None, "int8_w8a16"),
-}
-_KERNEL_KEYS = frozenset(META_KEYS + LAUNCH_KEYS + ROCM_KEYS)
-_BLOCK_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")
+# The interpreter's stand-in batch size cap (the rest of the stand-in: moetune.verify_plan).
+STAND_IN_M = 8
 
 
 @dataclass(frozen=True)
@@ -179,161 +168,6 @@ def collect_table_paths(paths: list[Path]) -> list[Path]:
     return out
 
 
-@dataclass(frozen=True)
-class _Target:
-    run: bool  # False: schema only
-    interpreter: bool
-    rocm: bool
-    device: str
-    device_name: str
-    fp8_dtype: torch.dtype
-
-
-@dataclass
-class _Notes:
-    rocm_dropped: set[str] = field(default_factory=set)
-    foreign: set[str] = field(default_factory=set)
-    capped: bool = False
-
-
-@dataclass(frozen=True)
-class _FilePlan:
-    name: TableName
-    problem: Problem  # what runs (the stand-in in the interpreter)
-    describe: str  # problem text, without M
-
-
-def _kernel_is_interpreted() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from moetune.kernel import fused_moe_kernel
-
-    return isinstance(fused_moe_kernel, InterpretedFunction)
-
-
-def _target(device: str | None, schema_only: bool) -> _Target:
-    if schema_only:
-        return _Target(False, False, True, "none", "none", torch.float8_e4m3fn)
-    interpreted = _kernel_is_interpreted()
-    if interpreted:
-        if device is not None and torch.device(device).type != "cpu":
-            raise ValueError(
-                f"Triton's interpreter is on (TRITON_INTERPRET=1): the kernel runs on CPU "
-                f"tensors, not on {device!r}"
-            )
-        return _Target(True, True, False, "cpu", "cpu", torch.float8_e4m3fn)
-    dev = torch.device(device or "cuda")
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        raise ValueError(
-            f"cannot run the kernel on {dev}: it is compiled for the GPU and "
-            "Triton's interpreter is off (set TRITON_INTERPRET=1 before importing triton)"
-        )
-    platform = detect_platform(dev.index or 0)
-    return _Target(
-        True, False, platform.is_rocm, str(dev), platform.device_name, platform.fp8_torch_dtype
-    )
-
-
-def _preset_for(E: int, N: int):
-    for tp in PRESET_TPS:
-        for preset in MODEL_PRESETS.values():
-            if preset.E == E and preset.intermediate == N * tp:
-                return preset, tp
-    return None, None
-
-
-def _plan_file(name: TableName, target: _Target, K: int | None, topk: int | None) -> _FilePlan:
-    """The problem to run a table's entries on; ValueError (the skip reason) when there is none."""
-    if name.backend is not None:
-        raise ValueError(f"backend={name.backend} table: parameters of another kernel")
-    if name.suffix:
-        raise ValueError(f"SGLang {name.suffix} table: used for one GEMM only, not this op")
-    if name.dtype not in _FILE_DTYPES:
-        raise ValueError(f"dtype={name.dtype}: not a dtype moetune runs")
-    dtype, quant = _FILE_DTYPES[name.dtype]
-    if name.block_shape is not None and quant not in ("fp8_w8a8", "int8_w8a8"):
-        raise ValueError(
-            f"block_shape={list(name.block_shape)} without a w8a8 dtype: vLLM passes a block "
-            "shape only with a block quantization, so the quantization is unknown"
-        )
-    preset, tp = _preset_for(name.E, name.N)
-    sources = []
-    if K is None or topk is None:
-        if preset is not None:
-            sources.append(f"from preset {preset.name} at tp={tp}")
-        else:
-            sources.append(f"defaults: no preset has E={name.E} and N·tp={name.N}·tp")
-    K_used = K if K is not None else (preset.K if preset else DEFAULT_K)
-    topk_used = topk if topk is not None else (preset.topk if preset else DEFAULT_TOPK)
-    if topk_used > name.E:
-        if topk is not None or preset is not None:
-            sources.append(f"topk {topk_used} capped at E={name.E}")
-        topk_used = name.E
-    bias = preset.bias if preset else False
-    activation = preset.activation if preset else "silu"
-    dtype = dtype or "bfloat16"
-    real = Problem(
-        E=name.E, N=name.N, K=K_used, topk=topk_used, dtype=dtype, quant=quant,
-        block_shape=name.block_shape, per_channel=name.per_channel_quant, bias=bias,
-        activation=activation,
-    )  # fmt: skip
-    if not target.interpreter:
-        src = f" ({'; '.join(sources)})" if sources else ""
-        return _FilePlan(name, real, real.describe() + src)
-    if dtype == "bfloat16":
-        dtype = "float16"
-        sources.append("float16 for bfloat16: the interpreter has no bfloat16 tl.dot")
-    src = f" ({'; '.join(sources)})" if sources else ""
-    E = min(name.E, STAND_IN_E)
-    stand_in = Problem(
-        E=E, N=STAND_IN_N, K=STAND_IN_K, topk=min(topk_used, E), dtype=dtype, quant=quant,
-        block_shape=STAND_IN_BLOCK if name.block_shape else None,
-        per_channel=name.per_channel_quant, bias=bias, activation=activation,
-    )  # fmt: skip
-    return _FilePlan(name, stand_in, f"stand-in {stand_in.describe()} for {real.describe()}{src}")
-
-
-def _entry_config(
-    entry: dict[str, Any], plan: _FilePlan, target: _Target, notes: _Notes
-) -> tuple[dict[str, Any], list[str]]:
-    """The config to launch and what was changed; ValueError (the skip reason) when none."""
-    foreign = sorted(k for k in entry if k not in _KERNEL_KEYS)
-    if foreign:
-        raise ValueError(f"entry has {', '.join(foreign)}, which moetune's kernel does not take")
-    cfg = dict(entry)
-    changes: list[str] = []
-    if target.run and not target.rocm:
-        dropped = [k for k in ROCM_KEYS if k in cfg]
-        for k in dropped:
-            del cfg[k]
-        notes.rocm_dropped.update(dropped)
-    real_block = plan.name.block_shape
-    if real_block is not None and cfg["BLOCK_SIZE_K"] > min(real_block):
-        changes.append(
-            f"BLOCK_SIZE_K {cfg['BLOCK_SIZE_K']}->{min(real_block)}: clamped to "
-            f"block_shape {list(real_block)} as vLLM's launch does"
-        )
-        cfg["BLOCK_SIZE_K"] = min(real_block)
-    if target.interpreter:
-        for k in _BLOCK_KEYS:
-            if cfg[k] > INTERPRETER_BLOCK_CAP:
-                changes.append(f"{k} {cfg[k]}->{INTERPRETER_BLOCK_CAP} (interpreter cap)")
-                cfg[k] = INTERPRETER_BLOCK_CAP
-                notes.capped = True
-        block = plan.problem.block_shape
-        if block is not None and cfg["BLOCK_SIZE_K"] > min(block):
-            changes.append(
-                f"BLOCK_SIZE_K {cfg['BLOCK_SIZE_K']}->{min(block)}: clamped to the stand-in "
-                f"block_shape {list(block)}"
-            )
-            cfg["BLOCK_SIZE_K"] = min(block)
-    try:
-        validate_config(cfg, plan.problem.block_shape)
-    except ValueError as e:
-        raise ValueError(f"moetune's kernel cannot run this entry: {e}") from None
-    return cfg, changes
-
-
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     if not lines:
@@ -345,7 +179,7 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {line}"
 
 
-def _run_entry(plan: _FilePlan, M: int, cfg: dict[str, Any], target: _Target, seed: int):
+def _run_entry(plan: FilePlan, M: int, cfg: dict[str, Any], target: Target, seed: int):
     """``(ok, reason, rel_err, worst_row_err)`` of one entry; exceptions propagate."""
     from moetune.inputs import random_moe_inputs
     from moetune.ops import fused_experts, poisoned_workspace
@@ -364,13 +198,13 @@ def _run_entry(plan: _FilePlan, M: int, cfg: dict[str, Any], target: _Target, se
 
 def _verify_file(
     path: Path,
-    target: _Target,
+    target: Target,
     *,
     K: int | None,
     topk: int | None,
     batch_sizes: set[int] | None,
     seed: int,
-    notes: _Notes,
+    notes: Notes,
     emit: Callable[[EntryResult], None],
 ) -> None:
     fname = str(path)
@@ -385,7 +219,7 @@ def _verify_file(
     try:
         # A name load_table could not parse raises here, with the grammar in its message.
         name = table.name or parse_table_filename(path.name)
-        plan = _plan_file(name, target, K, topk)
+        plan = plan_file(name, target, K, topk)
     except ValueError as e:
         emit(EntryResult(fname, None, "skipped", str(e), None, ""))
         return
@@ -402,7 +236,7 @@ def _verify_file(
         M = min(bs, STAND_IN_M) if target.interpreter else bs
         problem = f"{plan.describe} M={M}"
         try:
-            cfg, changes = _entry_config(entry, plan, target, notes)
+            cfg, changes = entry_config(entry, plan, target, notes)
         except ValueError as e:
             emit(EntryResult(fname, bs, "skipped", str(e), dict(entry), problem))
             continue
@@ -423,7 +257,7 @@ def _verify_file(
         emit(EntryResult(fname, bs, status, reason, cfg, problem, rel, worst))
 
 
-def _note(target: _Target, notes: _Notes, batch_sizes: set[int] | None) -> str:
+def _note(target: Target, notes: Notes, batch_sizes: set[int] | None) -> str:
     parts = []
     if not target.run:
         parts.append("Schema only: tables read and classified; no entry was run.")
@@ -471,9 +305,9 @@ def verify_tables(
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ValueError(f"{label} must be a positive integer, got {v!r}")
     files = collect_table_paths([Path(p) for p in paths])
-    target = _target(device, schema_only)
+    target = plan_target(device, schema_only)
     wanted = set(batch_sizes) if batch_sizes is not None else None
-    notes = _Notes()
+    notes = Notes()
     results: list[EntryResult] = []
 
     def emit(r: EntryResult) -> None:
