@@ -112,6 +112,9 @@ def sweep(
         ),
     ] = 600.0,
     backend: Annotated[str, typer.Option(help="local, or ray (needs moetune[ray]).")] = "local",
+    skew: Annotated[
+        str, typer.Option(help="Routing of the random inputs: uniform, zipf or one-hot.")
+    ] = "uniform",
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: start a local one).")
     ] = None,
@@ -156,10 +159,10 @@ def sweep(
         raise UsageError(str(e)) from None
     if not candidates:
         raise UsageError("the search space is empty after pruning and restrictions")
-    execution = _execution(plat, gpus, isolate, timeout, backend, ray_address)
+    execution = _execution(plat, gpus, isolate, timeout, backend, ray_address, skew)
     if compile_workers is None:
         compile_workers = min(os.cpu_count() or 1, 16 * len(execution.gpus or [0]))
-    journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space)
+    journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space, skew)
     note = timings_note(plat.is_interpreter)
     err.print(f"moetune sweep: {prob.describe()} on {plat.device_name}; {len(candidates)} "
               f"candidates × {len(batches)} batch sizes; journal {journal}",
@@ -188,9 +191,12 @@ def sweep(
 
 
 def _execution(plat, gpus: str | None, isolate: bool | None, timeout: float, backend: str,
-               ray_address: str | None):  # fmt: skip
+               ray_address: str | None, skew: str = "uniform"):  # fmt: skip
+    from moetune.inputs import SKEWS
     from moetune.sweep import Execution
 
+    if skew not in SKEWS:
+        raise UsageError(f"--skew must be one of {', '.join(SKEWS)}, got {skew!r}")
     if backend not in ("local", "ray"):
         raise UsageError(f"--backend must be local or ray, got {backend!r}")
     if timeout <= 0:
@@ -219,11 +225,12 @@ def _execution(plat, gpus: str | None, isolate: bool | None, timeout: float, bac
         isolate = not plat.is_interpreter
     return Execution(isolate=isolate or backend == "ray" or len(gpu_list or []) > 1,
                      gpus=gpu_list, timeout_s=timeout, backend=backend,
-                     ray_address=ray_address)  # fmt: skip
+                     ray_address=ray_address, skew=skew)  # fmt: skip
 
 
-def _journal_name(prob, plat, space: str) -> str:
-    return f"{plat.device_name}-{prob.slug()}-{space}.jsonl"
+def _journal_name(prob, plat, space: str, skew: str) -> str:
+    routing = "" if skew == "uniform" else f"-{skew}"
+    return f"{plat.device_name}-{prob.slug()}-{space}{routing}.jsonl"
 
 
 def _render_sweep(result, exported, note: str, json_out: bool) -> None:

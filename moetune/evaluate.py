@@ -39,8 +39,11 @@ class Workload:
     sizes (a sweep of a large model holds a few weight copies, not one per batch size).
     """
 
-    def __init__(self, problem: Problem, platform: Platform, batch_sizes: list[int], device: str):
-        self.problem, self.device = problem, device
+    def __init__(
+        self, problem: Problem, platform: Platform, batch_sizes: list[int], device: str,
+        skew: str = "uniform",
+    ):  # fmt: skip
+        self.problem, self.device, self.skew = problem, device, skew
         self.fp8 = getattr(torch, platform.fp8_dtype)
         m_max = max(batch_sizes)
         self.check = self._draw(m_max, seed=1)
@@ -50,7 +53,9 @@ class Workload:
         self.refs: dict[int, torch.Tensor] = {}
 
     def _draw(self, M: int, seed: int) -> tuple[tuple, dict]:
-        return random_moe_inputs(self.problem, M, self.device, seed=seed, fp8_dtype=self.fp8)
+        return random_moe_inputs(
+            self.problem, M, self.device, seed=seed, fp8_dtype=self.fp8, skew=self.skew
+        )
 
     @staticmethod
     def slice(inputs: tuple[tuple, dict], M: int) -> tuple[tuple, dict]:

@@ -26,7 +26,8 @@ from moetune.ops import softmax_topk
 from moetune.problem import Problem
 from moetune.quant import quantize_weight
 
-SKEWS = ("uniform", "one-hot")
+SKEWS = ("uniform", "zipf", "one-hot")
+ZIPF_EXPONENT = 1.2  # expert popularity ∝ 1 / rank^1.2: a few hot experts, a long tail
 # Float32 elements drawn at once while building weights (1 GiB).
 _CHUNK_ELEMENTS = 1 << 28
 
@@ -99,12 +100,19 @@ def random_routing(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(topk_weights [M, topk] float32, topk_ids [M, topk] int32)``, distinct experts per token.
 
+    ``skew="zipf"``: each token draws its experts without replacement with probability
+    ∝ 1 / (e + 1)^1.2 (Gumbel top-k), the uneven load real routers show.
     ``skew="one-hot"``: every token ranks expert 0 first and expert 1 second, so most experts
-    receive no token and one receives them all (the load imbalance a real router can produce).
+    receive no token and one receives them all (the worst case of load imbalance).
     """
     if skew not in SKEWS:
         raise ValueError(f"skew must be one of {', '.join(SKEWS)}, got {skew!r}")
     logits = _randn((M, E), device, generator)
+    if skew == "zipf":
+        rank = torch.arange(1, E + 1, device=device, dtype=torch.float32)
+        u = torch.rand((M, E), device=device, generator=generator).clamp(1e-12, 1 - 1e-7)
+        gumbel = -torch.log(-torch.log(u))
+        logits = -ZIPF_EXPONENT * torch.log(rank) + gumbel
     if skew == "one-hot":
         logits[:, 0] += 100.0
         if E > 1:

@@ -20,18 +20,13 @@ from typing import Any, TextIO
 import torch
 
 import moetune
-from moetune.launch import FP8_ACCUM_DEFAULT, FP8_ACCUM_ENV
 
 # Fields of the header that must match for a journal to be resumed.
 IDENTITY_KEYS = (
-    "problem",
-    "space_id",
-    "device_name",
-    "moetune",
-    "triton",
-    "interpreter",
-    "fp8_accum",
-)
+    "problem", "space_id", "device_name", "moetune", "triton", "interpreter", "skew", "fp8_accum",
+)  # fmt: skip
+# Journals written before a key existed are read as having its default value.
+IDENTITY_DEFAULTS = {"skew": "uniform"}
 
 
 class JournalError(ValueError):
@@ -53,7 +48,6 @@ def provenance(device_name: str, interpreter: bool) -> dict[str, Any]:
         "host": pyplatform.node(),
         "device_name": device_name,
         "interpreter": interpreter,
-        "fp8_accum": os.environ.get(FP8_ACCUM_ENV, FP8_ACCUM_DEFAULT),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if torch.cuda.is_available() and not interpreter:
@@ -152,7 +146,11 @@ def open_journal(path: str | os.PathLike[str], header: dict[str, Any], *, fresh:
     header = {"kind": "moetune-journal", **header}
     if p.exists() and p.stat().st_size > 0 and not fresh:
         old = read_journal(p)
-        diffs = [k for k in IDENTITY_KEYS if old.header.get(k) != header.get(k)]
+
+        def ident(h: dict[str, Any], k: str) -> Any:
+            return h.get(k, IDENTITY_DEFAULTS.get(k))
+
+        diffs = [k for k in IDENTITY_KEYS if ident(old.header, k) != ident(header, k)]
         if diffs:
             raise JournalError(
                 f"{p} belongs to another sweep (different {', '.join(diffs)}); "

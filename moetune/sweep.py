@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 from moetune.defaults import default_config
 from moetune.evaluate import Workload, evaluate, recheck
 from moetune.journal import Journal, open_journal, provenance
+from moetune.launch import FP8_ACCUM_DEFAULT, FP8_ACCUM_ENV
 from moetune.platform import Platform
 from moetune.precompile import precompile
 from moetune.problem import Problem
@@ -43,6 +45,7 @@ class Execution:
     chunk_size: int = 6
     backend: str = "local"
     ray_address: str | None = None
+    skew: str = "uniform"  # routing of the random inputs (moetune.inputs.SKEWS)
 
 
 @dataclass
@@ -91,19 +94,24 @@ def run_sweep(
     """Sweep ``candidates`` over ``batch_sizes``; resumable from ``journal_path``."""
     t0 = time.time()
     device = "cpu" if platform.is_interpreter else "cuda"
+    execution = execution or Execution()
     header = {
         "problem": problem_dict(problem),
         "space": space_name,
         "space_id": space_id(candidates),
         "batch_sizes": batch_sizes,
         "platform": platform.key,
+        "skew": execution.skew,
+        # fp8 accumulation changes fp8 results and timings only, so only fp8 sweeps record it.
+        "fp8_accum": os.environ.get(FP8_ACCUM_ENV, FP8_ACCUM_DEFAULT)
+        if problem.quant == "fp8_w8a8"
+        else None,
         **provenance(platform.device_name, platform.is_interpreter),
     }
     journal = open_journal(journal_path, header, fresh=fresh)
     for warning in journal.warnings:
         if progress:
             progress(0, 0, f"warning: {warning}")
-    execution = execution or Execution()
     try:
         _sweep_all(
             problem,
@@ -118,7 +126,8 @@ def run_sweep(
             execution,
         )
         _time_finalists(problem, platform, journal, batch_sizes, device, execution, progress)
-        batches = _finish(problem, platform, journal, batch_sizes, device, progress)
+        batches = _finish(problem, platform, journal, batch_sizes, device, progress,
+                          execution.skew)  # fmt: skip
     finally:
         journal.close()
     return SweepResult(journal.path, batches, platform.is_interpreter, time.time() - t0)
@@ -181,13 +190,13 @@ def _execute(problem, platform, device, batch_sizes, work, execution: Execution,
         run_on_ray(problem, platform, device, batch_sizes, work, execution, on_record)
     elif execution.isolate:
         pool = WorkerPool(problem_dict(problem), platform.key, device, batch_sizes,
-                          execution.gpus, execution.timeout_s)  # fmt: skip
+                          execution.skew, execution.gpus, execution.timeout_s)  # fmt: skip
         try:
             pool.run(chunk_pairs(work, execution.chunk_size), on_record)
         finally:
             pool.close()
     else:
-        workload = Workload(problem, platform, batch_sizes, device)
+        workload = Workload(problem, platform, batch_sizes, device, execution.skew)
         for key, config, M, replays in work:
             on_record({"candidate": key, "M": M, "config": config,
                        **evaluate(workload, config, M, replays=replays, key=key)})  # fmt: skip
@@ -221,7 +230,7 @@ def _time_finalists(problem, platform, journal: Journal, batch_sizes, device, ex
 
 
 def _finish(
-    problem, platform, journal: Journal, batch_sizes, device, progress
+    problem, platform, journal: Journal, batch_sizes, device, progress, skew: str
 ) -> list[BatchResult]:
     """Per batch size: re-time the finalists, re-check them on fresh inputs, record the winner."""
     workload = None
@@ -245,7 +254,7 @@ def _finish(
         default_us = default["timing"]["median_us"] if default else None
         if M not in winners:
             if workload is None:
-                workload = Workload(problem, platform, batch_sizes, device)
+                workload = Workload(problem, platform, batch_sizes, device, skew)
             winners[M] = _pick_winner(problem, workload, finals, M, journal, progress)
         if winners[M] is not None and default is not None and winners[M].get("default_us") is None:
             winners[M]["default_us"] = default_us

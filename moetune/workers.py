@@ -50,7 +50,7 @@ def chunk_pairs(pairs: list[Pair], size: int) -> list[list[Pair]]:
 
 def worker_main(
     wid: int, problem_d: dict, platform_key: str, device: str, batch_sizes: list[int],
-    tasks: Any, results: Any,
+    skew: str, tasks: Any, results: Any,
 ) -> None:  # fmt: skip
     """Worker process: build the inputs once, then evaluate chunks until told to stop."""
     from moetune.evaluate import FATAL_CUDA_MARKERS, Workload, evaluate
@@ -59,7 +59,7 @@ def worker_main(
 
     bs = problem_d.get("block_shape")
     problem = Problem(**{**problem_d, "block_shape": tuple(bs) if bs else None})
-    workload = Workload(problem, get_platform(platform_key), batch_sizes, device)
+    workload = Workload(problem, get_platform(platform_key), batch_sizes, device, skew)
     results.put(("ready", wid, None))
     parent = os.getppid()
     while True:
@@ -98,9 +98,9 @@ class WorkerPool:
 
     def __init__(
         self, problem_d: dict, platform_key: str, device: str, batch_sizes: list[int],
-        gpus: list[int] | None, timeout_s: float,
+        skew: str, gpus: list[int] | None, timeout_s: float,
     ) -> None:  # fmt: skip
-        self.args = (problem_d, platform_key, device, batch_sizes)
+        self.args = (problem_d, platform_key, device, batch_sizes, skew)
         self.timeout_s = timeout_s
         self.ctx = mp.get_context("spawn")
         self.results = self.ctx.Queue()

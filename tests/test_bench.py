@@ -239,7 +239,7 @@ def test_help_has_an_example():
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["--skew", "zipf"], "--skew must be one of uniform, one-hot"),
+        (["--skew", "bimodal"], "--skew must be one of uniform, zipf, one-hot"),
         (["--replays", "0"], "--replays must be a positive integer"),
         (["--batch-sizes", "1,x"], "comma-separated"),
         (["--E", "4", "--N", "32"], "missing --K, --topk"),

@@ -79,3 +79,18 @@ def test_tiny_sweep_export_verify_lookup(tmp_path, monkeypatch):
         warnings.simplefilter("error")  # found: no "missing table" warning
         cfg = get_config(8, 4, 32, device_name="cpu_interpreter")
     assert cfg == doc["8"]
+
+
+def test_skewed_sweep_is_its_own_journal_identity(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["sweep", "--E", "4", "--N", "32", "--K", "64", "--topk", "2", "--dtype", "float16",
+            "--batch-sizes", "8", "--restrict", "BLOCK_SIZE_N=32", "--restrict", "BLOCK_SIZE_K=32",
+            "--restrict", "BLOCK_SIZE_M=16", "--journal", "j.jsonl", "--out", "t"]  # fmt: skip
+    result = runner.invoke(app, [*base, "--skew", "zipf"])
+    assert result.exit_code == 0, result.output
+    assert read_journal(tmp_path / "j.jsonl").header["skew"] == "zipf"
+    before = (tmp_path / "j.jsonl").read_bytes()
+    result = runner.invoke(app, base)  # uniform routing: another sweep
+    assert result.exit_code == 1 and "skew" in result.output
+    assert (tmp_path / "j.jsonl").read_bytes() == before
+    assert runner.invoke(app, [*base, "--skew", "bimodal"]).exit_code == 2

@@ -141,7 +141,7 @@ def test_inputs_run_through_the_op_and_reference(quant, block, device):
     ("kwargs", "match"),
     [
         ({"M": 0}, "M must be"),
-        ({"skew": "zipf"}, "skew must be"),
+        ({"skew": "bimodal"}, "skew must be"),
         ({"fp8_dtype": torch.float8_e5m2}, "fp8_dtype"),
     ],
 )
@@ -149,3 +149,15 @@ def test_bad_arguments_raise(kwargs, match):
     M_ = kwargs.pop("M", 4)
     with pytest.raises(ValueError, match=match):
         random_moe_inputs(_problem(), M_, "cpu", **kwargs)
+
+
+def test_zipf_routing_is_skewed_and_distinct():
+    """Expert load falls with popularity rank; each token still gets distinct experts."""
+    from moetune.inputs import random_routing
+
+    g = torch.Generator().manual_seed(3)
+    weights, ids = random_routing(4000, 8, 2, torch.device("cpu"), skew="zipf", generator=g)
+    load = torch.bincount(ids.flatten().long(), minlength=8)
+    assert load[0] > 2 * load[3] > 0 and load[3] > load[7] > 0
+    assert (ids[:, 0] != ids[:, 1]).all()
+    assert torch.all((weights > 0) & (weights <= 1))
