@@ -6,6 +6,7 @@ stderr. A user mistake prints one ``Error:`` line and exits 2; a failure of the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -115,6 +116,14 @@ def sweep(
     skew: Annotated[
         str, typer.Option(help="Routing of the random inputs: uniform, zipf or one-hot.")
     ] = "uniform",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="exhaustive (every candidate at every batch size) or halving (all at "
+            "3 anchor batch sizes, the fastest --keep fraction at the rest)."
+        ),
+    ] = "exhaustive",
+    keep: Annotated[float, typer.Option(help="Fraction kept by --strategy halving.")] = 0.25,
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: start a local one).")
     ] = None,
@@ -160,6 +169,11 @@ def sweep(
     if not candidates:
         raise UsageError("the search space is empty after pruning and restrictions")
     execution = _execution(plat, gpus, isolate, timeout, backend, ray_address, skew)
+    if strategy not in ("exhaustive", "halving"):
+        raise UsageError(f"--strategy must be exhaustive or halving, got {strategy!r}")
+    if not 0 < keep <= 1:
+        raise UsageError(f"--keep must be in (0, 1], got {keep}")
+    execution = dataclasses.replace(execution, strategy=strategy, keep=keep)
     if compile_workers is None:
         compile_workers = min(os.cpu_count() or 1, 16 * len(execution.gpus or [0]))
     journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space, skew)

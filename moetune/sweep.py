@@ -46,6 +46,10 @@ class Execution:
     backend: str = "local"
     ray_address: str | None = None
     skew: str = "uniform"  # routing of the random inputs (moetune.inputs.SKEWS)
+    # "exhaustive": every candidate at every batch size. "halving": every candidate at three
+    # anchor batch sizes, then only the fastest ``keep`` fraction at the others.
+    strategy: str = "exhaustive"
+    keep: float = 0.25
 
 
 @dataclass
@@ -102,6 +106,7 @@ def run_sweep(
         "batch_sizes": batch_sizes,
         "platform": platform.key,
         "skew": execution.skew,
+        "strategy": execution.strategy,
         # fp8 accumulation changes fp8 results and timings only, so only fp8 sweeps record it.
         "fp8_accum": os.environ.get(FP8_ACCUM_ENV, FP8_ACCUM_DEFAULT)
         if problem.quant == "fp8_w8a8"
@@ -145,7 +150,46 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, dev
         n = precompile(problem, todo, platform.fp8_dtype, compile_workers, execution.gpus)
         if progress:
             progress(0, 0, f"compiled {n} of {len(todo)} in {time.time() - t_compile:.0f} s")
-    pairs = [(c, M) for c in candidates for M in batch_sizes] + [(None, M) for M in batch_sizes]
+    if execution.strategy == "halving" and len(batch_sizes) > len(_anchors(batch_sizes)):
+        anchors = _anchors(batch_sizes)
+        _run_pairs(problem, platform, journal, device, replays, progress, execution,
+                   batch_sizes, [(c, M) for c in candidates for M in anchors])  # fmt: skip
+        keep = _survivors(journal, candidates, anchors, execution.keep)
+        if progress:
+            progress(0, 0, f"halving: {len(keep)} of {len(candidates)} candidates go on to "
+                           f"the other {len(batch_sizes) - len(anchors)} batch sizes")  # fmt: skip
+        rest = [M for M in batch_sizes if M not in anchors]
+        pairs = [(c, M) for c in keep for M in rest]
+    else:
+        pairs = [(c, M) for c in candidates for M in batch_sizes]
+    pairs += [(None, M) for M in batch_sizes]
+    _run_pairs(problem, platform, journal, device, replays, progress, execution, batch_sizes,
+               pairs)  # fmt: skip
+
+
+def _anchors(batch_sizes: list[int]) -> list[int]:
+    """The smallest, a middle and the largest batch size: decode, mixed and prefill regimes."""
+    ordered = sorted(batch_sizes)
+    return sorted({ordered[0], ordered[len(ordered) // 2], ordered[-1]})
+
+
+def _survivors(journal: Journal, candidates, anchors: list[int], keep: float) -> list:
+    """Candidates among the fastest ``keep`` fraction (at least 4) at any anchor batch size."""
+    n_keep = max(4, math.ceil(keep * len(candidates)))
+    chosen: set[str] = set()
+    for M in anchors:
+        ok = [r for r in journal.records if r.get("M") == M and r.get("status") == "ok"
+              and r.get("phase") != "final" and r.get("candidate") != "default"]  # fmt: skip
+        ok.sort(key=lambda r: r["timing"]["median_us"])
+        chosen.update(r["candidate"] for r in ok[:n_keep])
+    return [c for c in candidates if c.key() in chosen]
+
+
+def _run_pairs(problem, platform, journal: Journal, device, replays, progress, execution,
+               batch_sizes, pairs) -> None:  # fmt: skip
+    """Prune, then evaluate the (candidate or None for the default, batch size) pairs that the
+    journal does not hold yet."""
+    done = journal.done()
     total = len(pairs)
     count = [0]
 
@@ -156,7 +200,7 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, dev
         if progress:
             progress(count[0], total, f"M={record['M']} {record['candidate']}: {record['status']}")
 
-    work: list[tuple[str, dict[str, Any], int]] = []
+    work: list[tuple[str, dict[str, Any], int, int]] = []
     for cand, M in pairs:
         key = cand.key() if cand else "default"
         if (key, M) in done:

@@ -94,3 +94,25 @@ def test_skewed_sweep_is_its_own_journal_identity(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "skew" in result.output
     assert (tmp_path / "j.jsonl").read_bytes() == before
     assert runner.invoke(app, [*base, "--skew", "bimodal"]).exit_code == 2
+
+
+def test_halving_runs_only_survivors_past_the_anchor_batch_sizes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "--E", "4", "--N", "32", "--K", "64", "--topk", "2", "--dtype", "float16",
+            "--batch-sizes", "16,24,32,48,64", "--space", "tiny", "--strategy", "halving",
+            "--keep", "0.1", "--journal", "j.jsonl", "--out", "t"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    recs = [
+        r
+        for r in read_journal(tmp_path / "j.jsonl").records
+        if "candidate" in r and r.get("phase") != "final" and r["candidate"] != "default"
+    ]
+    anchors, rest = {16, 32, 64}, {24, 48}
+    at_anchor = {r["candidate"] for r in recs if r["M"] in anchors}
+    past = {r["candidate"] for r in recs if r["M"] in rest}
+    assert len(at_anchor) == 6, "every tiny-space candidate runs at the anchors"
+    assert 4 <= len(past) < len(at_anchor), "at least 4, and fewer than all, go on"
+    table = json.loads((tmp_path / "t" / "E=4,N=32,device_name=cpu_interpreter.json").read_text())
+    assert set(table) == {"triton_version", "16", "24", "32", "48", "64"}
+    assert runner.invoke(app, [*args[:-4], "--keep", "0"]).exit_code == 2
