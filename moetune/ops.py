@@ -11,12 +11,11 @@ from typing import Any
 import torch
 
 from moetune.align import moe_align_block_size
-from moetune.defaults import default_config
 from moetune.launch import invoke_moe_gemm
-from moetune.quant import FP8_DTYPES, QUANTS, quantize_activation
+from moetune.problem import ACTIVATIONS
+from moetune.quant import quantize_activation
 from moetune.validate import validate_moe_args
 
-ACTIVATIONS = ("silu", "swigluoai")
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
 
@@ -179,9 +178,6 @@ def softmax_topk(
 
 
 __all__ = [
-    "FP8_DTYPES",
-    "QUANTS",
-    "default_config",
     "fused_experts",
     "fused_moe",
     "poisoned_workspace",

@@ -173,15 +173,19 @@ def _anchors(batch_sizes: list[int]) -> list[int]:
     return sorted({ordered[0], ordered[len(ordered) // 2], ordered[-1]})
 
 
+def _ranked_ok(journal: Journal, M: int) -> list[dict[str, Any]]:
+    """First-pass records of tuned candidates that passed at ``M``, fastest first."""
+    ok = [r for r in journal.records if r.get("M") == M and r.get("status") == "ok"
+          and r.get("phase") != "final" and r.get("candidate") != "default"]  # fmt: skip
+    return sorted(ok, key=lambda r: r["timing"]["median_us"])
+
+
 def _survivors(journal: Journal, candidates, anchors: list[int], keep: float) -> list:
     """Candidates among the fastest ``keep`` fraction (at least 4) at any anchor batch size."""
     n_keep = max(4, math.ceil(keep * len(candidates)))
     chosen: set[str] = set()
     for M in anchors:
-        ok = [r for r in journal.records if r.get("M") == M and r.get("status") == "ok"
-              and r.get("phase") != "final" and r.get("candidate") != "default"]  # fmt: skip
-        ok.sort(key=lambda r: r["timing"]["median_us"])
-        chosen.update(r["candidate"] for r in ok[:n_keep])
+        chosen.update(r["candidate"] for r in _ranked_ok(journal, M)[:n_keep])
     return [c for c in candidates if c.key() in chosen]
 
 
@@ -256,10 +260,7 @@ def _time_finalists(problem, platform, journal: Journal, batch_sizes, device, ex
     for M in batch_sizes:
         if M in have_winner:
             continue
-        ok = [r for r in journal.records if r.get("M") == M and r.get("status") == "ok"
-              and r.get("phase") != "final" and r.get("candidate") != "default"]  # fmt: skip
-        ok.sort(key=lambda r: r["timing"]["median_us"])
-        for r in ok[:FINALISTS]:
+        for r in _ranked_ok(journal, M)[:FINALISTS]:
             key = f"final:{r['candidate']}"
             if (key, M) not in done:
                 work.append((key, r["config"], M, FINAL_REPLAYS))
