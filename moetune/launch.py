@@ -64,6 +64,19 @@ def validate_config(config: dict[str, Any], block_shape: tuple[int, int] | None 
         )
 
 
+def clamp_block_k(config: dict[str, Any], block_shape: tuple[int, int] | None) -> int | None:
+    """vLLM's launch-time rule for block quantization, applied in place: BLOCK_SIZE_K becomes
+    at most min(block_n, block_k). Returns the old value when it changed, else None."""
+    if block_shape is None:
+        return None
+    cap = min(block_shape)
+    old = config.get("BLOCK_SIZE_K", 0)
+    if old <= cap:
+        return None
+    config["BLOCK_SIZE_K"] = cap
+    return old
+
+
 def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
     if t is None:
         return (0,) * ndim

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from moetune.defaults import default_config
-from moetune.launch import LAUNCH_KEYS, META_KEYS, ROCM_KEYS
+from moetune.launch import LAUNCH_KEYS, META_KEYS, ROCM_KEYS, clamp_block_k
 from moetune.tables import Table, TableError, load_table, nearest_entry, table_filename
 
 ENV_VARS = ("MOETUNE_CONFIG_DIR", "VLLM_TUNED_CONFIG_FOLDER")
@@ -145,13 +145,12 @@ def config_for(
     """What ``fused_experts(config=None)`` runs with.
 
     Keys the kernel does not take (another backend's, e.g. ``SPLIT_K``) are dropped, and for
-    block quantization a BLOCK_SIZE_K larger than block_k is clamped to it, as vLLM does at
+    block quantization BLOCK_SIZE_K is clamped to min(block_n, block_k), as vLLM does at
     launch, so any table vLLM accepts runs here.
     """
     cfg = get_config(
         M, E, N, dtype=table_dtype(dtype, quant), block_shape=block_shape, K=K, topk=topk
     )
     cfg = {k: v for k, v in cfg.items() if k in KERNEL_KEYS}
-    if block_shape is not None and cfg.get("BLOCK_SIZE_K", 0) > block_shape[1]:
-        cfg["BLOCK_SIZE_K"] = block_shape[1]
+    clamp_block_k(cfg, block_shape)
     return cfg

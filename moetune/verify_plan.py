@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from moetune.launch import LAUNCH_KEYS, META_KEYS, ROCM_KEYS, validate_config
+from moetune.launch import LAUNCH_KEYS, META_KEYS, ROCM_KEYS, clamp_block_k, validate_config
 from moetune.platform import detect_platform
 from moetune.presets import MODEL_PRESETS, ModelPreset
 from moetune.problem import Problem
@@ -177,12 +177,12 @@ def entry_config(
             del cfg[k]
         notes.rocm_dropped.update(dropped)
     real_block = plan.name.block_shape
-    if real_block is not None and cfg["BLOCK_SIZE_K"] > min(real_block):
+    old = clamp_block_k(cfg, real_block)
+    if old is not None:
         changes.append(
-            f"BLOCK_SIZE_K {cfg['BLOCK_SIZE_K']}->{min(real_block)}: clamped to "
+            f"BLOCK_SIZE_K {old}->{cfg['BLOCK_SIZE_K']}: clamped to "
             f"block_shape {list(real_block)} as vLLM's launch does"
         )
-        cfg["BLOCK_SIZE_K"] = min(real_block)
     if target.interpreter:
         for k in _BLOCK_KEYS:
             if cfg[k] > INTERPRETER_BLOCK_CAP:
@@ -190,12 +190,12 @@ def entry_config(
                 cfg[k] = INTERPRETER_BLOCK_CAP
                 notes.capped = True
         block = plan.problem.block_shape
-        if block is not None and cfg["BLOCK_SIZE_K"] > min(block):
+        old = clamp_block_k(cfg, block)
+        if old is not None:
             changes.append(
-                f"BLOCK_SIZE_K {cfg['BLOCK_SIZE_K']}->{min(block)}: clamped to the stand-in "
+                f"BLOCK_SIZE_K {old}->{cfg['BLOCK_SIZE_K']}: clamped to the stand-in "
                 f"block_shape {list(block)}"
             )
-            cfg["BLOCK_SIZE_K"] = min(block)
     try:
         validate_config(cfg, plan.problem.block_shape)
     except ValueError as e:

@@ -81,3 +81,13 @@ def test_block_k_tile_must_divide_scale_group(device):
     cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1}
     with pytest.raises(ValueError, match="must divide block_k"):
         fused_experts(*case.args(), config=cfg, **case.kwargs)
+
+
+def test_block_k_clamp_follows_vllms_launch_rule():
+    """vLLM caps BLOCK_SIZE_K at min(block_n, block_k) at launch; lookup and verify share it."""
+    from moetune.launch import clamp_block_k
+
+    cfg = {"BLOCK_SIZE_K": 256}
+    assert clamp_block_k(cfg, (64, 128)) == 256 and cfg["BLOCK_SIZE_K"] == 64
+    assert clamp_block_k(cfg, (128, 128)) is None and cfg["BLOCK_SIZE_K"] == 64
+    assert clamp_block_k(cfg, None) is None
