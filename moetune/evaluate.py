@@ -7,6 +7,7 @@ through ``moetune.faults`` (a test-only hook) without touching the kernel.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -74,7 +75,19 @@ class Workload:
 def evaluate(
     workload: Workload, config: dict[str, Any], M: int, *, replays: int, key: str = ""
 ) -> dict[str, Any]:
-    """Check then time one config at one batch size; never raises for a bad candidate."""
+    """Check then time one config at one batch size; never raises for a bad candidate.
+
+    ``eval_s`` in the result is the wall time this pair cost on its worker (compile included
+    when it was not cached), which is what a budgeted search's time curve adds up."""
+    t0 = time.perf_counter()
+    record = _evaluate(workload, config, M, replays=replays, key=key)
+    record["eval_s"] = round(time.perf_counter() - t0, 4)
+    return record
+
+
+def _evaluate(
+    workload: Workload, config: dict[str, Any], M: int, *, replays: int, key: str
+) -> dict[str, Any]:
     problem = workload.problem
     try:
         faults.before_run(key)
