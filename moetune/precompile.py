@@ -1,10 +1,13 @@
-"""Compile a sweep's candidates in parallel worker processes before the sweep times them.
+"""Compile a sweep's candidates in background processes while the sweep evaluates them.
 
 Triton keeps compiled kernels in its on-disk cache, keyed by the source, the constexprs and the
-specialization of the integer arguments (divisibility by 16). Workers run the op once per
-candidate on a small problem with the sweep's N, K and strides, so the sweep process later loads
-each kernel from the cache instead of compiling ~300 candidates one after another. A candidate
-that fails to compile here is simply left for the sweep to record with its reason.
+specialization of the integer arguments (divisibility by 16). Compile processes run the op in
+compile-only mode (the GEMMs go through Triton's ``warmup``: compiled, never launched) once per
+candidate on a small problem with the sweep's N, K and strides, and report each candidate as it
+is done. The sweep's workers take a candidate's work only once it is reported, and then load its
+kernels from the cache: compiling (CPU-bound) and timing (GPU-bound) overlap instead of one
+waiting for the other. A candidate that fails to compile here is left for the sweep to record
+with its reason; if compiling stalls, the sweep stops waiting and compiles what is missing itself.
 """
 
 from __future__ import annotations
@@ -12,73 +15,113 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import queue
 import time
+from typing import Any
 
 from moetune.problem import Problem
 from moetune.workers import visible_device
 
-COMPILE_DEADLINE_S = 1800
+COMPILE_DEADLINE_S = 1800.0  # for the whole set
+STALL_S = 300.0  # no candidate reported for this long: stop waiting for the rest
 
 
-def _compile_some(problem: Problem, configs: list[dict], fp8_dtype: str, results) -> None:
+def _compile_loop(problem: Problem, fp8_dtype: str, tasks: Any, results: Any) -> None:
     import torch
 
     from moetune.inputs import random_moe_inputs
+    from moetune.launch import compile_only
     from moetune.ops import fused_experts
 
     # Only topk experts: expert count is not a kernel argument, the weight strides stay the same.
     small = dataclasses.replace(problem, E=problem.topk)
     args, kw = random_moe_inputs(small, 16, "cuda", seed=0, fp8_dtype=getattr(torch, fp8_dtype))
-    compiled = 0
-    for config in configs:
+    torch.cuda.synchronize()
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        key, config = item
         try:
-            fused_experts(*args, config=config, **kw)
-            compiled += 1
+            with compile_only():
+                fused_experts(*args, config=config, **kw)
+            results.put(("compiled", key))
         except Exception:  # recorded later by the sweep, with its reason
             torch.cuda.synchronize()
-    results.put(compiled)
+            results.put(("failed", key))
 
 
-def precompile(
-    problem: Problem,
-    configs: list[dict],
-    fp8_dtype: str,
-    workers: int,
-    gpus: list[int] | None = None,
-) -> int:
-    """Compile ``configs`` in ``workers`` processes spread over ``gpus``; returns how many
-    compiled (0 if the processes could not run: the sweep then compiles what is missing)."""
-    if workers <= 1 or not configs:
-        return 0
-    gpus = gpus or [0]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = []
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = [visible_device(g) for g in gpus]
-    try:
-        for i in range(min(workers, len(configs))):
-            os.environ["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]  # inherited at spawn
-            p = ctx.Process(target=_compile_some, daemon=True,
-                            args=(problem, configs[i::workers], fp8_dtype, results))  # fmt: skip
-            p.start()
-            procs.append(p)
-    except OSError:  # no processes to be had: the sweep compiles as it goes
-        for p in procs:
-            p.kill()
-        return 0
-    finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
-    compiled = 0
-    deadline = time.time() + COMPILE_DEADLINE_S
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.time()))
-        if p.is_alive():  # a compile that hangs is left for the sweep's per-pair timeout
-            p.kill()
-            p.join()
-    while not results.empty():
-        compiled += results.get()
-    return compiled
+class Compiler:
+    """Background compile processes spread over ``gpus``; ``ready(key)`` says whether a
+    candidate's kernels are in the cache (or its compile failed, or compiling gave up)."""
+
+    def __init__(
+        self, problem: Problem, items: list[tuple[str, dict]], fp8_dtype: str, workers: int,
+        gpus: list[int] | None = None,
+    ) -> None:  # fmt: skip
+        self.pending = {key for key, _ in items}
+        self.compiled = self.failed = 0
+        self.t0 = self.last = time.time()
+        self.procs: list[Any] = []
+        ctx = mp.get_context("spawn")
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        for item in items:
+            self.tasks.put(item)
+        n = min(workers, len(items))
+        for _ in range(n):
+            self.tasks.put(None)
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = [visible_device(g) for g in (gpus or [0])]
+        try:
+            for i in range(n):
+                os.environ["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]  # at spawn
+                p = ctx.Process(target=_compile_loop, daemon=True,
+                                args=(problem, fp8_dtype, self.tasks, self.results))  # fmt: skip
+                p.start()
+                self.procs.append(p)
+        except OSError:  # no processes to be had: the sweep compiles as it goes
+            self.close()
+        finally:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+    def ready(self, key: str) -> bool:
+        """Whether ``key`` may be evaluated now; ``ready("")`` only takes in news."""
+        if not key:
+            self.poll()
+            return True
+        return key not in self.pending
+
+    def poll(self) -> None:
+        while True:
+            try:
+                kind, key = self.results.get_nowait()
+            except (queue.Empty, OSError, ValueError):
+                break
+            self.pending.discard(key)
+            self.last = time.time()
+            if kind == "compiled":
+                self.compiled += 1
+            else:
+                self.failed += 1
+        now = time.time()
+        gave_up = now - self.last > STALL_S or now - self.t0 > COMPILE_DEADLINE_S
+        if self.pending and (gave_up or not any(p.is_alive() for p in self.procs)):
+            self.pending.clear()  # the sweep's workers compile what is missing
+            self.close()
+
+    def wait(self) -> None:
+        """Block until every candidate is reported (for backends that cannot wait per chunk)."""
+        while self.pending:
+            self.poll()
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join(timeout=5)
+        self.procs = []

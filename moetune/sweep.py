@@ -24,7 +24,7 @@ from moetune.evaluate import Workload, evaluate, recheck
 from moetune.journal import Journal, open_journal, provenance
 from moetune.launch import FP8_ACCUM_DEFAULT, FP8_ACCUM_ENV
 from moetune.platform import Platform
-from moetune.precompile import precompile
+from moetune.precompile import Compiler
 from moetune.problem import Problem
 from moetune.space import Candidate, prune_reason, space_id
 from moetune.workers import WorkerPool, chunk_pairs
@@ -141,19 +141,34 @@ def run_sweep(
 def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, device, replays,
                progress, compile_workers, execution: Execution) -> None:  # fmt: skip
     done = journal.done()
+    compiler = None
     if device == "cuda" and compile_workers > 1:
-        todo = [c.as_config() for c in candidates
+        todo = [(c.key(), c.as_config()) for c in candidates
                 if any((c.key(), M) not in done for M in batch_sizes)]  # fmt: skip
-        if progress:
-            progress(0, 0, f"compiling {len(todo)} candidates in {compile_workers} processes")
-        t_compile = time.time()
-        n = precompile(problem, todo, platform.fp8_dtype, compile_workers, execution.gpus)
-        if progress:
-            progress(0, 0, f"compiled {n} of {len(todo)} in {time.time() - t_compile:.0f} s")
+        if todo:
+            if progress:
+                progress(0, 0, f"compiling {len(todo)} candidates in {compile_workers} "
+                               "processes, evaluating each as it is ready")  # fmt: skip
+            compiler = Compiler(problem, todo, platform.fp8_dtype, compile_workers,
+                                execution.gpus)  # fmt: skip
+    try:
+        _sweep_pairs(problem, platform, candidates, batch_sizes, journal, device, replays,
+                     progress, execution, compiler)  # fmt: skip
+    finally:
+        if compiler is not None:
+            compiler.close()
+            if progress:
+                progress(0, 0, f"compiled {compiler.compiled} candidates ahead "
+                               f"({compiler.failed} failed to compile)")  # fmt: skip
+
+
+def _sweep_pairs(problem, platform, candidates, batch_sizes, journal: Journal, device, replays,
+                 progress, execution: Execution, compiler: Compiler | None) -> None:  # fmt: skip
     if execution.strategy == "halving" and len(batch_sizes) > len(_anchors(batch_sizes)):
         anchors = _anchors(batch_sizes)
         _run_pairs(problem, platform, journal, device, replays, progress, execution,
-                   batch_sizes, [(c, M) for c in candidates for M in anchors])  # fmt: skip
+                   batch_sizes, [(c, M) for c in candidates for M in anchors],
+                   compiler)  # fmt: skip
         keep = _survivors(journal, candidates, anchors, execution.keep)
         if progress:
             progress(0, 0, f"halving: {len(keep)} of {len(candidates)} candidates go on to "
@@ -164,7 +179,7 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, dev
         pairs = [(c, M) for c in candidates for M in batch_sizes]
     pairs += [(None, M) for M in batch_sizes]
     _run_pairs(problem, platform, journal, device, replays, progress, execution, batch_sizes,
-               pairs)  # fmt: skip
+               pairs, compiler)  # fmt: skip
 
 
 def _anchors(batch_sizes: list[int]) -> list[int]:
@@ -190,7 +205,7 @@ def _survivors(journal: Journal, candidates, anchors: list[int], keep: float) ->
 
 
 def _run_pairs(problem, platform, journal: Journal, device, replays, progress, execution,
-               batch_sizes, pairs) -> None:  # fmt: skip
+               batch_sizes, pairs, compiler: Compiler | None = None) -> None:  # fmt: skip
     """Prune, then evaluate the (candidate or None for the default, batch size) pairs that the
     journal does not hold yet."""
     done = journal.done()
@@ -223,15 +238,18 @@ def _run_pairs(problem, platform, journal: Journal, device, replays, progress, e
                        "reason": reason})  # fmt: skip
         else:
             work.append((key, config, M, replays))
-    _execute(problem, platform, device, batch_sizes, work, execution, on_record)
+    _execute(problem, platform, device, batch_sizes, work, execution, on_record, compiler)
 
 
 def _execute(problem, platform, device, batch_sizes, work, execution: Execution,
-             on_record) -> None:  # fmt: skip
+             on_record, compiler: Compiler | None = None) -> None:  # fmt: skip
     """Run ``work`` [(key, config, M, replays)] where ``execution`` says; never raises for a
-    bad candidate."""
+    bad candidate. Local workers take a candidate once ``compiler`` has it ready; the other
+    ways of running wait for the whole compile first."""
     if not work:
         return
+    if compiler is not None and (execution.backend == "ray" or not execution.isolate):
+        compiler.wait()
     if execution.backend == "ray":
         from moetune.ray_backend import run_on_ray
 
@@ -240,7 +258,8 @@ def _execute(problem, platform, device, batch_sizes, work, execution: Execution,
         pool = WorkerPool(problem_dict(problem), platform.key, device, batch_sizes,
                           execution.skew, execution.gpus, execution.timeout_s)  # fmt: skip
         try:
-            pool.run(chunk_pairs(work, execution.chunk_size), on_record)
+            pool.run(chunk_pairs(work, execution.chunk_size), on_record,
+                     ready=compiler.ready if compiler is not None else None)  # fmt: skip
         finally:
             pool.close()
     else:

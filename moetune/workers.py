@@ -23,6 +23,8 @@ from typing import Any
 
 Pair = tuple[str, dict[str, Any], int, int]  # (candidate key, config, batch size, replays)
 OnRecord = Callable[[dict[str, Any]], None]
+# A worker is handed its next chunk while it still has this many pairs to go.
+PREFETCH_PAIRS = 6
 EXIT_CUDA_FATAL = 3
 
 
@@ -82,6 +84,15 @@ def worker_main(
                 os._exit(EXIT_CUDA_FATAL)
 
 
+def _take_ready(todo: deque, ready: Callable[[str], bool] | None) -> list[Pair] | None:
+    """The first chunk of ``todo`` whose candidates are all ready (removed from ``todo``)."""
+    for i, chunk in enumerate(todo):
+        if ready is None or all(ready(key) for key, *_ in chunk):
+            del todo[i]
+            return chunk
+    return None
+
+
 @dataclass
 class _Slot:
     gpu: str | None
@@ -128,14 +139,28 @@ class WorkerPool:
                 os.environ["CUDA_VISIBLE_DEVICES"] = saved
         slot.ready, slot.chunk, slot.next_index = False, [], 0
 
-    def run(self, chunks: list[list[Pair]], on_record: OnRecord) -> None:
+    def run(
+        self, chunks: list[list[Pair]], on_record: OnRecord,
+        ready: Callable[[str], bool] | None = None,
+    ) -> None:  # fmt: skip
+        """Evaluate ``chunks``; a chunk is handed out only once ``ready(key)`` holds for all its
+        candidates (compiled ahead), and each worker holds at most two chunks, so it never
+        waits for the driver between them."""
         todo = deque(chunks)
         while todo or any(s.chunk for s in self.slots):
+            if ready is not None:
+                ready("")  # let the gate take in news (compiles finished) once per round
             for slot in self.slots:
-                if slot.ready and not slot.chunk and todo:
-                    slot.chunk, slot.next_index, slot.since = todo.popleft(), 0, time.time()
-                    slot.tasks.put(slot.chunk)
-            self._drain(on_record, wait=0.2)
+                if slot.ready and todo and len(slot.chunk) - slot.next_index <= PREFETCH_PAIRS:
+                    chunk = _take_ready(todo, ready)
+                    if chunk is None:
+                        break
+                    if slot.next_index >= len(slot.chunk):
+                        slot.since = time.time()
+                    slot.chunk = slot.chunk[slot.next_index :] + chunk
+                    slot.next_index = 0
+                    slot.tasks.put(chunk)
+            self._drain(on_record, wait=0.05 if todo else 0.2)
             for wid, slot in enumerate(self.slots):
                 self._police(wid, slot, todo, on_record)
 

@@ -1,0 +1,42 @@
+"""The worker pool's hand-out rules: chunks only for ready candidates, two chunks in flight."""
+
+from collections import deque
+
+import pytest
+
+from moetune.platform import get_platform
+from moetune.problem import Problem
+from moetune.space import search_space
+from moetune.sweep import problem_dict
+from moetune.workers import WorkerPool, _take_ready, chunk_pairs
+
+PROBLEM = Problem(4, 32, 64, 2, "float16")
+
+
+def test_take_ready_skips_chunks_whose_candidates_are_not_ready():
+    todo = deque([[("a", {}, 1, 1)], [("b", {}, 1, 1)], [("c", {}, 1, 1)]])
+    assert _take_ready(todo, lambda k: k != "a")[0][0] == "b"
+    assert [c[0][0] for c in todo] == ["a", "c"]
+    assert _take_ready(todo, lambda k: False) is None
+    assert _take_ready(todo, None)[0][0] == "a"
+
+
+@pytest.mark.slow
+def test_pool_waits_for_ready_candidates_and_records_every_pair_once():
+    cands = search_space(get_platform("interpreter"), PROBLEM, "tiny")[:2]
+    first, second = (c.key() for c in cands)
+    # The second candidate's work comes first: only the gate can hold it back.
+    work = [(c.key(), c.as_config(), M, 1) for c in reversed(cands) for M in (1, 2, 3)]
+    seen: list[tuple[str, int]] = []
+
+    def ready(key: str) -> bool:  # the second candidate "compiles" once the first has 3 records
+        return key != second or sum(k == first for k, _ in seen) >= 3
+
+    pool = WorkerPool(problem_dict(PROBLEM), "interpreter", "cpu", [1, 2, 3], "uniform",
+                      None, timeout_s=60)  # fmt: skip
+    try:
+        pool.run(chunk_pairs(work, 1), lambda r: seen.append((r["candidate"], r["M"])), ready)
+    finally:
+        pool.close()
+    assert sorted(seen) == sorted((k, M) for k, _, M, _ in work)
+    assert [k for k, _ in seen[:3]] == [first] * 3, "a chunk went out before it was ready"
