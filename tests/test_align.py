@@ -4,8 +4,14 @@ import pytest
 import torch
 from helpers import random_routing
 
-from moetune.align import max_padded_slots, moe_align_block_size
+from moetune.align import max_padded_slots, moe_align_block_size, moe_align_block_size_torch
+from moetune.align_kernel import moe_align_block_size_triton
 from moetune.launch import invoke_moe_gemm
+
+# The op's implementation (Triton kernels) and the PyTorch one kept as a cross-check.
+IMPLS = pytest.mark.parametrize(
+    "align", [moe_align_block_size_triton, moe_align_block_size_torch], ids=["triton", "torch"]
+)
 
 
 @pytest.mark.parametrize(
@@ -16,11 +22,14 @@ from moetune.launch import invoke_moe_gemm
         (64, 8, 8, 32, "uniform"),  # topk = E: every expert gets every token
         (100, 16, 2, 64, "one-hot"),  # skewed: one expert holds most slots
         (5, 3, 1, 16, "uniform"),  # topk = 1
+        (300, 256, 8, 16, "uniform"),  # > 1 program of slots, many experts (DeepSeek-V3)
+        (1500, 8, 2, 64, "one-hot"),  # 3,000 slots over 3 programs, skewed
     ],
 )
-def test_blocks_cover_every_slot_once(M, E, topk, block_m, skew, device):
+@IMPLS
+def test_blocks_cover_every_slot_once(M, E, topk, block_m, skew, device, align):
     _, ids = random_routing(M, E, topk, device, skew)
-    r = moe_align_block_size(ids, block_m, E)
+    r = align(ids, block_m, E)
     num_slots = M * topk
     total = int(r.num_tokens_post_padded)
     sorted_ids = r.sorted_token_ids.cpu()
@@ -45,11 +54,12 @@ def test_blocks_cover_every_slot_once(M, E, topk, block_m, skew, device):
     assert torch.all(experts[total // block_m :] == -1)
 
 
-def test_expert_map_marks_remote_blocks(device):
+@IMPLS
+def test_expert_map_marks_remote_blocks(device, align):
     _, ids = random_routing(30, 4, 2, device)
     expert_map = torch.tensor([0, -1, 1, -1], device=device)
-    r = moe_align_block_size(ids, 16, 4, expert_map)
-    plain = moe_align_block_size(ids, 16, 4)
+    r = align(ids, 16, 4, expert_map)
+    plain = align(ids, 16, 4)
     total = int(r.num_tokens_post_padded) // 16
     mapped = expert_map.cpu()[plain.expert_ids.cpu()[:total].long()]
     assert torch.equal(r.expert_ids.cpu()[:total].long(), mapped)
@@ -72,3 +82,18 @@ def test_padding_rows_are_never_written(device):
     slot = 5
     expected = a[slot // topk].float() @ b[ids.reshape(-1)[slot].long()].float().T
     torch.testing.assert_close(c_full[slot].float(), expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize(("M", "E", "topk", "block_m"), [(1, 8, 2, 16), (777, 64, 6, 32)])
+def test_triton_and_torch_agree_on_blocks(M, E, topk, block_m, device):
+    """Same experts per block, same used length, same set of slots in each block."""
+    _, ids = random_routing(M, E, topk, device, "one-hot")
+    a = moe_align_block_size_triton(ids, block_m, E)
+    b = moe_align_block_size_torch(ids, block_m, E)
+    assert torch.equal(a.expert_ids, b.expert_ids)
+    assert torch.equal(a.num_tokens_post_padded, b.num_tokens_post_padded)
+    total = int(b.num_tokens_post_padded)
+    for start in range(0, total, block_m):
+        blk = slice(start, start + block_m)
+        assert sorted(a.sorted_token_ids[blk].tolist()) == sorted(b.sorted_token_ids[blk].tolist())
+    assert moe_align_block_size is moe_align_block_size_triton

@@ -1,0 +1,170 @@
+"""The tuning-time curve: evaluations and minutes a budgeted search needs to come within 1%, 2%
+and 5% of the exhaustive best, replayed from an exhaustive journal.
+
+An exhaustive full-space journal holds a first-pass time and an ``eval_s`` (the wall time that
+pair cost its GPU worker) for every (candidate, batch size). A strategy that evaluates a subset
+of those pairs picks, per batch size, its fastest evaluated candidate; its distance from the
+exhaustive best is that candidate's time over the best time, both from the same journal (so
+measurement noise cancels: the curve compares searches, not timer runs). Its cost is the
+pairs it evaluates and the sum of their ``eval_s`` (GPU-busy time on one GPU; compiling runs
+beside it in moetune and is reported separately from the sweep's own log).
+
+Strategies replayed:
+  exhaustive-fast      every candidate of the fast space (a subset of the full space)
+  halving(k)           every candidate at the smallest, middle and largest batch size, the
+                       fastest k of them (fraction; at least 4) at the others (moetune's
+                       --strategy halving --keep k), on the full or the fast space
+  random(n)            n random candidates per batch size (mean over 20 draws)
+
+Usage: python benchmarks/tuning_curve.py JOURNAL [JOURNAL ...] [--json out.json] [--md out.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+from pathlib import Path
+
+THRESHOLDS = (0.01, 0.02, 0.05)
+KEEPS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.25, 0.5)
+RANDOM_N = (4, 8, 16, 32, 64, 128, 256)
+
+
+def load(path: Path) -> tuple[dict, dict[int, dict[str, tuple[float, float]]], float]:
+    """Header, {M: {candidate: (median_us, eval_s)}} of first-pass ok records, pruned/other cost."""
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    table: dict[int, dict[str, tuple[float, float]]] = {}
+    other = 0.0
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if "candidate" not in r or r.get("phase") == "final" or r["candidate"] == "default":
+            continue
+        if r.get("status") == "ok":
+            table.setdefault(r["M"], {})[r["candidate"]] = (r["timing"]["median_us"], r["eval_s"])
+        else:
+            other += r.get("eval_s", 0.0)
+    return header, table, other
+
+
+def fast_keys(header: dict) -> set[str]:
+    from moetune.platform import get_platform
+    from moetune.problem import Problem
+    from moetune.space import search_space
+
+    p = header["problem"]
+    problem = Problem(**{**p, "block_shape": tuple(p["block_shape"]) if p["block_shape"] else None})
+    return {c.key() for c in search_space(get_platform(header["platform"]), problem, "fast")}
+
+
+def outcome(table, chosen: dict[int, set[str]]) -> dict:
+    """Distance from the best per batch size, evaluations and eval seconds of ``chosen`` pairs."""
+    dist, evals, secs = {}, 0, 0.0
+    for M, cands in table.items():
+        best = min(t for t, _ in cands.values())
+        picked = [cands[c] for c in chosen[M] if c in cands]
+        evals += len(picked)
+        secs += sum(s for _, s in picked)
+        dist[M] = min(t for t, _ in picked) / best - 1 if picked else math.inf
+    return {"worst": max(dist.values()), "geomean": statistics.geometric_mean(
+        [1 + d for d in dist.values()]) - 1, "evals": evals, "eval_s": secs, "per_M": dist}  # fmt: skip
+
+
+def halving(table, pool: set[str], keep: float) -> dict[int, set[str]]:
+    Ms = sorted(table)
+    anchors = sorted({Ms[0], Ms[len(Ms) // 2], Ms[-1]})
+    n_keep = max(4, math.ceil(keep * len(pool)))
+    survivors: set[str] = set()
+    for M in anchors:
+        ranked = sorted((t, c) for c, (t, _) in table[M].items() if c in pool)
+        survivors.update(c for _, c in ranked[:n_keep])
+    return {M: (pool if M in anchors else survivors) & set(table[M]) for M in Ms}
+
+
+def random_pick(table, pool: set[str], n: int, seed: int) -> dict[int, set[str]]:
+    rng = random.Random(seed)
+    out = {}
+    for M, cands in table.items():
+        keys = sorted(set(cands) & pool)
+        out[M] = set(rng.sample(keys, min(n, len(keys))))
+    return out
+
+
+def curve(path: Path) -> dict:
+    header, table, other_s = load(path)
+    full = set().union(*(set(c) for c in table.values()))
+    fast = fast_keys(header) & full
+    rows = [dict(strategy="exhaustive-full", **outcome(table, {M: full for M in table})),
+            dict(strategy="exhaustive-fast", **outcome(table, {M: fast for M in table}))]  # fmt: skip
+    for space, pool in (("full", full), ("fast", fast)):
+        for k in KEEPS:
+            rows.append(dict(strategy=f"halving({k})-{space}", **outcome(table, halving(table, pool, k))))
+    for n in RANDOM_N:
+        runs = [outcome(table, random_pick(table, full, n, seed)) for seed in range(20)]
+        rows.append({"strategy": f"random({n})-full",
+                     "worst": statistics.mean(r["worst"] for r in runs),
+                     "geomean": statistics.mean(r["geomean"] for r in runs),
+                     "evals": statistics.mean(r["evals"] for r in runs),
+                     "eval_s": statistics.mean(r["eval_s"] for r in runs), "per_M": {}})  # fmt: skip
+    reach = {}
+    for th in THRESHOLDS:
+        ok = [r for r in rows if r["worst"] <= th]
+        cheapest = min(ok, key=lambda r: r["eval_s"]) if ok else None
+        reach[f"{th:.0%}"] = (
+            {"strategy": cheapest["strategy"], "evals": cheapest["evals"],
+             "minutes": cheapest["eval_s"] / 60} if cheapest else None
+        )  # fmt: skip
+    p = header["problem"]
+    name = f"E={p['E']} N={p['N']} K={p['K']} top{p['topk']} {p['dtype']}" + (
+        f" {p['quant']}" if p.get("quant") else ""
+    )
+    return {"journal": str(path), "problem": name, "gpu": header.get("gpu"), "rows": rows,
+            "reach": reach, "batch_sizes": sorted(table), "full_candidates": len(full),
+            "fast_candidates": len(fast), "failed_or_rejected_s": other_s}  # fmt: skip
+
+
+def markdown(results: list[dict]) -> str:
+    out = []
+    for res in results:
+        out.append(f"### {res['problem']} on {res['gpu']} ({len(res['batch_sizes'])} batch sizes, "
+                   f"{res['full_candidates']} candidates)\n")  # fmt: skip
+        out.append("| strategy | evaluations | GPU minutes | worst distance | geomean distance |")
+        out.append("|---|---:|---:|---:|---:|")
+        for r in res["rows"]:
+            out.append(f"| {r['strategy']} | {r['evals']:.0f} | {r['eval_s'] / 60:.2f} | "
+                       f"{r['worst']:.2%} | {r['geomean']:.2%} |")  # fmt: skip
+        out.append("")
+        out.append("| within | cheapest strategy | evaluations | GPU minutes |")
+        out.append("|---|---|---:|---:|")
+        for th, c in res["reach"].items():
+            if c is None:
+                out.append(f"| {th} | none replayed | | |")
+            else:
+                out.append(f"| {th} | {c['strategy']} | {c['evals']:.0f} | {c['minutes']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("journals", nargs="+", type=Path)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--md", type=Path)
+    args = ap.parse_args(argv)
+    results = [curve(p) for p in args.journals]
+    md = markdown(results)
+    print(md)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    if args.md:
+        args.md.write_text(md + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

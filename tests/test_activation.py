@@ -1,0 +1,34 @@
+"""The activation kernel against the PyTorch ops it replaces, NaN propagation included."""
+
+import pytest
+import torch
+
+from moetune.activation import apply_activation, apply_activation_torch
+
+
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+@pytest.mark.parametrize(("T", "N"), [(1, 16), (37, 96), (5, 1500)])  # N > one block of columns
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kernel_matches_torch_ops(activation, T, N, dtype, device):
+    x = (torch.randn(T, 2 * N, device=device) * 6).to(dtype)  # past the swiglu clamp at 7
+    got = apply_activation(x, activation)
+    want = apply_activation_torch(x, activation)
+    assert got.dtype == dtype and got.shape == (T, N)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+def test_nan_poison_survives_the_clamps(activation, device):
+    """An unwritten GEMM1 row is NaN; the activation must not turn it into finite values."""
+    x = torch.randn(4, 64, device=device, dtype=torch.float16)
+    x[1] = float("nan")
+    x[2, 3] = float("nan")
+    out = apply_activation(x, activation)
+    assert out[1].isnan().all()
+    assert out[2].isnan().any()
+    assert not out[[0, 3]].isnan().any()
+
+
+def test_unknown_activation_is_refused(device):
+    with pytest.raises(ValueError, match="activation must be one of"):
+        apply_activation(torch.zeros(2, 8, device=device), "gelu")
