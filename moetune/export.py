@@ -42,7 +42,7 @@ def _header_problem(header: dict[str, Any], path: Path) -> Problem:
 def _ranked(r: dict[str, Any], path: Path, line: int) -> tuple[int, tuple] | None:
     """``(M, (median_us, rank, config))`` of a passing record, None for any other record."""
     if r.get("kind") == "winner":
-        rank = 0  # a re-checked winner outranks plain records of equal speed
+        rank = 0  # a re-checked winner outranks plain records
     elif r.get("status") == "ok" and r.get("candidate") != "default":
         rank = 1
     else:
@@ -66,8 +66,10 @@ def best_entries(
 ) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     """Per batch size: the re-checked winner if the sweep finished, else the fastest ``ok``.
 
-    Several journals of the same problem and device combine (e.g. spaces swept separately); the
-    fastest passing record wins across all of them. The journals' warnings go to ``warnings``.
+    A first-pass record faster than the winner never displaces it: the winner's timing is the
+    careful re-timing and it alone passed the re-check on fresh inputs. Several journals of the
+    same problem and device combine (e.g. spaces swept separately); the fastest winner (else the
+    fastest passing record) wins across all of them. The journals' warnings go to ``warnings``.
     """
     header: dict[str, Any] | None = None
     best: dict[int, tuple[float, int, dict[str, Any]]] = {}
@@ -87,7 +89,8 @@ def best_entries(
             if ranked is None:
                 continue
             M, cand = ranked
-            if M not in best or cand[:2] < best[M][:2]:
+            # A re-checked winner outranks every plain record; among equals the fastest wins.
+            if M not in best or (cand[1], cand[0]) < (best[M][1], best[M][0]):
                 best[M] = cand
     if header is None:
         raise ExportError("no journal given")
