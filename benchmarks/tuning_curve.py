@@ -72,8 +72,9 @@ def outcome(table, chosen: dict[int, set[str]]) -> dict:
         evals += len(picked)
         secs += sum(s for _, s in picked)
         dist[M] = min(t for t, _ in picked) / best - 1 if picked else math.inf
-    return {"worst": max(dist.values()), "geomean": statistics.geometric_mean(
-        [1 + d for d in dist.values()]) - 1, "evals": evals, "eval_s": secs, "per_M": dist}  # fmt: skip
+    geomean = statistics.geometric_mean([1 + d for d in dist.values()]) - 1
+    return {"worst": max(dist.values()), "geomean": geomean, "evals": evals, "eval_s": secs,
+            "per_M": dist}  # fmt: skip
 
 
 def halving(table, pool: set[str], keep: float) -> dict[int, set[str]]:
@@ -100,18 +101,23 @@ def curve(path: Path) -> dict:
     header, table, other_s = load(path)
     full = set().union(*(set(c) for c in table.values()))
     fast = fast_keys(header) & full
-    rows = [dict(strategy="exhaustive-full", **outcome(table, {M: full for M in table})),
-            dict(strategy="exhaustive-fast", **outcome(table, {M: fast for M in table}))]  # fmt: skip
+    rows = [
+        dict(strategy="exhaustive-full", **outcome(table, {M: full for M in table})),
+        dict(strategy="exhaustive-fast", **outcome(table, {M: fast for M in table})),
+    ]
     for space, pool in (("full", full), ("fast", fast)):
         for k in KEEPS:
-            rows.append(dict(strategy=f"halving({k})-{space}", **outcome(table, halving(table, pool, k))))
+            rows.append(
+                dict(strategy=f"halving({k})-{space}", **outcome(table, halving(table, pool, k)))
+            )
     for n in RANDOM_N:
         runs = [outcome(table, random_pick(table, full, n, seed)) for seed in range(20)]
         rows.append({"strategy": f"random({n})-full",
                      "worst": statistics.mean(r["worst"] for r in runs),
                      "geomean": statistics.mean(r["geomean"] for r in runs),
                      "evals": statistics.mean(r["evals"] for r in runs),
-                     "eval_s": statistics.mean(r["eval_s"] for r in runs), "per_M": {}})  # fmt: skip
+                     "eval_s": statistics.mean(r["eval_s"] for r in runs),
+                     "per_M": {}})  # fmt: skip
     reach = {}
     for th in THRESHOLDS:
         ok = [r for r in rows if r["worst"] <= th]

@@ -48,6 +48,8 @@ def apply_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """``[T, 2N] → [T, N]`` in fp32, cast back to the input dtype once."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if gate_up.stride(-1) != 1:
+        gate_up = gate_up.contiguous()
     T, two_n = gate_up.shape
     n = two_n // 2
     out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)

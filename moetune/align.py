@@ -23,7 +23,7 @@ def max_padded_slots(num_slots: int, num_experts: int, block_m: int) -> int:
     return -(-bound // block_m) * block_m
 
 
-def moe_align_block_size(
+def moe_align_block_size_torch(
     topk_ids: torch.Tensor,
     block_m: int,
     num_experts: int,

@@ -85,14 +85,16 @@ def _place_kernel(
         tl.store(total_ptr, total)
 
 
-def moe_align_block_size_triton(
+def moe_align_block_size(
     topk_ids: torch.Tensor,
     block_m: int,
     num_experts: int,
     expert_map: torch.Tensor | None = None,
 ) -> RoutingBlocks:
-    """Same contract as :func:`moetune.align.moe_align_block_size` (slot order within an expert
-    aside), in three launches."""
+    """Sort the flattened ``topk_ids [M, topk]`` slots by expert, padding each expert to
+    ``block_m``; same contract as :func:`moetune.align.moe_align_block_size_torch` (slot order
+    within an expert aside), in three launches. ``expert_map`` (global → local id or -1) gives
+    blocks of experts on other ranks expert id -1."""
     device = topk_ids.device
     flat = topk_ids.reshape(-1)
     num_slots = flat.numel()

@@ -124,6 +124,13 @@ def sweep(
         ),
     ] = "exhaustive",
     keep: Annotated[float, typer.Option(help="Fraction kept by --strategy halving.")] = 0.25,
+    gemms: Annotated[
+        str,
+        typer.Option(
+            help="joint (one config for both GEMMs, vLLM's table) or split (tune the up and "
+            "down GEMMs apart: also writes a _down table)."
+        ),
+    ] = "joint",
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: start a local one).")
     ] = None,
@@ -173,10 +180,14 @@ def sweep(
         raise UsageError(f"--strategy must be exhaustive or halving, got {strategy!r}")
     if not 0 < keep <= 1:
         raise UsageError(f"--keep must be in (0, 1], got {keep}")
-    execution = dataclasses.replace(execution, strategy=strategy, keep=keep)
+    from moetune.gemms import GEMM_MODES
+
+    if gemms not in GEMM_MODES:
+        raise UsageError(f"--gemms must be joint or split, got {gemms!r}")
+    execution = dataclasses.replace(execution, strategy=strategy, keep=keep, gemms=gemms)
     if compile_workers is None:
         compile_workers = min(os.cpu_count() or 1, 16 * len(execution.gpus or [0]))
-    journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space, skew)
+    journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space, skew, gemms)
     note = timings_note(plat.is_interpreter)
     err.print(f"moetune sweep: {prob.describe()} on {plat.device_name}; {len(candidates)} "
               f"candidates × {len(batches)} batch sizes; journal {journal}",
@@ -242,15 +253,17 @@ def _execution(plat, gpus: str | None, isolate: bool | None, timeout: float, bac
                      ray_address=ray_address, skew=skew)  # fmt: skip
 
 
-def _journal_name(prob, plat, space: str, skew: str) -> str:
+def _journal_name(prob, plat, space: str, skew: str, gemms: str = "joint") -> str:
     routing = "" if skew == "uniform" else f"-{skew}"
-    return f"{plat.device_name}-{prob.slug()}-{space}{routing}.jsonl"
+    split = "" if gemms == "joint" else f"-{gemms}"
+    return f"{plat.device_name}-{prob.slug()}-{space}{routing}{split}.jsonl"
 
 
 def _render_sweep(result, exported, note: str, json_out: bool) -> None:
     from moetune.sweep import fmt_us
 
     rows = []
+    split = any(b.best_down for b in result.batches)
     for b in result.batches:
         rows.append({
             "M": b.M,
@@ -261,6 +274,10 @@ def _render_sweep(result, exported, note: str, json_out: bool) -> None:
             "speedup_vs_default": round(b.speedup, 3) if b.speedup else None,
             "counts": b.counts,
             "rejected_or_failed": b.reasons,
+            **({"best_down": b.best_down["winner"] if b.best_down else None,
+                "config_down": b.best_down["config"] if b.best_down else None,
+                "time_down_us": b.best_down["timing"]["median_us"] if b.best_down else None}
+               if split else {}),
         })  # fmt: skip
     tables = [str(p) for p in exported.paths] if exported else []
     if json_out:
@@ -278,7 +295,9 @@ def _render_sweep(result, exported, note: str, json_out: bool) -> None:
     for r in rows:
         c = r["counts"]
         t.add_row(
-            str(r["M"]), r["best"] or "-", fmt_us(r["time_us"]), fmt_us(r["default_us"]),
+            str(r["M"]),
+            f"{r['best'] or '-'} + {r['best_down'] or '-'}" if split else r["best"] or "-",
+            fmt_us(r["time_us"]), fmt_us(r["default_us"]),
             f"{r['speedup_vs_default']:.2f}×" if r["speedup_vs_default"] else "-",
             f"{c.get('ok', 0)}/{c.get('rejected', 0)}/{c.get('failed', 0)}/{c.get('pruned', 0)}",
             ", ".join(f"{k} ×{v}" for k, v in sorted(r["rejected_or_failed"].items())) or "-",
@@ -320,7 +339,10 @@ def export_configs_cmd(
         err.print(f"Warning: {w}", markup=False, highlight=False)
     if json_out:
         entries = {str(k): v for k, v in res.entries.items()}
-        out.print_json(json.dumps({"tables": [str(p) for p in res.paths], "entries": entries}))
+        payload = {"tables": [str(p) for p in res.paths], "entries": entries}
+        if res.down_entries is not None:
+            payload["entries_down"] = {str(k): v for k, v in res.down_entries.items()}
+        out.print_json(json.dumps(payload))
         return
     for p in res.paths:
         out.print(f"wrote {p} ({len(res.entries)} batch sizes)", markup=False, highlight=False)

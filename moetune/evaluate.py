@@ -14,6 +14,7 @@ import torch
 
 from moetune import faults
 from moetune.check import check_close
+from moetune.gemms import gemm_configs
 from moetune.inputs import random_moe_inputs
 from moetune.ops import fused_experts, poisoned_workspace
 from moetune.platform import Platform
@@ -77,8 +78,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Check then time one config at one batch size; never raises for a bad candidate.
 
-    ``eval_s`` in the result is the wall time this pair cost on its worker (compile included
-    when it was not cached), which is what a budgeted search's time curve adds up."""
+    A split sweep's key (``up:…``/``down:…``) puts ``config`` on that GEMM only and the
+    heuristic default on the other (:func:`moetune.gemms.gemm_configs`). ``eval_s`` in the
+    result is the wall time this pair cost on its worker (compile included when it was not
+    cached), which is what a budgeted search's time curve adds up."""
     t0 = time.perf_counter()
     record = _evaluate(workload, config, M, replays=replays, key=key)
     record["eval_s"] = round(time.perf_counter() - t0, 4)
@@ -91,9 +94,10 @@ def _evaluate(
     problem = workload.problem
     try:
         faults.before_run(key)
+        up, down = gemm_configs(problem, key, config, M)
         args, kw = workload.slice(workload.check, M)
         with poisoned_workspace():
-            out = fused_experts(*args, config=config, **kw)
+            out = fused_experts(*args, config=up, config_down=down, **kw)
         faults.corrupt_output(key, out)
         result = check_close(
             out, workload.reference(M), dtype=problem.torch_dtype, quant=problem.quant
@@ -105,7 +109,7 @@ def _evaluate(
 
         def run(i: int) -> object:
             a, k = sliced[i]
-            return fused_experts(*a, config=config, **k)
+            return fused_experts(*a, config=up, config_down=down, **k)
 
         timing = time_op(run, len(sliced), device=workload.device, replays=replays)
         return {"status": "ok", "timing": timing.as_dict(), "check": result.as_dict()}
@@ -115,14 +119,18 @@ def _evaluate(
         return {"status": "failed", "reason": _first_line(e)}
 
 
-def recheck(problem: Problem, workload: Workload, config: dict, M: int, seed: int) -> dict:
-    """A winner's check on fresh inputs (new weights, tokens and routing)."""
+def recheck(
+    problem: Problem, workload: Workload, config: dict, M: int, seed: int,
+    config_down: dict | None = None,
+) -> dict:  # fmt: skip
+    """A winner's check on fresh inputs (new weights, tokens and routing); ``config_down``
+    (default: ``config``) runs the down GEMM."""
     from moetune.reference import fused_experts_reference
 
     fresh = workload.slice(workload._draw(M, seed=seed), M)
     try:
         with poisoned_workspace():
-            out = fused_experts(*fresh[0], config=config, **fresh[1])
+            out = fused_experts(*fresh[0], config=config, config_down=config_down, **fresh[1])
         ref = fused_experts_reference(*fresh[0], **fresh[1])
         return check_close(out, ref, dtype=problem.torch_dtype, quant=problem.quant).as_dict()
     except Exception as e:

@@ -1,4 +1,10 @@
-"""`moetune export-configs`: the fastest passing candidate per batch size → a vLLM-named table."""
+"""`moetune export-configs`: the fastest passing candidate per batch size → a vLLM-named table.
+
+A split sweep (``--gemms split``) also gives a ``_down`` table for the down GEMM (SGLang's name
+for it): the main table holds the up GEMM's winners (vLLM runs one config for both GEMMs, so
+that is what vLLM reads), the ``_down`` table the down GEMM's winners, each one the config that
+passed a check together with the main table's entry for its batch size.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moetune.journal import read_journal
+from moetune.journal import IDENTITY_DEFAULTS, read_journal
 from moetune.problem import Problem
-from moetune.tables import sglang_filename, sglang_version_dir, table_filename, write_table
+from moetune.tables import (
+    gemm_suffix,
+    sglang_filename,
+    sglang_version_dir,
+    sidecar_path,
+    table_filename,
+    write_table,
+)
 
 
 class ExportError(ValueError):
@@ -23,6 +36,7 @@ class ExportResult:
     entries: dict[int, dict[str, Any]]
     device_name: str
     warnings: list[str] = field(default_factory=list)  # e.g. a torn last journal line ignored
+    down_entries: dict[int, dict[str, Any]] | None = None  # the _down table's, when written
 
 
 def _header_problem(header: dict[str, Any], path: Path) -> Problem:
@@ -42,7 +56,7 @@ def _header_problem(header: dict[str, Any], path: Path) -> Problem:
 def _ranked(r: dict[str, Any], path: Path, line: int) -> tuple[int, tuple] | None:
     """``(M, (median_us, rank, config))`` of a passing record, None for any other record."""
     if r.get("kind") == "winner":
-        rank = 0  # a re-checked winner outranks plain records of equal speed
+        rank = 0  # a re-checked winner outranks plain records
     elif r.get("status") == "ok" and r.get("candidate") != "default":
         rank = 1
     else:
@@ -62,12 +76,15 @@ def _ranked(r: dict[str, Any], path: Path, line: int) -> tuple[int, tuple] | Non
 
 
 def best_entries(
-    journal_paths: list[Path], warnings: list[str] | None = None
+    journal_paths: list[Path], warnings: list[str] | None = None, gemm: str | None = None
 ) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     """Per batch size: the re-checked winner if the sweep finished, else the fastest ``ok``.
 
-    Several journals of the same problem and device combine (e.g. spaces swept separately); the
-    fastest passing record wins across all of them. The journals' warnings go to ``warnings``.
+    A first-pass record faster than the winner never displaces it: the winner's timing is the
+    careful re-timing and it alone passed the re-check on fresh inputs. Several journals of the
+    same problem and device combine (e.g. spaces swept separately); the fastest winner (else the
+    fastest passing record) wins across all of them. The journals' warnings go to ``warnings``.
+    ``gemm`` ("up" or "down") takes a split sweep's records for that GEMM.
     """
     header: dict[str, Any] | None = None
     best: dict[int, tuple[float, int, dict[str, Any]]] = {}
@@ -79,21 +96,66 @@ def best_entries(
         if header is None:
             header = j.header
         else:
-            for key in ("problem", "device_name", "interpreter"):
-                if j.header.get(key) != header.get(key):
+            for key in ("problem", "device_name", "interpreter", "gemms"):
+                default = IDENTITY_DEFAULTS.get(key)  # a key older journals lack
+                if j.header.get(key, default) != header.get(key, default):
                     raise ExportError(f"{path} is a sweep of another {key} than {journal_paths[0]}")
         for line, r in enumerate(j.records, start=2):  # line 1 is the header
+            if r.get("gemm") != gemm:
+                continue
             ranked = _ranked(r, path, line)
             if ranked is None:
                 continue
             M, cand = ranked
-            if M not in best or cand[:2] < best[M][:2]:
+            # A re-checked winner outranks every plain record; among equals the fastest wins.
+            if M not in best or (cand[1], cand[0]) < (best[M][1], best[M][0]):
                 best[M] = cand
     if header is None:
         raise ExportError("no journal given")
     if not best:
         raise ExportError("the journals hold no candidate that passed its check")
     return header, {M: best[M][2] for M in sorted(best)}
+
+
+def _down_entries(
+    journal_paths: list[Path], up: dict[int, dict[str, Any]], warnings: list[str]
+) -> dict[int, dict[str, Any]] | None:
+    """The down winners checked together with ``up``'s entry of their batch size (the fastest
+    when several journals have one); None, with a warning, unless every batch size has one."""
+    best: dict[int, tuple[float, dict[str, Any]]] = {}
+    for path in journal_paths:
+        for r in read_journal(path).records:
+            if r.get("kind") != "winner" or r.get("gemm") != "down":
+                continue
+            M, us = r.get("M"), (r.get("timing") or {}).get("median_us")
+            checked = M in up and r.get("pair_up") == up[M] and isinstance(us, (int, float))
+            if checked and (M not in best or us < best[M][0]):
+                best[M] = (float(us), r["config"])
+    missing = sorted(set(up) - set(best))
+    if missing:
+        warnings.append(
+            f"no _down table: no down winner checked with the up entry at M={missing} "
+            "(an unfinished split sweep, or winners from other journals); re-run the sweep"
+        )
+        return None
+    differ = [M for M in sorted(best) if best[M][1]["BLOCK_SIZE_M"] != up[M]["BLOCK_SIZE_M"]]
+    if differ:
+        warnings.append(
+            f"_down table: BLOCK_SIZE_M differs from the main table's at M={differ}; moetune "
+            "aligns each GEMM on its own, SGLang runs the down GEMM at the up GEMM's BLOCK_SIZE_M"
+        )
+    return {M: best[M][1] for M in sorted(best)}
+
+
+def _names(p, device_name: str, triton: str, sglang: bool, gemm: str) -> list[str]:
+    """The table's file names (vLLM's, and SGLang's in its Triton-version folder)."""
+    names = [table_filename(p.E, p.N, device_name, p.table_dtype, p.block_shape,
+                            suffix=gemm_suffix(gemm))]  # fmt: skip
+    if sglang:
+        sg = sglang_filename(p.E, p.N, device_name, p.table_dtype, p.block_shape,
+                             per_channel_quant=p.per_channel, down=gemm == "down")  # fmt: skip
+        names.append(f"{sglang_version_dir(triton)}/{sg}")
+    return names
 
 
 def export_configs(
@@ -103,9 +165,12 @@ def export_configs(
     device_name: str | None = None,
     sglang: bool = False,
 ) -> ExportResult:
-    """Write the table (and its provenance sidecar) for the journals' problem and device."""
+    """Write the table (and its provenance sidecar) for the journals' problem and device; for a
+    split sweep also the ``_down`` table (see the module doc)."""
     warnings: list[str] = []
-    header, entries = best_entries(journal_paths, warnings)
+    split = bool(journal_paths) and read_journal(journal_paths[0]).header.get("gemms") == "split"
+    header, entries = best_entries(journal_paths, warnings, "up" if split else None)
+    down = _down_entries(journal_paths, entries, warnings) if split else None
     recorded = header["device_name"]
     device_name = device_name or recorded
     if header.get("interpreter") and device_name != recorded:
@@ -114,12 +179,10 @@ def export_configs(
             "interpreter timings say nothing about a GPU"
         )
     p = _header_problem(header, journal_paths[0])
+    per_gemm = {"up": entries, "down": down} if split else {"up": entries}
     try:
-        names = [table_filename(p.E, p.N, device_name, p.table_dtype, p.block_shape)]
-        if sglang:  # SGLang keeps its tables in a folder per Triton version
-            sg = sglang_filename(p.E, p.N, device_name, p.table_dtype, p.block_shape,
-                                 per_channel_quant=p.per_channel)  # fmt: skip
-            names.append(f"{sglang_version_dir(header['triton'])}/{sg}")
+        tables = [(n, gemm, ents) for gemm, ents in per_gemm.items() if ents is not None
+                  for n in _names(p, device_name, header["triton"], sglang, gemm)]  # fmt: skip
     except ValueError as e:
         raise ExportError(f"cannot name the table: {e}") from None
     sidecar = {
@@ -129,12 +192,27 @@ def export_configs(
         "sweep": {k: v for k, v in header.items() if k != "kind"},
     }
     try:
-        for n in names:  # every folder first: a failure then leaves no table half-exported
+        for n, _, _ in tables:  # every folder first: a failure leaves no table half-exported
             (out_dir / n).parent.mkdir(parents=True, exist_ok=True)
         paths = [
-            write_table(out_dir / n, entries, triton_version=header["triton"], sidecar=sidecar)
-            for n in names
-        ]
+            write_table(out_dir / n, ents, triton_version=header["triton"],
+                        sidecar={**sidecar, "gemm": gemm} if split else sidecar)
+            for n, gemm, ents in tables
+        ]  # fmt: skip
+        if down is None:
+            _remove_stale_down(out_dir, _names(p, device_name, header["triton"], sglang, "down"),
+                               warnings)  # fmt: skip
     except OSError as e:
         raise ExportError(f"cannot write to {out_dir}: {e.strerror or e}") from None
-    return ExportResult(paths, entries, device_name, warnings)
+    return ExportResult(paths, entries, device_name, warnings, down)
+
+
+def _remove_stale_down(out_dir: Path, names: list[str], warnings: list[str]) -> None:
+    """A ``_down`` table left from an earlier export would pair its configs with main-table
+    entries it was never checked with: the runtime must fall back to the main table instead."""
+    for n in names:
+        path = out_dir / n
+        if path.exists():
+            path.unlink()
+            sidecar_path(path).unlink(missing_ok=True)
+            warnings.append(f"removed {path}: it was not exported with this main table")

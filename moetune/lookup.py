@@ -8,6 +8,11 @@ The first file with the problem's vLLM name (or an alias of the device name) win
 entry of the nearest batch size. Without any file the heuristic of ``moetune.defaults`` is used
 and a warning names the file that was looked for, once per file. Loaded tables are cached, so a
 repeated lookup costs microseconds.
+
+The down projection (``gemm="down"``) has its own table, named like the main one with ``_down``
+before ``.json`` (SGLang's convention), searched in the same folders. Without one the down GEMM
+uses the main table's config, as vLLM does; a missing ``_down`` table is the usual case, so it
+draws no warning.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ import torch
 
 from moetune.defaults import default_config
 from moetune.launch import LAUNCH_KEYS, META_KEYS, ROCM_KEYS, clamp_block_k
-from moetune.tables import Table, TableError, load_table, nearest_entry, table_filename
+from moetune.tables import (
+    Table,
+    TableError,
+    gemm_suffix,
+    load_table,
+    nearest_entry,
+    table_filename,
+)
 
 ENV_VARS = ("MOETUNE_CONFIG_DIR", "VLLM_TUNED_CONFIG_FOLDER")
 _TABLE_DTYPES = {torch.float32: "float32"}
@@ -73,13 +85,18 @@ def find_table(
     dtype: str | None = None,
     block_shape: tuple[int, int] | list[int] | None = None,
     device_name: str | None = None,
+    gemm: str = "up",
 ) -> Table | None:
-    """The first table for this problem in the search folders, or None."""
+    """The first table for this problem (and ``gemm``: "up" or "down") in the search folders,
+    or None."""
     from moetune.platform import device_name_aliases
 
+    suffix = gemm_suffix(gemm)
     device_name = device_name or _current_device_name()
     bs = tuple(block_shape) if block_shape is not None else None
-    names = [table_filename(E, N, d, dtype, bs) for d in device_name_aliases(device_name)]
+    names = [
+        table_filename(E, N, d, dtype, bs, suffix=suffix) for d in device_name_aliases(device_name)
+    ]
     for folder in search_dirs():
         for name in names:
             path = folder / name
@@ -110,13 +127,20 @@ def get_config(
     device_name: str | None = None,
     K: int | None = None,
     topk: int | None = None,
+    gemm: str = "up",
 ) -> dict[str, Any]:
     """The config for batch size ``M``: nearest entry of the first matching table, else the
     heuristic default (``K``/``topk`` refine it; without them a 4096-wide top-2 layer is assumed).
 
     ``dtype`` is the table's dtype name: None (bf16/fp16), "float32", "fp8_w8a8", "int8_w8a8" or
-    "int8_w8a16".
+    "int8_w8a16". ``gemm="down"`` reads the ``_down`` table and, without one, answers what the
+    up projection would get.
     """
+    if gemm_suffix(gemm):
+        down = find_table(E, N, dtype=dtype, block_shape=block_shape, device_name=device_name,
+                          gemm=gemm)  # fmt: skip
+        if down is not None:
+            return dict(nearest_entry(down.entries, M))
     table = find_table(E, N, dtype=dtype, block_shape=block_shape, device_name=device_name)
     if table is not None:
         return dict(nearest_entry(table.entries, M))
@@ -141,16 +165,18 @@ def config_for(
     dtype: torch.dtype,
     quant: str | None,
     block_shape: tuple[int, int] | None,
+    gemm: str = "up",
 ) -> dict[str, Any]:
-    """What ``fused_experts(config=None)`` runs with.
+    """What ``fused_experts(config=None)`` runs ``gemm`` ("up" or "down") with.
 
     Keys the kernel does not take (another backend's, e.g. ``SPLIT_K``) are dropped, and for
     block quantization BLOCK_SIZE_K is clamped to min(block_n, block_k), as vLLM does at
     launch, so any table vLLM accepts runs here.
     """
     cfg = get_config(
-        M, E, N, dtype=table_dtype(dtype, quant), block_shape=block_shape, K=K, topk=topk
-    )
+        M, E, N, dtype=table_dtype(dtype, quant), block_shape=block_shape, K=K, topk=topk,
+        gemm=gemm,
+    )  # fmt: skip
     cfg = {k: v for k, v in cfg.items() if k in KERNEL_KEYS}
     clamp_block_k(cfg, block_shape)
     return cfg

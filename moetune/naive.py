@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from moetune.ops import apply_activation
+from moetune.activation import apply_activation_torch
 from moetune.quant import dequantize_weight
 
 
@@ -60,7 +60,7 @@ def naive_moe(args: tuple[torch.Tensor, ...], kwargs: dict[str, Any]) -> torch.T
         h = x[token] @ w1[e].T
         if b1 is not None:
             h = h + b1[e]
-        y = apply_activation(h, activation) @ w2[e].T
+        y = apply_activation_torch(h, activation) @ w2[e].T
         if b2 is not None:
             y = y + b2[e]
         out.index_add_(0, token, (y * topk_weights[token, slot, None]).to(x.dtype))

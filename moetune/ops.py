@@ -10,14 +10,12 @@ from typing import Any
 
 import torch
 
-from moetune.align import moe_align_block_size
+from moetune.activation import apply_activation
+from moetune.align_kernel import moe_align_block_size
 from moetune.launch import invoke_moe_gemm
 from moetune.problem import ACTIVATIONS
 from moetune.quant import quantize_activation
 from moetune.validate import validate_moe_args
-
-SWIGLU_ALPHA = 1.702
-SWIGLU_LIMIT = 7.0
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
@@ -38,23 +36,9 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def apply_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    """``[T, 2N] → [T, N]`` in fp32, cast back to the input dtype once."""
-    x = gate_up.float()
-    if activation == "silu":
-        n = x.shape[-1] // 2
-        out = torch.nn.functional.silu(x[:, :n]) * x[:, n:]
-    elif activation == "swigluoai":
-        gate = x[:, 0::2].clamp(max=SWIGLU_LIMIT)
-        up = x[:, 1::2].clamp(min=-SWIGLU_LIMIT, max=SWIGLU_LIMIT)
-        out = gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (up + 1.0)
-    else:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return out.to(gate_up.dtype)
-
-
-def _resolve_config(
+def _resolve_configs(
     config: dict[str, Any] | None,
+    config_down: dict[str, Any] | None,
     M: int,
     E: int,
     N: int,
@@ -63,12 +47,19 @@ def _resolve_config(
     dtype: torch.dtype,
     quant: str | None,
     block_shape: tuple[int, int] | None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (up, down) GEMMs' configs: a given ``config`` serves both unless ``config_down`` is
+    given too; without ``config`` each GEMM's table is looked up (the down one falls back to the
+    up one's)."""
     if config is not None:
-        return config
+        return config, config_down if config_down is not None else config
     from moetune import lookup  # the tuned tables; imported late to keep import light
 
-    return lookup.config_for(M, E, N, K, topk, dtype=dtype, quant=quant, block_shape=block_shape)
+    def find(gemm: str) -> dict[str, Any]:
+        return lookup.config_for(M, E, N, K, topk, dtype=dtype, quant=quant,
+                                 block_shape=block_shape, gemm=gemm)  # fmt: skip
+
+    return find("up"), config_down if config_down is not None else find("down")
 
 
 def fused_experts(
@@ -89,6 +80,7 @@ def fused_experts(
     per_channel_quant: bool = False,
     block_shape: list[int] | tuple[int, int] | None = None,
     config: dict[str, Any] | None = None,
+    config_down: dict[str, Any] | None = None,
     expert_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The MoE layer on routed tokens: ``Σ_slot w_route · (act(x·w1ᵀ + b1)·w2ᵀ + b2)``.
@@ -114,16 +106,23 @@ def fused_experts(
     dtype = hidden_states.dtype
     device = hidden_states.device
     num_slots = M * topk
-    config = _resolve_config(config, M, E, N, K, topk, dtype, quant, block)
-
+    config, config_down = _resolve_configs(
+        config, config_down, M, E, N, K, topk, dtype, quant, block
+    )
     routing = moe_align_block_size(
         topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts, expert_map
     )
+    routing_down = routing
+    if config_down["BLOCK_SIZE_M"] != config["BLOCK_SIZE_M"]:
+        # The padding of each expert's slots follows BLOCK_SIZE_M: another M tile needs its own.
+        routing_down = moe_align_block_size(
+            topk_ids, config_down["BLOCK_SIZE_M"], args.global_num_experts, expert_map
+        )
     qdtype = None
     if quant in ("fp8_w8a8", "int8_w8a8"):
         qdtype = w1.dtype
     group_k = block[1] if block is not None else None
-    common = dict(config=config, compute_dtype=dtype, quant=quant, per_channel=per_channel_quant,
+    common = dict(compute_dtype=dtype, quant=quant, per_channel=per_channel_quant,
                   block_shape=block)  # fmt: skip
 
     a1, a1s = hidden_states, None
@@ -132,8 +131,8 @@ def fused_experts(
             hidden_states, qdtype, scale=a1_scale, per_token=per_channel_quant, group_k=group_k
         )
     cache1 = _empty((num_slots, two_n), dtype, device)
-    invoke_moe_gemm(a1, w1, cache1, routing, top_k=topk, a_scale=a1s, b_scale=w1_scale,
-                    bias=w1_bias, **common)  # fmt: skip
+    invoke_moe_gemm(a1, w1, cache1, routing, config=config, top_k=topk, a_scale=a1s,
+                    b_scale=w1_scale, bias=w1_bias, **common)  # fmt: skip
 
     h = apply_activation(cache1, activation)
     a2, a2s = h, None
@@ -142,8 +141,8 @@ def fused_experts(
             h, qdtype, scale=a2_scale, per_token=per_channel_quant, group_k=group_k
         )
     cache3 = _empty((num_slots, K), dtype, device)
-    invoke_moe_gemm(a2, w2, cache3, routing, top_k=1, a_scale=a2s, b_scale=w2_scale,
-                    bias=w2_bias, topk_weights=topk_weights.reshape(-1).float(),
+    invoke_moe_gemm(a2, w2, cache3, routing_down, config=config_down, top_k=1, a_scale=a2s,
+                    b_scale=w2_scale, bias=w2_bias, topk_weights=topk_weights.reshape(-1).float(),
                     **common)  # fmt: skip
     return cache3.view(M, topk, K).sum(dim=1)
 

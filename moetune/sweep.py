@@ -6,6 +6,10 @@ workspace, against a reference computed once per batch size → timed as the who
 replay over rotating input sets → one journal line per (candidate, batch size). A candidate that
 fails anywhere is recorded with its reason; the sweep goes on. The fastest candidates per batch
 size are timed again more carefully, then re-checked on fresh inputs before they count.
+
+``Execution.gemms="split"`` tunes the two GEMMs apart (:mod:`moetune.gemms`): every candidate
+runs once per GEMM, the finalists and winners are chosen per GEMM, and a down winner counts only
+when it also passes a check together with that batch size's up winner.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moetune.defaults import default_config
 from moetune.evaluate import Workload, evaluate, recheck
+from moetune.gemms import GEMMS, gemm_configs, gemm_of, heuristic, split_key
 from moetune.journal import Journal, open_journal, provenance
 from moetune.launch import FP8_ACCUM_DEFAULT, FP8_ACCUM_ENV
 from moetune.platform import Platform
@@ -50,15 +54,17 @@ class Execution:
     # anchor batch sizes, then only the fastest ``keep`` fraction at the others.
     strategy: str = "exhaustive"
     keep: float = 0.25
+    gemms: str = "joint"  # "split": tune the up and down GEMMs apart (moetune.gemms)
 
 
 @dataclass
 class BatchResult:
     M: int
-    best: dict[str, Any] | None  # winner record
+    best: dict[str, Any] | None  # winner record (the up GEMM's in a split sweep)
     default_us: float | None
     counts: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
+    best_down: dict[str, Any] | None = None  # the down GEMM's winner record (split sweeps)
 
     @property
     def speedup(self) -> float | None:
@@ -107,6 +113,7 @@ def run_sweep(
         "platform": platform.key,
         "skew": execution.skew,
         "strategy": execution.strategy,
+        "gemms": execution.gemms,
         # fp8 accumulation changes fp8 results and timings only, so only fp8 sweeps record it.
         "fp8_accum": os.environ.get(FP8_ACCUM_ENV, FP8_ACCUM_DEFAULT)
         if problem.quant == "fp8_w8a8"
@@ -132,7 +139,7 @@ def run_sweep(
         )
         _time_finalists(problem, platform, journal, batch_sizes, device, execution, progress)
         batches = _finish(problem, platform, journal, batch_sizes, device, progress,
-                          execution.skew)  # fmt: skip
+                          execution)  # fmt: skip
     finally:
         journal.close()
     return SweepResult(journal.path, batches, platform.is_interpreter, time.time() - t0)
@@ -141,10 +148,11 @@ def run_sweep(
 def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, device, replays,
                progress, compile_workers, execution: Execution) -> None:  # fmt: skip
     done = journal.done()
+    keyed = _keyed(candidates, execution.gemms)
     compiler = None
     if device == "cuda" and compile_workers > 1:
-        todo = [(c.key(), c.as_config()) for c in candidates
-                if any((c.key(), M) not in done for M in batch_sizes)]  # fmt: skip
+        pending = {c.key() for k, c in keyed if any((k, M) not in done for M in batch_sizes)}
+        todo = [(c.key(), c.as_config()) for c in candidates if c.key() in pending]
         if todo:
             if progress:
                 progress(0, 0, f"compiling {len(todo)} candidates in {compile_workers} "
@@ -152,7 +160,7 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, dev
             compiler = Compiler(problem, todo, platform.fp8_dtype, compile_workers,
                                 execution.gpus)  # fmt: skip
     try:
-        _sweep_pairs(problem, platform, candidates, batch_sizes, journal, device, replays,
+        _sweep_pairs(problem, platform, keyed, batch_sizes, journal, device, replays,
                      progress, execution, compiler)  # fmt: skip
     finally:
         if compiler is not None:
@@ -162,24 +170,36 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, dev
                                f"({compiler.failed} failed to compile)")  # fmt: skip
 
 
-def _sweep_pairs(problem, platform, candidates, batch_sizes, journal: Journal, device, replays,
+def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, device, replays,
                  progress, execution: Execution, compiler: Compiler | None) -> None:  # fmt: skip
     if execution.strategy == "halving" and len(batch_sizes) > len(_anchors(batch_sizes)):
         anchors = _anchors(batch_sizes)
         _run_pairs(problem, platform, journal, device, replays, progress, execution,
-                   batch_sizes, [(c, M) for c in candidates for M in anchors],
+                   batch_sizes, [(k, c, M) for k, c in keyed for M in anchors],
                    compiler)  # fmt: skip
-        keep = _survivors(journal, candidates, anchors, execution.keep)
+        keep = _survivors(journal, keyed, anchors, execution.keep)
         if progress:
-            progress(0, 0, f"halving: {len(keep)} of {len(candidates)} candidates go on to "
+            progress(0, 0, f"halving: {len(keep)} of {len(keyed)} candidates go on to "
                            f"the other {len(batch_sizes) - len(anchors)} batch sizes")  # fmt: skip
         rest = [M for M in batch_sizes if M not in anchors]
-        pairs = [(c, M) for c in keep for M in rest]
+        pairs = [(k, c, M) for k, c in keep for M in rest]
     else:
-        pairs = [(c, M) for c in candidates for M in batch_sizes]
-    pairs += [(None, M) for M in batch_sizes]
+        pairs = [(k, c, M) for k, c in keyed for M in batch_sizes]
+    pairs += [("default", None, M) for M in batch_sizes]
     _run_pairs(problem, platform, journal, device, replays, progress, execution, batch_sizes,
                pairs, compiler)  # fmt: skip
+
+
+def _keyed(candidates: list[Candidate], gemms: str) -> list[tuple[str, Candidate]]:
+    """(journal key, candidate) per evaluation a candidate gets: one joint, or one per GEMM."""
+    if gemms == "split":
+        return [(split_key(g, c.key()), c) for c in candidates for g in GEMMS]
+    return [(c.key(), c) for c in candidates]
+
+
+def _roles(gemms: str) -> tuple[str | None, ...]:
+    """What winners are chosen for: the op as a whole (None), or each GEMM."""
+    return GEMMS if gemms == "split" else (None,)
 
 
 def _anchors(batch_sizes: list[int]) -> list[int]:
@@ -188,47 +208,50 @@ def _anchors(batch_sizes: list[int]) -> list[int]:
     return sorted({ordered[0], ordered[len(ordered) // 2], ordered[-1]})
 
 
-def _ranked_ok(journal: Journal, M: int) -> list[dict[str, Any]]:
-    """First-pass records of tuned candidates that passed at ``M``, fastest first."""
+def _ranked_ok(journal: Journal, M: int, gemm: str | None = None) -> list[dict[str, Any]]:
+    """First-pass records of tuned candidates (for ``gemm``, None: joint) that passed at ``M``,
+    fastest first."""
     ok = [r for r in journal.records if r.get("M") == M and r.get("status") == "ok"
-          and r.get("phase") != "final" and r.get("candidate") != "default"]  # fmt: skip
+          and r.get("phase") != "final" and r.get("candidate") != "default"
+          and r.get("gemm") == gemm]  # fmt: skip
     return sorted(ok, key=lambda r: r["timing"]["median_us"])
 
 
-def _survivors(journal: Journal, candidates, anchors: list[int], keep: float) -> list:
-    """Candidates among the fastest ``keep`` fraction (at least 4) at any anchor batch size."""
-    n_keep = max(4, math.ceil(keep * len(candidates)))
+def _survivors(journal: Journal, keyed, anchors: list[int], keep: float) -> list:
+    """Keyed candidates among the fastest ``keep`` fraction (at least 4) of their GEMM (or of
+    the joint sweep) at any anchor batch size."""
+    roles = {gemm_of(k) for k, _ in keyed}
+    n_keep = max(4, math.ceil(keep * len(keyed) / len(roles)))
     chosen: set[str] = set()
     for M in anchors:
-        chosen.update(r["candidate"] for r in _ranked_ok(journal, M)[:n_keep])
-    return [c for c in candidates if c.key() in chosen]
+        for gemm in roles:
+            chosen.update(r["candidate"] for r in _ranked_ok(journal, M, gemm)[:n_keep])
+    return [(k, c) for k, c in keyed if k in chosen]
 
 
 def _run_pairs(problem, platform, journal: Journal, device, replays, progress, execution,
                batch_sizes, pairs, compiler: Compiler | None = None) -> None:  # fmt: skip
-    """Prune, then evaluate the (candidate or None for the default, batch size) pairs that the
-    journal does not hold yet."""
+    """Prune, then evaluate the (key, candidate or None for the default, batch size) pairs that
+    the journal does not hold yet."""
     done = journal.done()
     total = len(pairs)
     count = [0]
 
     def on_record(record: dict[str, Any]) -> None:
         record.setdefault("t", round(time.time(), 2))
+        _tag_gemm(record)
         journal.append(record)
         count[0] += 1
         if progress:
             progress(count[0], total, f"M={record['M']} {record['candidate']}: {record['status']}")
 
     work: list[tuple[str, dict[str, Any], int, int]] = []
-    for cand, M in pairs:
-        key = cand.key() if cand else "default"
+    for key, cand, M in pairs:
         if (key, M) in done:
             count[0] += 1
             continue
         if cand is None:
-            config = default_config(M, problem.E, problem.N, problem.K, problem.topk,
-                                    dtype=problem.torch_dtype, quant=problem.quant,
-                                    block_shape=problem.block_shape)  # fmt: skip
+            config = heuristic(problem, M)
             reason = None
         else:
             config = cand.as_config()
@@ -239,6 +262,13 @@ def _run_pairs(problem, platform, journal: Journal, device, replays, progress, e
         else:
             work.append((key, config, M, replays))
     _execute(problem, platform, device, batch_sizes, work, execution, on_record, compiler)
+
+
+def _tag_gemm(record: dict[str, Any]) -> None:
+    """A split sweep's records say which GEMM they tuned (``gemm``), for export and ranking."""
+    gemm = gemm_of(record["candidate"])
+    if gemm is not None:
+        record["gemm"] = gemm
 
 
 def _execute(problem, platform, device, batch_sizes, work, execution: Execution,
@@ -274,18 +304,20 @@ def _time_finalists(problem, platform, journal: Journal, batch_sizes, device, ex
     """Re-time the FINALISTS fastest candidates of each batch size with more replays, spread
     over the same workers as the sweep (recorded as ``final:<key>``, so a resume skips them)."""
     done = journal.done()
-    have_winner = {r["M"] for r in journal.records if r.get("kind") == "winner"}
+    have_winner = {(r["M"], r.get("gemm")) for r in journal.records if r.get("kind") == "winner"}
     work = []
     for M in batch_sizes:
-        if M in have_winner:
-            continue
-        for r in _ranked_ok(journal, M)[:FINALISTS]:
-            key = f"final:{r['candidate']}"
-            if (key, M) not in done:
-                work.append((key, r["config"], M, FINAL_REPLAYS))
+        for gemm in _roles(execution.gemms):
+            if (M, gemm) in have_winner:
+                continue
+            for r in _ranked_ok(journal, M, gemm)[:FINALISTS]:
+                key = f"final:{r['candidate']}"
+                if (key, M) not in done:
+                    work.append((key, r["config"], M, FINAL_REPLAYS))
 
     def on_record(record: dict[str, Any]) -> None:
         record.update(phase="final", t=round(time.time(), 2))
+        _tag_gemm(record)
         journal.append(record)
 
     if work and progress:
@@ -294,11 +326,12 @@ def _time_finalists(problem, platform, journal: Journal, batch_sizes, device, ex
 
 
 def _finish(
-    problem, platform, journal: Journal, batch_sizes, device, progress, skew: str
+    problem, platform, journal: Journal, batch_sizes, device, progress, execution: Execution
 ) -> list[BatchResult]:
-    """Per batch size: re-time the finalists, re-check them on fresh inputs, record the winner."""
+    """Per batch size: re-check the re-timed finalists on fresh inputs, record the winner (one
+    per GEMM in a split sweep, the down one also checked together with the up one)."""
     workload = None
-    winners = {r["M"]: r for r in journal.records if r.get("kind") == "winner"}
+    winners = {(r["M"], r.get("gemm")): r for r in journal.records if r.get("kind") == "winner"}
     results = []
     for M in batch_sizes:
         recs = [r for r in journal.records
@@ -316,31 +349,52 @@ def _finish(
         default = next((r for r in recs if r["candidate"] == "default" and r["status"] == "ok"),
                        None)  # fmt: skip
         default_us = default["timing"]["median_us"] if default else None
-        if M not in winners:
+        for gemm in _roles(execution.gemms):
+            if (M, gemm) in winners:
+                continue
             if workload is None:
-                workload = Workload(problem, platform, batch_sizes, device, skew)
-            winners[M] = _pick_winner(problem, workload, finals, M, journal, progress)
-        if winners[M] is not None and default is not None and winners[M].get("default_us") is None:
-            winners[M]["default_us"] = default_us
-        results.append(BatchResult(M, winners[M], default_us, counts, reasons))
+                workload = Workload(problem, platform, batch_sizes, device, execution.skew)
+            # The down winner must pass together with the up winner: no up winner, no down one.
+            partner = winners.get((M, "up")) if gemm == "down" else None
+            mine = [r for r in finals if r.get("gemm") == gemm]
+            winners[M, gemm] = (
+                None if gemm == "down" and partner is None
+                else _pick_winner(problem, workload, mine, M, journal, progress, partner)
+            )  # fmt: skip
+        best = winners[M, _roles(execution.gemms)[0]]
+        if best is not None and default is not None and best.get("default_us") is None:
+            best["default_us"] = default_us
+        results.append(BatchResult(M, best, default_us, counts, reasons,
+                                   winners.get((M, "down"))))  # fmt: skip
     return results
 
 
-def _pick_winner(problem, workload, finals, M, journal: Journal, progress) -> dict | None:
-    """The fastest re-timed finalist that also passes a check on fresh inputs."""
+def _pick_winner(problem, workload, finals, M, journal: Journal, progress,
+                 partner: dict | None = None) -> dict | None:  # fmt: skip
+    """The fastest re-timed finalist that also passes a check on fresh inputs; with ``partner``
+    (the up winner, when picking the down one) also a check of the two together."""
     ok = sorted((r for r in finals if r["status"] == "ok"), key=lambda r: r["timing"]["median_us"])
     for n, r in enumerate(ok):
         name = r["candidate"].removeprefix("final:")
-        check = recheck(problem, workload, r["config"], M, seed=1000 + M)
+        gemm = r.get("gemm")
+        up, down = gemm_configs(problem, r["candidate"], r["config"], M)
+        check = recheck(problem, workload, up, M, seed=1000 + M, config_down=down)
+        extra: dict[str, Any] = {} if gemm is None else {"gemm": gemm}
+        if check["ok"] and partner is not None:
+            pair = recheck(problem, workload, partner["config"], M, seed=2000 + M,
+                           config_down=r["config"])  # fmt: skip
+            extra.update(pair_recheck=pair, pair_up=partner["config"])
+            if not pair["ok"]:
+                check = {**check, "ok": False, "reason": f"with the up winner: {pair['reason']}"}
         if progress:
             progress(0, 0, f"M={M} winner {name}: recheck {'ok' if check['ok'] else 'FAILED'}")
         if check["ok"]:
             winner = {"kind": "winner", "M": M, "winner": name, "config": r["config"],
-                      "timing": r["timing"], "recheck": check, "rank": n}  # fmt: skip
+                      "timing": r["timing"], "recheck": check, "rank": n, **extra}  # fmt: skip
             journal.append(winner)
             return winner
-        journal.append({"kind": "recheck-failed", "M": M, "failed": name,
-                        "recheck": check})  # fmt: skip
+        journal.append({"kind": "recheck-failed", "M": M, "failed": name, "recheck": check,
+                        **extra})  # fmt: skip
     return None
 
 

@@ -50,6 +50,16 @@ _NAME_RE = re.compile(
     r"(?P<suffix>_down)?\.json"
 )
 _SIDECAR_SUFFIX = ".provenance.json"
+# The op's two GEMMs and the suffix each one's table carries: the up projection (w1, gate and up
+# stacked) has vLLM's name; the down projection (w2) has SGLang's "_down" before ".json".
+GEMM_SUFFIXES = {"up": "", "down": "_down"}
+
+
+def gemm_suffix(gemm: str) -> str:
+    """The file-name suffix of ``gemm``'s table ("up" or "down"); ValueError for anything else."""
+    if gemm not in GEMM_SUFFIXES:
+        raise ValueError(f"gemm must be one of {', '.join(GEMM_SUFFIXES)}, got {gemm!r}")
+    return GEMM_SUFFIXES[gemm]
 
 
 class TableError(ValueError):
@@ -75,6 +85,12 @@ class TableName:
     suffix: str = ""  # "_down": SGLang's separate down-projection table
     backend: str | None = None  # vLLM's non-Triton tables, e.g. "flydsl"
     per_channel_quant: bool = False  # SGLang only
+
+    @property
+    def gemm(self) -> str:
+        """Which GEMM the table is for: "down" for a ``_down`` table, else "up" (vLLM's tables
+        serve both GEMMs; moetune's op reads them for the up projection)."""
+        return "down" if self.suffix == GEMM_SUFFIXES["down"] else "up"
 
     @property
     def filename(self) -> str:
@@ -127,7 +143,8 @@ def table_filename(
     """``E=..,N=..,device_name=..[,dtype=..][,block_shape=[bn,bk]].json``, vLLM's spelling.
 
     ``dtype`` is None for bf16/fp16 (vLLM writes no dtype part for them). The keyword-only parts
-    exist so every shipped or SGLang name can be rendered back; moetune's own tables use none.
+    exist so every shipped or SGLang name can be rendered back; moetune's own tables use only
+    ``suffix`` (``gemm_suffix("down")``, for the down projection's table).
     """
     _check_name_parts(E, N, device_name, dtype)
     dtype_part = f",dtype={dtype}" if dtype else ""

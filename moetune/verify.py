@@ -14,8 +14,12 @@ Rules, in the order they are applied:
   block shape), ``int8_w8a8``, ``int8_w8a16``; SGLang's ``,per_channel_quant=True`` -> per
   channel. Quantized problems compute in bfloat16 (float16 in the interpreter), as vLLM does.
   Anything else is ``skipped`` with the reason: other dtypes (``int4_w4a16``, ``float8``...),
-  other backends (``,backend=flydsl``), SGLang's ``_down`` tables, a block shape without a
-  quantization, a name that does not parse.
+  other backends (``,backend=flydsl``), a block shape without a quantization, a name that
+  does not parse.
+- **``_down`` tables** (the down GEMM's, SGLang's naming) run together with the main table
+  beside them: each entry on w2, the main table's entry for the nearest batch size on w1, so
+  the pair the runtime would launch is what is checked. Without a main table beside it (or
+  with one that does not load) the ``_down`` table is ``skipped``, saying so.
 - **K and topk** are not in vLLM's file names. Options win; else the first model preset (in
   ``MODEL_PRESETS`` order, tp = 1, 2, 4, 8) whose E and ``intermediate == N * tp`` match the file
   supplies them, together with its activation and bias (gpt-oss: swigluoai with biases), so the
@@ -63,7 +67,7 @@ import torch
 
 from moetune.check import check_close
 from moetune.platform import device_name_aliases
-from moetune.tables import TableError, load_table, parse_table_filename
+from moetune.tables import Table, TableError, load_table, parse_table_filename
 from moetune.verify_plan import (
     INTERPRETER_BLOCK_CAP,
     FilePlan,
@@ -179,16 +183,21 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {line}"
 
 
-def _run_entry(plan: FilePlan, M: int, cfg: dict[str, Any], target: Target, seed: int):
-    """``(ok, reason, rel_err, worst_row_err)`` of one entry; exceptions propagate."""
+def _run_entry(
+    plan: FilePlan, M: int, cfg: dict[str, Any], target: Target, seed: int,
+    cfg_up: dict[str, Any] | None = None,
+):  # fmt: skip
+    """``(ok, reason, rel_err, worst_row_err)`` of one entry (a ``_down`` entry runs on w2 with
+    ``cfg_up`` on w1); exceptions propagate."""
     from moetune.inputs import random_moe_inputs
     from moetune.ops import fused_experts, poisoned_workspace
     from moetune.reference import fused_experts_reference
 
     p = plan.problem
     args, kwargs = random_moe_inputs(p, M, target.device, seed=seed, fp8_dtype=target.fp8_dtype)
+    up, down = (cfg, None) if cfg_up is None else (cfg_up, cfg)
     with poisoned_workspace():
-        out = fused_experts(*args, **kwargs, config=cfg)
+        out = fused_experts(*args, **kwargs, config=up, config_down=down)
     ref = fused_experts_reference(*args, **kwargs)
     if target.device.startswith("cuda"):
         torch.cuda.synchronize(target.device)
@@ -223,6 +232,10 @@ def _verify_file(
     except ValueError as e:
         emit(EntryResult(fname, None, "skipped", str(e), None, ""))
         return
+    main = _main_table(path, name) if name.gemm == "down" else None
+    if isinstance(main, str):
+        emit(EntryResult(fname, None, "skipped", main, None, ""))
+        return
     foreign = (
         target.run
         and not target.interpreter
@@ -237,6 +250,10 @@ def _verify_file(
         problem = f"{plan.describe} M={M}"
         try:
             cfg, changes = entry_config(entry, plan, target, notes)
+            cfg_up = None
+            if main is not None:
+                cfg_up, up_changes = entry_config(main.lookup(bs), plan, target, notes)
+                changes += [f"up GEMM ({main.path.name}): {c}" for c in up_changes]
         except ValueError as e:
             emit(EntryResult(fname, bs, "skipped", str(e), dict(entry), problem))
             continue
@@ -245,7 +262,7 @@ def _verify_file(
             continue
         entry_seed = (zlib.crc32(f"{path.name}:{bs}".encode()) + seed) % 2**63
         try:
-            ok, why, rel, worst = _run_entry(plan, M, cfg, target, entry_seed)
+            ok, why, rel, worst = _run_entry(plan, M, cfg, target, entry_seed, cfg_up)
         except Exception as e:  # a fault in one entry never stops the run
             ok, why, rel, worst = False, _first_line(e), None, None
             if target.device.startswith("cuda"):
@@ -255,6 +272,18 @@ def _verify_file(
         status = "ok" if ok else "failed"
         reason = "; ".join(([] if ok else [why]) + changes)
         emit(EntryResult(fname, bs, status, reason, cfg, problem, rel, worst))
+
+
+def _main_table(path: Path, name) -> Table | str:
+    """The main table a ``_down`` table pairs with (same folder, same name without ``_down``),
+    or the reason to skip the ``_down`` table."""
+    main = path.with_name(path.name.removesuffix(name.suffix + ".json") + ".json")
+    if not main.is_file():
+        return f"_down table without its main table {main.name} beside it: nothing to pair with"
+    try:
+        return load_table(main)
+    except TableError as e:
+        return f"_down table whose main table does not load: {e}"
 
 
 def _note(target: Target, notes: Notes, batch_sizes: set[int] | None) -> str:

@@ -115,8 +115,6 @@ def plan_file(name: TableName, target: Target, K: int | None, topk: int | None) 
     """The problem to run a table's entries on; ValueError (the skip reason) when there is none."""
     if name.backend is not None:
         raise ValueError(f"backend={name.backend} table: parameters of another kernel")
-    if name.suffix:
-        raise ValueError(f"SGLang {name.suffix} table: used for one GEMM only, not this op")
     if name.dtype not in _FILE_DTYPES:
         raise ValueError(f"dtype={name.dtype}: not a dtype moetune runs")
     dtype, quant = _FILE_DTYPES[name.dtype]

@@ -4,13 +4,13 @@ import pytest
 import torch
 from helpers import random_routing
 
-from moetune.align import max_padded_slots, moe_align_block_size, moe_align_block_size_torch
-from moetune.align_kernel import moe_align_block_size_triton
+from moetune.align import max_padded_slots, moe_align_block_size_torch
+from moetune.align_kernel import moe_align_block_size
 from moetune.launch import invoke_moe_gemm
 
 # The op's implementation (Triton kernels) and the PyTorch one kept as a cross-check.
 IMPLS = pytest.mark.parametrize(
-    "align", [moe_align_block_size_triton, moe_align_block_size_torch], ids=["triton", "torch"]
+    "align", [moe_align_block_size, moe_align_block_size_torch], ids=["triton", "torch"]
 )
 
 
@@ -88,7 +88,7 @@ def test_padding_rows_are_never_written(device):
 def test_triton_and_torch_agree_on_blocks(M, E, topk, block_m, device):
     """Same experts per block, same used length, same set of slots in each block."""
     _, ids = random_routing(M, E, topk, device, "one-hot")
-    a = moe_align_block_size_triton(ids, block_m, E)
+    a = moe_align_block_size(ids, block_m, E)
     b = moe_align_block_size_torch(ids, block_m, E)
     assert torch.equal(a.expert_ids, b.expert_ids)
     assert torch.equal(a.num_tokens_post_padded, b.num_tokens_post_padded)
@@ -96,4 +96,6 @@ def test_triton_and_torch_agree_on_blocks(M, E, topk, block_m, device):
     for start in range(0, total, block_m):
         blk = slice(start, start + block_m)
         assert sorted(a.sorted_token_ids[blk].tolist()) == sorted(b.sorted_token_ids[blk].tolist())
-    assert moe_align_block_size is moe_align_block_size_triton
+    from moetune import ops
+
+    assert ops.moe_align_block_size is moe_align_block_size, "the op must use the kernel version"

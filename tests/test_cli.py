@@ -116,3 +116,67 @@ def test_halving_runs_only_survivors_past_the_anchor_batch_sizes(tmp_path, monke
     table = json.loads((tmp_path / "t" / "E=4,N=32,device_name=cpu_interpreter.json").read_text())
     assert set(table) == {"triton_version", "16", "24", "32", "48", "64"}
     assert runner.invoke(app, [*args[:-4], "--keep", "0"]).exit_code == 2
+
+
+def test_split_sweep_exports_both_tables_resumes_and_feeds_the_op(tmp_path, monkeypatch):
+    """--gemms split: each GEMM tuned apart, a main and a _down table exported, a re-run
+    evaluates nothing, a joint run refuses the journal, verify runs the pair, the op reads both."""
+    import torch
+
+    from moetune import ops
+    from moetune.ops import fused_experts
+
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "--E", "4", "--N", "32", "--K", "64", "--topk", "2", "--dtype", "float16",
+            "--batch-sizes", "1,8", "--space", "tiny", "--restrict", "BLOCK_SIZE_N=32",
+            "--restrict", "BLOCK_SIZE_K=32", "--journal", "j.jsonl", "--out", "tables",
+            "--json"]  # fmt: skip
+    result = runner.invoke(app, [*args, "--gemms", "split"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout[result.stdout.index("{") :])
+    assert all(b["best"].startswith("up:") and b["best_down"].startswith("down:")
+               for b in payload["batches"])  # fmt: skip
+    journal = read_journal(tmp_path / "j.jsonl")
+    assert journal.header["gemms"] == "split"
+    keys = {r["candidate"] for r in journal.records if "candidate" in r}
+    assert {k.split(":")[0] for k in keys if k != "default"} == {"up", "down", "final"}
+    winners = [r for r in journal.records if r.get("kind") == "winner"]
+    assert sorted((r["M"], r["gemm"]) for r in winners) == [(1, "down"), (1, "up"), (8, "down"),
+                                                             (8, "up")]  # fmt: skip
+    assert all(r["pair_recheck"]["ok"] for r in winners if r["gemm"] == "down")
+    main = json.loads((tmp_path / "tables" / "E=4,N=32,device_name=cpu_interpreter.json")
+                      .read_text())  # fmt: skip
+    down = json.loads((tmp_path / "tables" / "E=4,N=32,device_name=cpu_interpreter_down.json")
+                      .read_text())  # fmt: skip
+    by_gemm = {(r["M"], r["gemm"]): r["config"] for r in winners}
+    for M in (1, 8):
+        assert main[str(M)] == by_gemm[M, "up"] and down[str(M)] == by_gemm[M, "down"]
+
+    n_before = len(journal.records)
+    assert runner.invoke(app, [*args, "--gemms", "split"]).exit_code == 0
+    assert len(read_journal(tmp_path / "j.jsonl").records) == n_before, "resume re-evaluated"
+    joint = runner.invoke(app, args)
+    assert joint.exit_code == 1 and "gemms" in joint.output
+    bad = runner.invoke(app, [*args, "--gemms", "both"])
+    assert bad.exit_code == 2 and "Error: --gemms" in bad.output
+
+    result = runner.invoke(app, ["verify", "tables", "--json"])
+    assert result.exit_code == 0, result.output
+    verified = json.loads(result.stdout[result.stdout.index("{") :])["results"]
+    assert sorted((r["file"].endswith("_down.json"), r["status"]) for r in verified) == [
+        (False, "ok"), (False, "ok"), (True, "ok"), (True, "ok")]  # fmt: skip
+
+    monkeypatch.setenv("MOETUNE_CONFIG_DIR", str(tmp_path / "tables"))
+    assert get_config(8, 4, 32, device_name="cpu_interpreter", gemm="down") == down["8"]
+    launched = []
+    launch = ops.invoke_moe_gemm
+    monkeypatch.setattr(ops, "invoke_moe_gemm",
+                        lambda *a, config, **kw: launched.append(config) or launch(
+                            *a, config=config, **kw))  # fmt: skip
+    monkeypatch.setattr("moetune.lookup._current_device_name", lambda: "cpu_interpreter")
+    x = torch.randn(8, 64, dtype=torch.float16)
+    w1 = torch.randn(4, 64, 64, dtype=torch.float16) / 8
+    w2 = torch.randn(4, 64, 32, dtype=torch.float16) / 6
+    ids = torch.tensor([[0, 1], [2, 3]] * 4, dtype=torch.int32)
+    fused_experts(x, w1, w2, torch.full((8, 2), 0.5), ids)
+    assert launched == [main["8"], down["8"]]

@@ -24,9 +24,9 @@ SHAPES = [
 ]
 
 
-def _run_and_check(case, dtype, config):
+def _run_and_check(case, dtype, config, config_down=None):
     with poisoned_workspace():
-        out = fused_experts(*case.args(), config=config, **case.kwargs)
+        out = fused_experts(*case.args(), config=config, config_down=config_down, **case.kwargs)
     ref = fused_experts_reference(*case.args(), **case.kwargs)
     result = check_close(out, ref, dtype=dtype, quant=case.kwargs.get("quant"))
     assert result.ok, result
@@ -174,17 +174,102 @@ def test_64bit_offsets(device):
 
 
 @pytest.mark.gpu
-def test_op_captures_in_cuda_graph(device):
-    """Routing metadata needs no host sync, so the whole op replays from a CUDA graph."""
+@pytest.mark.parametrize("config_down", [None, SMALL], ids=["one-config", "down-other-BLOCK_M"])
+def test_op_captures_in_cuda_graph(config_down, device):
+    """Routing metadata needs no host sync, so the whole op replays from a CUDA graph (also with
+    a second alignment for a down config of another BLOCK_SIZE_M)."""
     case = make_case(64, 8, 128, 256, 2, torch.bfloat16, device, bias=True)
-    fused_experts(*case.args(), config=WIDE_M, **case.kwargs)  # compile outside the capture
+    kw = dict(config=WIDE_M, config_down=config_down, **case.kwargs)
+    fused_experts(*case.args(), **kw)  # compile outside the capture
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        out = fused_experts(*case.args(), config=WIDE_M, **case.kwargs)
+        out = fused_experts(*case.args(), **kw)
     case.x.copy_(torch.randn_like(case.x))
     graph.replay()
     torch.cuda.synchronize()
     ref = fused_experts_reference(*case.args(), **case.kwargs)
     assert check_close(out, ref, dtype=torch.bfloat16).ok
+
+
+# (up config, down config): the down GEMM (w2: N_out = K, K_in = N) tuned apart from the up one.
+SPLIT = [
+    pytest.param(SMALL, GROUPED, id="same-BLOCK_M"),
+    pytest.param(SMALL, WIDE_M, id="down-wider-BLOCK_M"),
+    pytest.param(WIDE_M, GROUPED, id="down-narrower-BLOCK_M"),
+]
+
+
+@pytest.mark.parametrize(("config", "config_down"), SPLIT)
+@pytest.mark.parametrize(
+    ("quant", "block_shape"),
+    [pytest.param(None, None, id="fp16"), pytest.param("fp8_w8a8", (32, 32), id="fp8-block")],
+)
+def test_config_down_matches_reference(config, config_down, quant, block_shape, device):
+    """Each GEMM pads every expert's slots to its own BLOCK_SIZE_M: a down config of another
+    BLOCK_SIZE_M run on the up GEMM's alignment would mix experts within one M tile."""
+    case = make_case(37, 6, 48, 80, 2, torch.float16, device, quant=quant,
+                     block_shape=block_shape, bias=True)  # fmt: skip
+    if block_shape is not None:  # a K tile may not straddle two scale groups
+        config, config_down = ({**c, "BLOCK_SIZE_K": 32} for c in (config, config_down))
+    _run_and_check(case, torch.float16, config, config_down)
+
+
+def _spy(monkeypatch):
+    """Record (BLOCK_SIZE_M of each alignment, config of each GEMM launch) of the next op call."""
+    from moetune import ops
+
+    aligned, launched = [], []
+    align, launch = ops.moe_align_block_size, ops.invoke_moe_gemm
+
+    def spy_align(topk_ids, block_m, *a, **kw):
+        aligned.append(block_m)
+        return align(topk_ids, block_m, *a, **kw)
+
+    def spy_launch(*a, config, **kw):
+        launched.append(config)
+        return launch(*a, config=config, **kw)
+
+    monkeypatch.setattr(ops, "moe_align_block_size", spy_align)
+    monkeypatch.setattr(ops, "invoke_moe_gemm", spy_launch)
+    return aligned, launched
+
+
+@pytest.mark.parametrize(
+    ("config", "config_down", "aligned", "launched"),
+    [
+        pytest.param(SMALL, None, [16], [SMALL, SMALL], id="config-for-both"),
+        pytest.param(SMALL, GROUPED, [16], [SMALL, GROUPED], id="same-BLOCK_M-one-alignment"),
+        pytest.param(SMALL, WIDE_M, [16, 64], [SMALL, WIDE_M], id="other-BLOCK_M-two"),
+    ],
+)
+def test_config_down_goes_to_the_second_launch(config, config_down, aligned, launched, device,
+                                               monkeypatch):  # fmt: skip
+    """Two GEMM launches whatever the configs; a second alignment only when BLOCK_SIZE_M differs."""
+    case = make_case(9, 4, 32, 64, 2, torch.float16, device)
+    seen_aligned, seen_launched = _spy(monkeypatch)
+    fused_experts(*case.args(), config=config, config_down=config_down, **case.kwargs)
+    assert seen_aligned == aligned
+    assert seen_launched == launched
+
+
+def test_lookup_feeds_each_gemm_its_table(device, tmp_path, monkeypatch):
+    """With no config the up GEMM reads the main table and the down GEMM the ``_down`` table."""
+    from moetune import lookup
+    from moetune.tables import gemm_suffix, table_filename, write_table
+
+    monkeypatch.setenv("MOETUNE_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(lookup, "_current_device_name", lambda: "cpu_interpreter")
+    full = {"num_warps": 4, "num_stages": 2}
+    for gemm, cfg in (("up", SMALL), ("down", WIDE_M)):
+        name = table_filename(4, 32, "cpu_interpreter", suffix=gemm_suffix(gemm))
+        write_table(tmp_path / name, {1: {**cfg, **full}}, triton_version="3.6.0")
+    case = make_case(9, 4, 32, 64, 2, torch.float16, device)
+    aligned, launched = _spy(monkeypatch)
+    with poisoned_workspace():
+        out = fused_experts(*case.args(), **case.kwargs)
+    assert launched == [{**SMALL, **full}, {**WIDE_M, **full}]
+    assert aligned == [16, 64]
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    assert check_close(out, ref, dtype=torch.float16).ok

@@ -1,0 +1,52 @@
+"""Tuning the op's two GEMMs apart (``moetune sweep --gemms split``).
+
+The up projection (w1: ``[E, 2N, K]``) and the down projection (w2: ``[E, K, N]``) have different
+shapes, so their best tiles differ. A split sweep evaluates every candidate twice per batch size:
+once as the up GEMM's config with the down GEMM at the heuristic default, once the other way
+round. Both runs check and time the whole op, so the numbers are comparable with a joint sweep's.
+
+The role travels in the journal's candidate key (``up:<key>``, ``down:<key>``, and
+``final:up:<key>`` when re-timed), so workers need nothing beyond the (key, config) pair they
+already get, and resume skips what is done exactly as in a joint sweep.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moetune.defaults import default_config
+from moetune.problem import Problem
+
+GEMM_MODES = ("joint", "split")
+GEMMS = ("up", "down")
+
+
+def split_key(gemm: str, key: str) -> str:
+    """The journal key of candidate ``key`` tuned for ``gemm`` alone."""
+    return f"{gemm}:{key}"
+
+
+def gemm_of(key: str) -> str | None:
+    """The GEMM a journal key tunes alone, or None for a joint key (or ``default``)."""
+    role = key.removeprefix("final:").split(":", 1)[0]
+    return role if role in GEMMS and ":" in key.removeprefix("final:") else None
+
+
+def heuristic(problem: Problem, M: int) -> dict[str, Any]:
+    """The heuristic default the untuned GEMM runs with (and the sweep's ``default`` pair)."""
+    return default_config(M, problem.E, problem.N, problem.K, problem.topk,
+                          dtype=problem.torch_dtype, quant=problem.quant,
+                          block_shape=problem.block_shape)  # fmt: skip
+
+
+def gemm_configs(
+    problem: Problem, key: str, config: dict[str, Any], M: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (up, down) configs a journal key runs with: ``config`` on its GEMM and the heuristic
+    default on the other for a split key; ``config`` on both for a joint one."""
+    gemm = gemm_of(key)
+    if gemm == "up":
+        return config, heuristic(problem, M)
+    if gemm == "down":
+        return heuristic(problem, M), config
+    return config, config

@@ -1,0 +1,111 @@
+"""Export from hand-written journals: which record becomes a table entry, and the _down table."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moetune.export import best_entries
+
+CFG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1,
+       "num_warps": 4, "num_stages": 2}  # fmt: skip
+PROBLEM = {"E": 4, "N": 32, "K": 64, "topk": 2, "dtype": "float16", "quant": None,
+           "block_shape": None, "per_channel": False, "bias": False,
+           "activation": "silu"}  # fmt: skip
+
+
+def _cfg(**kw) -> dict:
+    return {**CFG, **kw}
+
+
+def _header(**extra) -> dict:
+    return {"kind": "moetune-journal", "problem": PROBLEM, "device_name": "cpu_interpreter",
+            "interpreter": True, "triton": "3.9.0", "space_id": "abc", "moetune": "0.1.0",
+            **extra}  # fmt: skip
+
+
+def _ok(key: str, M: int, us: float, config: dict, **extra) -> dict:
+    return {"candidate": key, "M": M, "status": "ok", "config": config,
+            "timing": {"median_us": us}, **extra}  # fmt: skip
+
+
+def _winner(key: str, M: int, us: float, config: dict, **extra) -> dict:
+    return {"kind": "winner", "M": M, "winner": key, "config": config,
+            "timing": {"median_us": us}, "recheck": {"ok": True}, **extra}  # fmt: skip
+
+
+def _journal(path: Path, header: dict, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in [header, *records]))
+    return path
+
+
+def test_winner_outranks_a_faster_first_pass_record(tmp_path):
+    """The first pass times with few replays and a record may fail the re-check: a faster
+    first-pass time must not put an unchecked config in the table once a winner exists."""
+    lucky, checked = _cfg(BLOCK_SIZE_N=16), _cfg(BLOCK_SIZE_N=32)
+    j = _journal(tmp_path / "j.jsonl", _header(), [
+        _ok("a", 1, 5.0, lucky), _ok("b", 1, 9.0, checked), _winner("b", 1, 8.0, checked),
+        _ok("a", 8, 5.0, lucky),  # no winner at M=8 (unfinished): the fastest ok counts
+    ])  # fmt: skip
+    _, entries = best_entries([j])
+    assert entries == {1: checked, 8: lucky}
+
+
+def _split_journal(tmp_path: Path, down_pair_up: dict | None = None) -> Path:
+    """A finished split sweep at M=1 and 8: up winners, down winners paired with them."""
+    up = {1: _cfg(BLOCK_SIZE_N=16), 8: _cfg(BLOCK_SIZE_N=64)}
+    down = {1: _cfg(BLOCK_SIZE_M=32), 8: _cfg(BLOCK_SIZE_K=64)}
+    records = []
+    for M in (1, 8):
+        records += [
+            _ok(f"up:{M}", M, 2.0, _cfg(GROUP_SIZE_M=8), gemm="up"),  # faster, never re-checked
+            _winner(f"up:{M}", M, 5.0, up[M], gemm="up"),
+            _winner(f"down:{M}", M, 6.0, down[M], gemm="down",
+                    pair_up=down_pair_up if down_pair_up is not None else up[M]),
+        ]  # fmt: skip
+    return _journal(tmp_path / "s.jsonl", _header(gemms="split"), records)
+
+
+def test_split_journal_exports_main_and_down_tables(tmp_path):
+    from moetune.export import export_configs
+    from moetune.tables import load_table, sidecar_path
+
+    res = export_configs([_split_journal(tmp_path)], tmp_path / "out", sglang=True)
+    names = sorted(str(p.relative_to(tmp_path / "out")) for p in res.paths)
+    assert names == [
+        "E=4,N=32,device_name=cpu_interpreter.json",
+        "E=4,N=32,device_name=cpu_interpreter_down.json",
+        "triton_3_9_0/E=4,N=32,device_name=cpu_interpreter.json",
+        "triton_3_9_0/E=4,N=32,device_name=cpu_interpreter_down.json",
+    ]
+    main = load_table(tmp_path / "out" / names[0])
+    down = load_table(tmp_path / "out" / names[1])
+    assert main.entries == {1: _cfg(BLOCK_SIZE_N=16), 8: _cfg(BLOCK_SIZE_N=64)}
+    assert down.entries == {1: _cfg(BLOCK_SIZE_M=32), 8: _cfg(BLOCK_SIZE_K=64)}
+    assert json.loads(sidecar_path(down.path).read_text())["gemm"] == "down"
+    assert any("BLOCK_SIZE_M differs" in w and "M=[1]" in w for w in res.warnings)
+
+
+def test_no_down_table_without_winners_checked_with_the_main_entries(tmp_path):
+    """A down winner checked with another up config is no evidence for this pair: the _down
+    table is left out (and an older one removed), so the runtime falls back to the main table."""
+    from moetune.export import export_configs
+
+    out = tmp_path / "out"
+    export_configs([_split_journal(tmp_path)], out)
+    assert (out / "E=4,N=32,device_name=cpu_interpreter_down.json").exists()
+    res = export_configs([_split_journal(tmp_path, down_pair_up=_cfg())], out)
+    assert [p.name for p in res.paths] == ["E=4,N=32,device_name=cpu_interpreter.json"]
+    assert res.down_entries is None
+    assert not (out / "E=4,N=32,device_name=cpu_interpreter_down.json").exists()
+    assert any("no _down table" in w for w in res.warnings)
+
+
+def test_split_and_joint_journals_do_not_mix(tmp_path):
+    from moetune.export import ExportError, export_configs
+
+    joint = _journal(tmp_path / "j.jsonl", _header(), [_ok("a", 1, 5.0, CFG)])
+    named = _journal(tmp_path / "n.jsonl", _header(gemms="joint"), [_ok("a", 1, 5.0, CFG)])
+    assert best_entries([joint, named])[1] == {1: CFG}, "no gemms field means joint"
+    with pytest.raises(ExportError, match="gemms"):
+        export_configs([_split_journal(tmp_path), joint], tmp_path / "out")
