@@ -16,12 +16,18 @@ Strategies replayed:
                        --strategy halving --keep k), on the full or the fast space
   random(n)            n random candidates per batch size (mean over 20 draws)
 
+A real budgeted run is checked against the same exhaustive journal with ``--run``: its winner
+per batch size is looked up there and its distance from the best reported.
+
 Usage: python benchmarks/tuning_curve.py JOURNAL [JOURNAL ...] [--json out.json] [--md out.md]
+       python benchmarks/tuning_curve.py EXHAUSTIVE --run RUN_JOURNAL
+Journals may be gzipped (``.jsonl.gz``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import random
@@ -36,7 +42,7 @@ RANDOM_N = (4, 8, 16, 32, 64, 128, 256)
 
 def load(path: Path) -> tuple[dict, dict[int, dict[str, tuple[float, float]]], float]:
     """Header, {M: {candidate: (median_us, eval_s)}} of first-pass ok records, pruned/other cost."""
-    lines = path.read_text().splitlines()
+    lines = _read_lines(path)
     header = json.loads(lines[0])
     table: dict[int, dict[str, tuple[float, float]]] = {}
     other = 0.0
@@ -51,6 +57,30 @@ def load(path: Path) -> tuple[dict, dict[int, dict[str, tuple[float, float]]], f
         else:
             other += r.get("eval_s", 0.0)
     return header, table, other
+
+
+def _read_lines(path: Path) -> list[str]:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+    return path.read_text().splitlines()
+
+
+def check_run(exhaustive: Path, run: Path) -> dict:
+    """A real run's winners, looked up in the exhaustive journal: distance from its best."""
+    _, table, _ = load(exhaustive)
+    recs = [json.loads(line) for line in _read_lines(run)[1:] if line.strip()]
+    winners = {r["M"]: r["winner"] for r in recs if r.get("kind") == "winner"}
+    evaluated = [r for r in recs if "candidate" in r and r.get("status") != "pruned"]
+    per_M = {}
+    for M, key in sorted(winners.items()):
+        best = min(t for t, _ in table[M].values())
+        per_M[M] = table[M][key][0] / best - 1 if key in table[M] else None
+    known = [d for d in per_M.values() if d is not None]
+    stamps = [r["t"] for r in recs if "t" in r]
+    return {"run": str(run), "per_M": per_M, "worst": max(known) if known else None,
+            "evaluations": len(evaluated), "eval_s": sum(r.get("eval_s", 0) for r in evaluated),
+            "journal_span_s": max(stamps) - min(stamps) if stamps else None}  # fmt: skip
 
 
 def fast_keys(header: dict) -> set[str]:
@@ -162,7 +192,14 @@ def main(argv: list[str]) -> None:
     ap.add_argument("journals", nargs="+", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
+    ap.add_argument("--run", type=Path, help="a real run to check against the first journal")
     args = ap.parse_args(argv)
+    if args.run:
+        res = check_run(args.journals[0], args.run)
+        print(json.dumps(res, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1) + "\n")
+        return
     results = [curve(p) for p in args.journals]
     md = markdown(results)
     print(md)

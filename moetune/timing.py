@@ -95,6 +95,24 @@ def time_op(
     return Timing(med, lo, hi, len(samples), "cuda-graph")
 
 
+SET_MEMORY_BYTES = 16 * 2**30  # at most this much weight copies for rotation
+
+
+def timing_set_count(weight_bytes: int, num_experts: int, topk: int, l2: int) -> int:
+    """Input sets (each with its own weights) to rotate through when timing.
+
+    Counted from the weights one call at the smallest batch size touches (topk experts), not
+    from all of them: Qwen3-30B-A3B's 8 experts at M=1 are 38 MB, which fit the H100's 50 MB L2
+    although the whole set (604 MB) does not, and reusing one set put M=1 timings 15-20% below
+    what cold weights give (two full-space runs disagreed that much on their M=1 winners). A
+    served model runs other layers between two calls of one layer, so cold is the honest case.
+    """
+    if weight_bytes <= 0 or num_experts <= 0:
+        return 1
+    touched = weight_bytes * min(topk, num_experts) // num_experts
+    return max(1, min(rotation_count(touched, l2), SET_MEMORY_BYTES // weight_bytes))
+
+
 def rotation_count(bytes_per_set: int, l2_bytes: int, cap: int = 8) -> int:
     """Enough input sets that one pass over them is at least 4× the L2 (at most ``cap``)."""
     if bytes_per_set <= 0:

@@ -161,3 +161,17 @@ def test_zipf_routing_is_skewed_and_distinct():
     assert load[0] > 2 * load[3] > 0 and load[3] > load[7] > 0
     assert (ids[:, 0] != ids[:, 1]).all()
     assert torch.all((weights > 0) & (weights <= 1))
+
+
+def test_timing_sets_count_the_weights_one_call_touches():
+    """Qwen3-30B-A3B TP2 (E=128, 8 of 604 MB per call at M=1) needs fresh weights per call;
+    Mixtral's two 176 MB experts do not fit the L2 at all; copies stay within the memory cap."""
+    from moetune.timing import SET_MEMORY_BYTES, timing_set_count
+
+    l2 = 50 * 2**20
+    qwen = 128 * 3 * 384 * 2048 * 2
+    assert timing_set_count(qwen, 128, 8, l2) == 6
+    assert timing_set_count(8 * 3 * 7168 * 4096 * 2, 8, 2, l2) == 1
+    assert timing_set_count(qwen, 128, 8, 0) == 1  # no L2 (interpreter)
+    huge = SET_MEMORY_BYTES // 2
+    assert timing_set_count(huge, 4096, 1, l2) == 2

@@ -1,0 +1,128 @@
+"""Before/after for the routing-metadata and activation kernels, on the GPU at hand.
+
+The same op, config (the shipped table's, else the heuristic default) and inputs, run two ways:
+``torch`` with the PyTorch ``moe_align_block_size_torch`` (~30 launches) and PyTorch activation
+(4-8 launches), as moetune 0.1 did, and ``kernels`` with the Triton versions (3 + 1 launches).
+Both are checked against the float64 reference before they are timed (CUDA-graph replay, weights
+cold in L2), and the floor max(bytes / bandwidth, flops / peak) from ceilings measured on the same
+GPU is printed beside them.
+
+Usage: python benchmarks/launch_overhead.py OUT.json [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from moetune import ops
+from moetune.activation import apply_activation, apply_activation_torch
+from moetune.align import moe_align_block_size_torch
+from moetune.align_kernel import moe_align_block_size
+from moetune.check import check_close
+from moetune.inputs import random_moe_inputs
+from moetune.lookup import config_for
+from moetune.platform import detect_platform
+from moetune.presets import preset_problem
+from moetune.reference import fused_experts_reference
+from moetune.roofline import measure_ceilings, roofline
+from moetune.timing import l2_bytes, time_op, timing_set_count
+
+PROBLEMS = [("Mixtral-8x7B", 2), ("Qwen3-30B-A3B", 2), ("gpt-oss-120b", 1)]
+QUANTS = [None, "fp8_w8a8"]
+BATCH_SIZES = [1, 8, 32, 128, 512, 2048, 4096]
+VARIANTS = {
+    "torch": (moe_align_block_size_torch, apply_activation_torch),
+    "kernels": (moe_align_block_size, apply_activation),
+}
+
+
+def _use(variant: str) -> None:
+    ops.moe_align_block_size, ops.apply_activation = VARIANTS[variant]
+
+
+def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) -> list[dict]:
+    problem = preset_problem(name, tp, quant=quant)
+    plat = detect_platform()
+    m_max = max(batch_sizes)
+    draw = lambda seed: random_moe_inputs(problem, m_max, "cuda", seed=seed,  # noqa: E731
+                                          fp8_dtype=plat.fp8_torch_dtype)  # fmt: skip
+    sets = [draw(1)]
+    w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])
+    n = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes("cuda"))
+    sets += [draw(1 + i) for i in range(1, n)]
+    rows = []
+    for M in batch_sizes:
+        ins = [((x[:M], w1, w2, tw[:M], ti[:M]), kw) for (x, w1, w2, tw, ti), kw in sets]
+        cfg = config_for(M, problem.E, problem.N, problem.K, problem.topk,
+                         dtype=problem.torch_dtype, quant=quant, block_shape=None)  # fmt: skip
+        ref = fused_experts_reference(*ins[0][0], **ins[0][1])
+        row = {"problem": name, "tp": tp, "quant": quant or "bf16", "M": M, "config": cfg,
+               "sets": n}  # fmt: skip
+        for variant in VARIANTS:
+            _use(variant)
+
+            def run(i: int, ins=ins, cfg=cfg) -> torch.Tensor:
+                return ops.fused_experts(*ins[i][0], config=cfg, **ins[i][1])
+
+            with ops.poisoned_workspace():
+                chk = check_close(run(0), ref, dtype=problem.torch_dtype, quant=quant)
+            row[f"{variant}_ok"] = chk.ok
+            row[f"{variant}_rel_err"] = chk.rel_err
+            row[f"{variant}_us"] = (
+                time_op(run, len(ins), device="cuda", replays=20).median_us if chk.ok else None
+            )
+        _use("kernels")
+        routed = statistics.mean(float(torch.unique(s[0][4][:M]).numel()) for s in sets)
+        fl = roofline(problem, M, ceilings, experts=routed)
+        row.update(floor_us=fl.us, bound=fl.bound)
+        rows.append(row)
+        print(_line(row), flush=True)
+        del ref
+    del sets
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _line(r: dict) -> str:
+    t, k, f = r["torch_us"], r["kernels_us"], r["floor_us"]
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    speed = f"{t / k:.2f}x" if t and k else "-"
+    ratio = f"{k / f:.2f}" if k else "-"
+    return (f"| {r['problem']} TP{r['tp']} | {r['quant']} | {r['M']} | {fmt(t)} | {fmt(k)} | "
+            f"{speed} | {fmt(f)} | {ratio} |")  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    out = argv[0]
+    batch_sizes = [1, 32, 4096] if "--quick" in argv else BATCH_SIZES
+    t0 = time.time()
+    ceilings = measure_ceilings("cuda")
+    print(f"ceilings: {ceilings}", flush=True)
+    print("| problem | dtype | M | torch align+act µs | kernels µs | speedup | floor µs | "
+          "kernels/floor |\n|---|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    rows = []
+    for name, tp in PROBLEMS:
+        for quant in QUANTS:
+            try:
+                rows += bench_problem(name, tp, quant, ceilings, batch_sizes)
+            except Exception as e:  # report and go on with the next problem
+                print(f"{name} TP{tp} {quant}: {type(e).__name__}: {e}", flush=True)
+                torch.cuda.empty_cache()
+    geo = {}
+    for v in VARIANTS:
+        ratios = [r[f"{v}_us"] / r["floor_us"] for r in rows if r[f"{v}_us"]]
+        geo[v] = statistics.geometric_mean(ratios) if ratios else None
+    print(f"geomean time/floor: {geo}  ({time.time() - t0:.0f} s)")
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "ceilings": str(ceilings), "geomean_over_floor": geo}  # fmt: skip
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
