@@ -46,11 +46,17 @@ def load(path: Path) -> tuple[dict, dict[int, dict[str, tuple[float, float]]], f
     header = json.loads(lines[0])
     table: dict[int, dict[str, tuple[float, float]]] = {}
     other = 0.0
-    for line in lines[1:]:
-        if not line.strip():
-            continue
-        r = json.loads(line)
+    records = [json.loads(line) for line in lines[1:] if line.strip()]
+    seen: dict[str, set[int]] = {}
+    for r in records:
+        if "candidate" in r and r.get("phase") != "final":
+            seen.setdefault(r["candidate"], set()).add(r["M"])
+    # A journal cut short is exhaustive over the candidates it finished at every batch size.
+    complete = {c for c, ms in seen.items() if len(ms) == len(header["batch_sizes"])}
+    for r in records:
         if "candidate" not in r or r.get("phase") == "final" or r["candidate"] == "default":
+            continue
+        if r["candidate"] not in complete:
             continue
         if r.get("status") == "ok":
             table.setdefault(r["M"], {})[r["candidate"]] = (r["timing"]["median_us"], r["eval_s"])
