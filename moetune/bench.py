@@ -100,6 +100,7 @@ class Variant:
     timing: Timing | None = None
     check: dict[str, Any] | None = None
     reason: str = ""
+    config_down: dict[str, Any] | None = None  # the down GEMM's, when a _down table gave one
 
     @property
     def us(self) -> float | None:
@@ -108,7 +109,8 @@ class Variant:
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "us": None if self.us is None else round(self.us, 3),
                 "timing": self.timing.as_dict() if self.timing else None,
-                "config": self.config, "reason": self.reason, "check": self.check}  # fmt: skip
+                "config": self.config, "config_down": self.config_down, "reason": self.reason,
+                "check": self.check}  # fmt: skip
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -216,20 +218,26 @@ def _run_variant(
         )
 
 
-def _tuned_lookup(problem: Problem) -> tuple[Callable[[int], dict] | None, str | None]:
-    """The op's own lookup, when a table file exists for the problem on this device."""
+def _tuned_lookup(
+    problem: Problem,
+) -> tuple[Callable[[int], dict] | None, Callable[[int], dict] | None, str | None]:
+    """The op's own lookup, when a table file exists for the problem on this device: the up
+    GEMM's config, and the down GEMM's when a ``_down`` table exists (else None)."""
     from moetune import lookup
 
     p = problem
     table = lookup.find_table(p.E, p.N, dtype=p.table_dtype, block_shape=p.block_shape)
     if table is None:
-        return None, None
+        return None, None, None
 
-    def config(M: int) -> dict[str, Any]:
+    def config(M: int, gemm: str = "up") -> dict[str, Any]:
         return lookup.config_for(M, p.E, p.N, p.K, p.topk, dtype=p.torch_dtype, quant=p.quant,
-                                 block_shape=p.block_shape)  # fmt: skip
+                                 block_shape=p.block_shape, gemm=gemm)  # fmt: skip
 
-    return config, str(table.path)
+    down = lookup.find_table(p.E, p.N, dtype=p.table_dtype, block_shape=p.block_shape,
+                             gemm="down")  # fmt: skip
+    config_down = (lambda M: config(M, "down")) if down is not None else None
+    return config, config_down, str(table.path)
 
 
 def _slice(inputs: Inputs, M: int) -> Inputs:
@@ -243,6 +251,7 @@ def _bench_one(
     sets: list[Inputs],
     naive_sets: list[Inputs],
     table_config: Callable[[int], dict[str, Any]] | None,
+    table_config_down: Callable[[int], dict[str, Any]] | None = None,
     **kw: Any,
 ) -> tuple[Variant, Variant, Variant]:
     from moetune.reference import fused_experts_reference
@@ -251,26 +260,28 @@ def _bench_one(
     naive_ins = [_slice(s, M) for s in naive_sets]
     ref = fused_experts_reference(*ins[0][0], **ins[0][1])
 
-    def fused(config: dict[str, Any], name: str) -> Variant:
+    def fused(config: dict[str, Any], name: str, down: dict[str, Any] | None = None) -> Variant:
         def run(i: int) -> torch.Tensor:
-            return fused_experts(*ins[i][0], config=config, **ins[i][1])
+            return fused_experts(*ins[i][0], config=config, config_down=down, **ins[i][1])
 
         def first() -> torch.Tensor:
             with poisoned_workspace():
                 return run(0)
 
-        return _run_variant(name, config, run, first, ref, problem, tol=None, num_sets=len(ins),
-                            **kw)  # fmt: skip
+        v = _run_variant(name, config, run, first, ref, problem, tol=None, num_sets=len(ins),
+                         **kw)  # fmt: skip
+        return dataclasses.replace(v, config_down=down)
 
     p = problem
     cfg_default = default_config(M, p.E, p.N, p.K, p.topk, dtype=p.torch_dtype, quant=p.quant,
                                  block_shape=p.block_shape)  # fmt: skip
     default = fused(cfg_default, "default")
     cfg_tuned = table_config(M) if table_config is not None else cfg_default
-    if cfg_tuned == cfg_default:
-        tuned = dataclasses.replace(default, name="tuned")  # the same kernel: timed once
+    cfg_down = table_config_down(M) if table_config_down is not None else None
+    if cfg_tuned == cfg_default and cfg_down in (None, cfg_default):
+        tuned = dataclasses.replace(default, name="tuned")  # the same kernels: timed once
     else:
-        tuned = fused(cfg_tuned, "tuned")
+        tuned = fused(cfg_tuned, "tuned", cfg_down)
 
     def naive_run(i: int) -> torch.Tensor:
         return naive_moe(*naive_ins[i])
@@ -295,7 +306,7 @@ def run_bench(
     """Check and time default, tuned and naive at each batch size; see the module doc.
 
     ``table_config(M)`` gives the tuned config (``tuned_source="given"``); None looks the tables
-    up as the op does (``"table"`` when a file is found, else ``"default"``: tuned = default).
+    up as the op does (the down GEMM from a ``_down`` table when there is one) (``"table"`` when a file is found, else ``"default"``: tuned = default).
     Inputs are drawn once at the largest batch size and sliced, in enough sets to rotate past L2.
     """
     from moetune.journal import provenance
@@ -305,9 +316,9 @@ def run_bench(
     device = str(device)
     interpreter = torch.device(device).type != "cuda"
     plat = detect_platform()
-    source, table_path = "given", None
+    source, table_path, table_config_down = "given", None, None
     if table_config is None:
-        table_config, table_path = _tuned_lookup(problem)
+        table_config, table_config_down, table_path = _tuned_lookup(problem)
         source = "table" if table_config is not None else "default"
     ceilings = measure_ceilings(device)
 
@@ -323,6 +334,7 @@ def run_bench(
     rows = []
     for M in batch_sizes:
         default, tuned, naive = _bench_one(problem, M, sets, naive_sets, table_config,
+                                           table_config_down,
                                            device=device, replays=replays)  # fmt: skip
         floor = None
         if ceilings.available:  # the experts these inputs route to, not their expectation

@@ -270,3 +270,22 @@ def test_gpu_floor_is_a_lower_bound_and_the_naive_loop_runs_without_a_graph():
         assert r.default.timing.method == "cuda-graph" and r.naive.timing.method == "cuda-events"
         assert r.tuned_over_floor >= 1.0 and r.default.us >= r.floor.us
     torch.randn(4, device="cuda")  # no failed capture left the CUDA generator in capture state
+
+
+def test_tuned_variant_runs_the_down_table_too(tmp_path, monkeypatch):
+    """With a main table and a _down table for the problem, 'tuned' is what the op would run:
+    both configs, the down one from the _down table."""
+    from moetune.tables import gemm_suffix, table_filename, write_table
+
+    up = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
+          "num_warps": 4, "num_stages": 2}  # fmt: skip
+    device = "cpu_interpreter"
+    for gemm, cfg in (("up", up), ("down", OTHER_CONFIG)):
+        name = table_filename(TINY.E, TINY.N, device, None, None, suffix=gemm_suffix(gemm))
+        write_table(tmp_path / name, {1: cfg}, triton_version="3.9.0")
+    monkeypatch.setenv("MOETUNE_CONFIG_DIR", str(tmp_path))
+    result = run_bench(TINY, [1], device="cpu", replays=1)
+    assert result.tuned_source == "table"
+    tuned = result.rows[0].tuned
+    assert tuned.ok, tuned.reason
+    assert tuned.config == up and tuned.config_down == OTHER_CONFIG
