@@ -306,7 +306,8 @@ def run_bench(
     """Check and time default, tuned and naive at each batch size; see the module doc.
 
     ``table_config(M)`` gives the tuned config (``tuned_source="given"``); None looks the tables
-    up as the op does (the down GEMM from a ``_down`` table when there is one) (``"table"`` when a file is found, else ``"default"``: tuned = default).
+    up as the op does, the down GEMM from a ``_down`` table when there is one (``"table"`` when
+    a file is found, else ``"default"``: tuned = default).
     Inputs are drawn once at the largest batch size and sliced, in enough sets to rotate past L2.
     """
     from moetune.journal import provenance

@@ -14,7 +14,7 @@ from moetune.activation import apply_activation
 from moetune.align_kernel import moe_align_block_size
 from moetune.launch import invoke_moe_gemm
 from moetune.problem import ACTIVATIONS
-from moetune.quant import quantize_activation
+from moetune.quant_kernel import quantize_activation_fast as quantize_activation
 from moetune.validate import validate_moe_args
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)

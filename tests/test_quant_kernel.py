@@ -1,0 +1,73 @@
+"""The Triton fp8 activation quantization gives the same bits as the PyTorch version the
+reference uses, for every scale mode, both e4m3 dialects and the rounding corner cases."""
+
+import pytest
+import torch
+
+from moetune import ops
+from moetune.quant import quantize_activation
+from moetune.quant_kernel import quantize_activation_fast
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]
+MODES = {
+    "dynamic-tensor": {},
+    "dynamic-token": {"per_token": True},
+    "dynamic-group": {"group_k": 128},
+    "static-tensor": {"scale": "tensor"},
+    "static-token": {"scale": "token"},
+}
+
+
+def _kw(mode: str, T: int, device: str) -> dict:
+    kw = dict(MODES[mode])
+    if kw.get("scale") == "tensor":
+        kw["scale"] = torch.tensor([0.013], device=device)
+    elif kw.get("scale") == "token":
+        kw["scale"] = torch.rand(T, 1, device=device) * 0.05 + 1e-3
+    return kw
+
+
+@pytest.mark.parametrize("qdtype", FP8, ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize(("T", "K"), [(1, 64), (37, 2048), (5, 3000)])  # 3000: ragged group/chunk
+def test_same_bits_as_the_reference_quantization(qdtype, mode, T, K, device):
+    x = (torch.randn(T, K, device=device) * 3).to(torch.float16)
+    x[0, :7] = 0.0
+    kw = _kw(mode, T, device)
+    got, got_scale = quantize_activation_fast(x, qdtype, **kw)
+    want, want_scale = quantize_activation(x, qdtype, **kw)
+    assert got.dtype == qdtype and got.shape == want.shape
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(got_scale.reshape(want_scale.shape), want_scale)
+
+
+@pytest.mark.parametrize("qdtype", FP8, ids=["e4m3fn", "e4m3fnuz"])
+def test_rounding_ties_powers_of_two_and_subnormals(qdtype, device):
+    """Every fp8 value, the midpoints between neighbours (ties go to even), values just under
+    a power of two (rounding up crosses a binade) and past the largest value (saturate)."""
+    grid = torch.arange(256, dtype=torch.uint8, device=device).view(qdtype).float()
+    grid = torch.unique(grid[torch.isfinite(grid)])
+    mids = (grid[1:] + grid[:-1]) / 2
+    near = torch.tensor([126.5, 127.9, 0.0155, 7.99, 239.9, 250.0, 500.0, 1e-5], device=device)
+    x = torch.cat([grid, mids, near, -near]).reshape(1, -1)
+    one = torch.tensor([1.0], device=device)
+    got, _ = quantize_activation_fast(x, qdtype, scale=one)
+    want, _ = quantize_activation(x, qdtype, scale=one)
+    assert torch.equal(got.float(), want.float())
+
+
+def test_int8_takes_the_pytorch_path(device):
+    x = torch.randn(4, 32, device=device)
+    got, s = quantize_activation_fast(x, torch.int8, per_token=True)
+    want, ws = quantize_activation(x, torch.int8, per_token=True)
+    assert torch.equal(got, want) and torch.equal(s, ws)
+
+
+def test_bad_static_scale_shape_is_refused(device):
+    x = torch.randn(4, 32, device=device)
+    with pytest.raises(ValueError, match="activation scale must have shape"):
+        quantize_activation_fast(x, torch.float8_e4m3fn, scale=torch.ones(3, device=device))
+
+
+def test_the_op_quantizes_with_the_kernel_version():
+    assert ops.quantize_activation is quantize_activation_fast
