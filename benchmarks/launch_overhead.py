@@ -30,7 +30,7 @@ from moetune.platform import detect_platform
 from moetune.presets import preset_problem
 from moetune.reference import fused_experts_reference
 from moetune.roofline import measure_ceilings, roofline
-from moetune.timing import l2_bytes, time_op, timing_set_count
+from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_count
 
 PROBLEMS = [("Mixtral-8x7B", 2), ("Qwen3-30B-A3B", 2), ("gpt-oss-120b", 1)]
 QUANTS = [None, "fp8_w8a8"]
@@ -53,7 +53,8 @@ def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) 
                                           fp8_dtype=plat.fp8_torch_dtype)  # fmt: skip
     sets = [draw(1)]
     w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])
-    n = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes("cuda"))
+    n = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes("cuda"),
+                         set_memory_budget("cuda"))  # fmt: skip
     sets += [draw(1 + i) for i in range(1, n)]
     rows = []
     for M in batch_sizes:

@@ -40,10 +40,13 @@ KEEPS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.25, 0.5)
 RANDOM_N = (4, 8, 16, 32, 64, 128, 256)
 
 
-def load(path: Path) -> tuple[dict, dict[int, dict[str, tuple[float, float]]], float]:
-    """Header, {M: {candidate: (median_us, eval_s)}} of first-pass ok records, pruned/other cost."""
+def load(path: Path) -> tuple[dict, dict[int, dict[str, tuple[float, float]]], float, int]:
+    """Header, {M: {candidate: (median_us, eval_s)}} of first-pass ok records, the seconds spent
+    on failed or rejected pairs, and how many candidates the (finished part of the) space has."""
     lines = _read_lines(path)
     header = json.loads(lines[0])
+    if header.get("gemms", "joint") != "joint":
+        raise SystemExit(f"{path}: a --gemms split journal; the replay handles joint sweeps only")
     table: dict[int, dict[str, tuple[float, float]]] = {}
     other = 0.0
     records = [json.loads(line) for line in lines[1:] if line.strip()]
@@ -62,7 +65,7 @@ def load(path: Path) -> tuple[dict, dict[int, dict[str, tuple[float, float]]], f
             table.setdefault(r["M"], {})[r["candidate"]] = (r["timing"]["median_us"], r["eval_s"])
         else:
             other += r.get("eval_s", 0.0)
-    return header, table, other
+    return header, table, other, len(complete - {"default"})
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -74,7 +77,7 @@ def _read_lines(path: Path) -> list[str]:
 
 def check_run(exhaustive: Path, run: Path) -> dict:
     """A real run's winners, looked up in the exhaustive journal: distance from its best."""
-    _, table, _ = load(exhaustive)
+    _, table, _, _ = load(exhaustive)
     recs = [json.loads(line) for line in _read_lines(run)[1:] if line.strip()]
     winners = {r["M"]: r["winner"] for r in recs if r.get("kind") == "winner"}
     evaluated = [r for r in recs if "candidate" in r and r.get("status") != "pruned"]
@@ -113,10 +116,12 @@ def outcome(table, chosen: dict[int, set[str]]) -> dict:
             "per_M": dist}  # fmt: skip
 
 
-def halving(table, pool: set[str], keep: float) -> dict[int, set[str]]:
+def halving(table, pool: set[str], keep: float, space_size: int) -> dict[int, set[str]]:
+    """moetune's --strategy halving: ``keep`` is a fraction of the whole space (``space_size``
+    candidates, also those that never pass), as in ``sweep._survivors``."""
     Ms = sorted(table)
     anchors = sorted({Ms[0], Ms[len(Ms) // 2], Ms[-1]})
-    n_keep = max(4, math.ceil(keep * len(pool)))
+    n_keep = max(4, math.ceil(keep * space_size))
     survivors: set[str] = set()
     for M in anchors:
         ranked = sorted((t, c) for c, (t, _) in table[M].items() if c in pool)
@@ -134,18 +139,19 @@ def random_pick(table, pool: set[str], n: int, seed: int) -> dict[int, set[str]]
 
 
 def curve(path: Path) -> dict:
-    header, table, other_s = load(path)
+    header, table, other_s, n_space = load(path)
     full = set().union(*(set(c) for c in table.values()))
-    fast = fast_keys(header) & full
+    fast_all = fast_keys(header)
+    fast = fast_all & full
     rows = [
         dict(strategy="exhaustive-full", **outcome(table, {M: full for M in table})),
         dict(strategy="exhaustive-fast", **outcome(table, {M: fast for M in table})),
     ]
     for space, pool in (("full", full), ("fast", fast)):
         for k in KEEPS:
-            rows.append(
-                dict(strategy=f"halving({k})-{space}", **outcome(table, halving(table, pool, k)))
-            )
+            size = n_space if space == "full" else len(fast_all)
+            res = outcome(table, halving(table, pool, k, size))
+            rows.append(dict(strategy=f"halving({k})-{space}", **res))
     for n in RANDOM_N:
         runs = [outcome(table, random_pick(table, full, n, seed)) for seed in range(20)]
         rows.append({"strategy": f"random({n})-full",

@@ -94,9 +94,13 @@ def moe_align_block_size(
     """Sort the flattened ``topk_ids [M, topk]`` slots by expert, padding each expert to
     ``block_m``; same contract as :func:`moetune.align.moe_align_block_size_torch` (slot order
     within an expert aside), in three launches. ``expert_map`` (global → local id or -1) gives
-    blocks of experts on other ranks expert id -1."""
+    blocks of experts on other ranks expert id -1. Ids must lie in [0, num_experts): the
+    kernels do not check (that would need a host sync), and an id outside writes outside the
+    counters."""
     device = topk_ids.device
-    flat = topk_ids.reshape(-1)
+    flat = topk_ids.reshape(-1).contiguous()  # the kernels read ids at unit stride
+    if expert_map is not None:
+        expert_map = expert_map.to(device).contiguous()
     num_slots = flat.numel()
     max_padded = max_padded_slots(num_slots, num_experts, block_m)
     num_blocks = max_padded // block_m

@@ -33,7 +33,14 @@ from moetune.naive import dequantized_for_naive, naive_moe
 from moetune.ops import fused_experts, poisoned_workspace
 from moetune.problem import Problem
 from moetune.roofline import Ceilings, Floor, floor_us, measure_ceilings, roofline
-from moetune.timing import Timing, _quantiles, l2_bytes, time_op, timing_set_count
+from moetune.timing import (
+    Timing,
+    _quantiles,
+    l2_bytes,
+    set_memory_budget,
+    time_op,
+    timing_set_count,
+)
 
 __all__ = ["BenchResult", "BenchRow", "Ceilings", "Variant", "floor_us", "measure_ceilings",
            "naive_moe", "run_bench", "save_json", "save_plot"]  # fmt: skip
@@ -329,7 +336,10 @@ def run_bench(
 
     sets = [draw(1)]
     w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])
-    n_sets = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device))
+    # Each set also gets a dequantized copy for the naive loop (16-bit: twice an 8-bit set).
+    copies = 3 if problem.quant else 2
+    n_sets = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device),
+                              set_memory_budget(device) // copies)  # fmt: skip
     sets += [draw(1 + i) for i in range(1, n_sets)]
     naive_sets = [dequantized_for_naive(*s) for s in sets]
     rows = []

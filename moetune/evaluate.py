@@ -19,7 +19,7 @@ from moetune.inputs import random_moe_inputs
 from moetune.ops import fused_experts, poisoned_workspace
 from moetune.platform import Platform
 from moetune.problem import Problem
-from moetune.timing import l2_bytes, time_op, timing_set_count
+from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_count
 
 # A CUDA error of this kind leaves the context unusable: the worker must be replaced.
 FATAL_CUDA_MARKERS = ("illegal memory access", "unspecified launch failure", "CUDA error")
@@ -50,7 +50,8 @@ class Workload:
         m_max = max(batch_sizes)
         self.check = self._draw(m_max, seed=1)
         w_bytes = sum(t.numel() * t.element_size() for t in self.check[0][1:3])
-        self.num_sets = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device))
+        self.num_sets = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device),
+                                         set_memory_budget(device))  # fmt: skip
         self.sets = [self.check] + [self._draw(m_max, seed=2 + i) for i in range(self.num_sets - 1)]
         self.refs: dict[int, torch.Tensor] = {}
 

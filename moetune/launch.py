@@ -46,7 +46,7 @@ _compile_only = False
 @contextmanager
 def compile_only() -> Iterator[None]:
     """Within this block the GEMMs are compiled into Triton's cache but not launched (GPU only:
-    compile processes use it so that they put no kernels of theirs on a GPU being timed)."""
+    compile processes use it so that they put no GEMMs of theirs on a GPU being timed)."""
     global _compile_only
     saved, _compile_only = _compile_only, True
     try:

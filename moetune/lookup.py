@@ -86,9 +86,10 @@ def find_table(
     block_shape: tuple[int, int] | list[int] | None = None,
     device_name: str | None = None,
     gemm: str = "up",
+    folders: list[Path] | None = None,
 ) -> Table | None:
-    """The first table for this problem (and ``gemm``: "up" or "down") in the search folders,
-    or None."""
+    """The first table for this problem (and ``gemm``: "up" or "down") in ``folders`` (default:
+    the search folders), or None."""
     from moetune.platform import device_name_aliases
 
     suffix = gemm_suffix(gemm)
@@ -97,7 +98,7 @@ def find_table(
     names = [
         table_filename(E, N, d, dtype, bs, suffix=suffix) for d in device_name_aliases(device_name)
     ]
-    for folder in search_dirs():
+    for folder in folders if folders is not None else search_dirs():
         for name in names:
             path = folder / name
             try:
@@ -133,15 +134,16 @@ def get_config(
     heuristic default (``K``/``topk`` refine it; without them a 4096-wide top-2 layer is assumed).
 
     ``dtype`` is the table's dtype name: None (bf16/fp16), "float32", "fp8_w8a8", "int8_w8a8" or
-    "int8_w8a16". ``gemm="down"`` reads the ``_down`` table and, without one, answers what the
-    up projection would get.
+    "int8_w8a16". ``gemm="down"`` reads the ``_down`` table beside the main table (only there:
+    a ``_down`` table from another folder was never checked with this main table) and, without
+    one, answers what the up projection would get.
     """
-    if gemm_suffix(gemm):
+    table = find_table(E, N, dtype=dtype, block_shape=block_shape, device_name=device_name)
+    if table is not None and gemm_suffix(gemm):
         down = find_table(E, N, dtype=dtype, block_shape=block_shape, device_name=device_name,
-                          gemm=gemm)  # fmt: skip
+                          gemm=gemm, folders=[Path(table.path).parent])  # fmt: skip
         if down is not None:
             return dict(nearest_entry(down.entries, M))
-    table = find_table(E, N, dtype=dtype, block_shape=block_shape, device_name=device_name)
     if table is not None:
         return dict(nearest_entry(table.entries, M))
     wanted = table_filename(

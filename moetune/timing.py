@@ -98,7 +98,19 @@ def time_op(
 SET_MEMORY_BYTES = 16 * 2**30  # at most this much weight copies for rotation
 
 
-def timing_set_count(weight_bytes: int, num_experts: int, topk: int, l2: int) -> int:
+def set_memory_budget(device: torch.device | str, share: float = 0.25) -> int:
+    """Bytes of weight copies timing may hold: ``share`` of the device's free memory, at most
+    SET_MEMORY_BYTES (and SET_MEMORY_BYTES off the GPU, where no copies are made)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return SET_MEMORY_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(SET_MEMORY_BYTES, int(free * share))
+
+
+def timing_set_count(
+    weight_bytes: int, num_experts: int, topk: int, l2: int, memory_bytes: int = SET_MEMORY_BYTES
+) -> int:
     """Input sets (each with its own weights) to rotate through when timing.
 
     Counted from the weights one call at the smallest batch size touches (topk experts), not
@@ -110,7 +122,7 @@ def timing_set_count(weight_bytes: int, num_experts: int, topk: int, l2: int) ->
     if weight_bytes <= 0 or num_experts <= 0:
         return 1
     touched = weight_bytes * min(topk, num_experts) // num_experts
-    return max(1, min(rotation_count(touched, l2), SET_MEMORY_BYTES // weight_bytes))
+    return max(1, min(rotation_count(touched, l2), memory_bytes // weight_bytes))
 
 
 def rotation_count(bytes_per_set: int, l2_bytes: int, cap: int = 8) -> int:

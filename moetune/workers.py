@@ -23,8 +23,9 @@ from typing import Any
 
 Pair = tuple[str, dict[str, Any], int, int]  # (candidate key, config, batch size, replays)
 OnRecord = Callable[[dict[str, Any]], None]
-# A worker is handed its next chunk while it still has this many pairs to go.
-PREFETCH_PAIRS = 6
+# A worker holds at most this many chunks: the one it works on and the next, so it never waits
+# for the driver between chunks.
+CHUNKS_IN_FLIGHT = 2
 EXIT_CUDA_FATAL = 3
 
 
@@ -84,6 +85,10 @@ def worker_main(
                 os._exit(EXIT_CUDA_FATAL)
 
 
+def _chunks_left(slot: _Slot) -> int:
+    return sum(1 for e in slot.ends if e > slot.next_index)
+
+
 def _take_ready(todo: deque, ready: Callable[[str], bool] | None) -> list[Pair] | None:
     """The first chunk of ``todo`` whose candidates are all ready (removed from ``todo``)."""
     for i, chunk in enumerate(todo):
@@ -98,7 +103,8 @@ class _Slot:
     gpu: str | None
     proc: Any = None
     tasks: Any = None
-    chunk: list[Pair] = field(default_factory=list)
+    chunk: list[Pair] = field(default_factory=list)  # the chunks it holds, back to back
+    ends: list[int] = field(default_factory=list)  # where each held chunk ends in ``chunk``
     next_index: int = 0  # first pair of the chunk without a result
     since: float = 0.0  # when that pair started (last result, or the chunk's assignment)
     ready: bool = False
@@ -137,7 +143,7 @@ class WorkerPool:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = saved
-        slot.ready, slot.chunk, slot.next_index = False, [], 0
+        slot.ready, slot.chunk, slot.ends, slot.next_index = False, [], [], 0
 
     def run(
         self, chunks: list[list[Pair]], on_record: OnRecord,
@@ -151,14 +157,16 @@ class WorkerPool:
             if ready is not None:
                 ready("")  # let the gate take in news (compiles finished) once per round
             for slot in self.slots:
-                if slot.ready and todo and len(slot.chunk) - slot.next_index <= PREFETCH_PAIRS:
+                if slot.ready and todo and _chunks_left(slot) < CHUNKS_IN_FLIGHT:
                     chunk = _take_ready(todo, ready)
                     if chunk is None:
                         break
                     if slot.next_index >= len(slot.chunk):
                         slot.since = time.time()
+                    slot.ends = [e - slot.next_index for e in slot.ends if e > slot.next_index]
                     slot.chunk = slot.chunk[slot.next_index :] + chunk
                     slot.next_index = 0
+                    slot.ends.append(len(slot.chunk))
                     slot.tasks.put(chunk)
             self._drain(on_record, wait=0.05 if todo else 0.2)
             for wid, slot in enumerate(self.slots):
@@ -181,7 +189,7 @@ class WorkerPool:
                 slot.next_index += 1
                 slot.since = time.time()
                 if slot.next_index >= len(slot.chunk):
-                    slot.chunk = []
+                    slot.chunk, slot.ends = [], []
             try:
                 msg = self.results.get_nowait()
             except queue.Empty:

@@ -78,14 +78,14 @@ def test_down_falls_back_to_the_heuristic_like_up(dirs):
     assert down == default_config(8, E, N, 64, 2, dtype=torch.float16)
 
 
-def test_down_table_follows_the_folder_order(dirs, monkeypatch):
-    """Each GEMM's table is searched on its own: a ``_down`` table in a later folder is found
-    beside a main table in an earlier one, and an earlier ``_down`` table wins over a later one."""
+def test_down_table_only_beside_its_main_table(dirs, monkeypatch):
+    """A ``_down`` table is read only from the folder its main table came from: one in another
+    folder was never checked together with that main table (e.g. a stale file)."""
     first, second = dirs
     _write(first, UP)
     _write(second, DOWN, "down")
     monkeypatch.setattr(lookup, "_current_device_name", lambda: DEV)
-    assert lookup.get_config(1, E, N, gemm="down") == DOWN[1]
+    assert lookup.get_config(1, E, N, gemm="down") == UP[1]
     _write(first, {1: _entry(32, 32)}, "down")
     assert lookup.get_config(1, E, N, gemm="down") == _entry(32, 32)
     with pytest.raises(ValueError, match="gemm"):

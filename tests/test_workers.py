@@ -40,3 +40,28 @@ def test_pool_waits_for_ready_candidates_and_records_every_pair_once():
         pool.close()
     assert sorted(seen) == sorted((k, M) for k, _, M, _ in work)
     assert [k for k, _ in seen[:3]] == [first] * 3, "a chunk went out before it was ready"
+
+
+@pytest.mark.slow
+def test_a_worker_never_holds_more_than_two_chunks():
+    """One-pair chunks (finalists) must not pile up on one worker while others could take them."""
+    from moetune import workers
+
+    cands = search_space(get_platform("interpreter"), PROBLEM, "tiny")[:3]
+    work = [(c.key(), c.as_config(), M, 1) for c in cands for M in (1, 2)]
+    held: list[int] = []
+
+    class Watched(WorkerPool):
+        def _drain(self, on_record, wait):
+            held.extend(workers._chunks_left(s) for s in self.slots)
+            super()._drain(on_record, wait)
+
+    pool = Watched(problem_dict(PROBLEM), "interpreter", "cpu", [1, 2], "uniform", None,
+                   timeout_s=60)  # fmt: skip
+    seen = []
+    try:
+        pool.run(chunk_pairs(work, 1), seen.append)
+    finally:
+        pool.close()
+    assert len(seen) == len(work)
+    assert max(held) == workers.CHUNKS_IN_FLIGHT
