@@ -1,13 +1,15 @@
 """Before/after for the routing-metadata and activation kernels, on the GPU at hand.
 
 The same op, config (the shipped table's, else the heuristic default) and inputs, run two ways:
-``torch`` with the PyTorch ``moe_align_block_size_torch`` (~30 launches) and PyTorch activation
-(4-8 launches), as moetune 0.1 did, and ``kernels`` with the Triton versions (3 + 1 launches).
+``torch`` with the PyTorch ``moe_align_block_size_torch`` (~30 launches), PyTorch activation
+(4-8 launches) and PyTorch fp8 activation quantization (~9 launches each), as moetune 0.1 did,
+and ``kernels`` with the Triton versions; ``--quant-step`` adds ``no-quant-kernel`` (Triton
+routing and activation, PyTorch quantization) to separate the quantization kernels' share.
 Both are checked against the float64 reference before they are timed (CUDA-graph replay, weights
 cold in L2), and the floor max(bytes / bandwidth, flops / peak) from ceilings measured on the same
 GPU is printed beside them.
 
-Usage: python benchmarks/launch_overhead.py OUT.json [--quick]
+Usage: python benchmarks/launch_overhead.py OUT.json [--quick] [--quant-step]
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from moetune.inputs import random_moe_inputs
 from moetune.lookup import config_for
 from moetune.platform import detect_platform
 from moetune.presets import preset_problem
+from moetune.quant import quantize_activation
+from moetune.quant_kernel import quantize_activation_fast
 from moetune.reference import fused_experts_reference
 from moetune.roofline import measure_ceilings, roofline
 from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_count
@@ -36,13 +40,15 @@ PROBLEMS = [("Mixtral-8x7B", 2), ("Qwen3-30B-A3B", 2), ("gpt-oss-120b", 1)]
 QUANTS = [None, "fp8_w8a8"]
 BATCH_SIZES = [1, 8, 32, 128, 512, 2048, 4096]
 VARIANTS = {
-    "torch": (moe_align_block_size_torch, apply_activation_torch),
-    "kernels": (moe_align_block_size, apply_activation),
+    "torch": (moe_align_block_size_torch, apply_activation_torch, quantize_activation),
+    "kernels": (moe_align_block_size, apply_activation, quantize_activation_fast),
 }
+if "--quant-step" in sys.argv:  # also time align + activation kernels with PyTorch quantization
+    VARIANTS["no-quant-kernel"] = (moe_align_block_size, apply_activation, quantize_activation)
 
 
 def _use(variant: str) -> None:
-    ops.moe_align_block_size, ops.apply_activation = VARIANTS[variant]
+    ops.moe_align_block_size, ops.apply_activation, ops.quantize_activation = VARIANTS[variant]
 
 
 def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) -> list[dict]:
