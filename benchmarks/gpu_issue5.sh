@@ -11,10 +11,10 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 mkdir -p $OUT/r
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee -a $OUT/r/summary.txt
 if [ "$1" = kernels ]; then
-  timeout 170 python3 -m pytest -q -x tests/test_align.py tests/test_activation.py tests/test_op.py \
+  timeout 200 python3 -m pytest -q tests/test_align.py tests/test_activation.py tests/test_quant_kernel.py tests/test_op.py \
     > $OUT/r/pytest-gpu.log 2>&1; echo "pytest rc=$?" | tee -a $OUT/r/summary.txt
   tail -3 $OUT/r/pytest-gpu.log | tee -a $OUT/r/summary.txt
-  timeout 330 python3 benchmarks/launch_overhead.py $OUT/r/launch_overhead.json \
+  timeout 330 python3 benchmarks/launch_overhead.py $OUT/r/launch_overhead.json --quant-step \
     > $OUT/r/launch_overhead.log 2>&1; echo "launch_overhead rc=$?" | tee -a $OUT/r/summary.txt
   timeout 60 python3 -m moetune.cli verify configs/ > $OUT/r/verify.log 2>&1
   echo "verify rc=$?" | tee -a $OUT/r/summary.txt; tail -4 $OUT/r/verify.log
