@@ -229,7 +229,7 @@ def _tuned_lookup(
     problem: Problem,
 ) -> tuple[Callable[[int], dict] | None, Callable[[int], dict] | None, str | None]:
     """The op's own lookup, when a table file exists for the problem on this device: the up
-    GEMM's config, and the down GEMM's when a ``_down`` table exists (else None)."""
+    GEMM's config and the down GEMM's (the up one's unless a ``_down`` table gives another)."""
     from moetune import lookup
 
     p = problem
@@ -241,10 +241,7 @@ def _tuned_lookup(
         return lookup.config_for(M, p.E, p.N, p.K, p.topk, dtype=p.torch_dtype, quant=p.quant,
                                  block_shape=p.block_shape, gemm=gemm)  # fmt: skip
 
-    down = lookup.find_table(p.E, p.N, dtype=p.table_dtype, block_shape=p.block_shape,
-                             gemm="down")  # fmt: skip
-    config_down = (lambda M: config(M, "down")) if down is not None else None
-    return config, config_down, str(table.path)
+    return config, lambda M: config(M, "down"), str(table.path)
 
 
 def _slice(inputs: Inputs, M: int) -> Inputs:
@@ -285,6 +282,8 @@ def _bench_one(
     default = fused(cfg_default, "default")
     cfg_tuned = table_config(M) if table_config is not None else cfg_default
     cfg_down = table_config_down(M) if table_config_down is not None else None
+    if cfg_down == cfg_tuned:  # no _down table: the down GEMM runs the up GEMM's config
+        cfg_down = None
     if cfg_tuned == cfg_default and cfg_down in (None, cfg_default):
         tuned = dataclasses.replace(default, name="tuned")  # the same kernels: timed once
     else:

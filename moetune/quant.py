@@ -35,6 +35,18 @@ def _to_quant(x: torch.Tensor, scale: torch.Tensor, qdtype: torch.dtype) -> torc
     return y.clamp(-qmax, qmax).to(qdtype)
 
 
+def static_scale(scale: torch.Tensor, T: int) -> torch.Tensor:
+    """A given activation scale as fp32 ``[1]`` (per tensor) or ``[T, 1]`` (per token)."""
+    scale = scale.float()
+    if scale.numel() == 1:
+        return scale.reshape(1)
+    if scale.shape not in ((T, 1), (T,)):
+        raise ValueError(
+            f"activation scale must have shape [1] or [{T}, 1], got {tuple(scale.shape)}"
+        )
+    return scale.reshape(T, 1)
+
+
 def quantize_activation(
     x: torch.Tensor,
     qdtype: torch.dtype,
@@ -68,15 +80,7 @@ def quantize_activation(
         else:
             scale = (x.float().abs().amax().clamp(min=_MIN_AMAX) / qmax).reshape(1)
     else:
-        scale = scale.float()
-        if scale.numel() == 1:
-            scale = scale.reshape(1)
-        elif scale.shape not in ((T, 1), (T,)):
-            raise ValueError(
-                f"activation scale must have shape [1] or [{T}, 1], got {tuple(scale.shape)}"
-            )
-        else:
-            scale = scale.reshape(T, 1)
+        scale = static_scale(scale, T)
     q = _to_quant(x, scale if scale.dim() == 2 else scale.reshape(1, 1), qdtype)
     return q, scale
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moetune.quant import _MIN_AMAX, FP8_DTYPES, quant_max, quantize_activation
+from moetune.quant import _MIN_AMAX, FP8_DTYPES, quant_max, quantize_activation, static_scale
 
 COLS = 1024  # columns per program for the per-tensor kernels and per-row loops
 
@@ -114,7 +114,8 @@ def quantize_activation_fast(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`moetune.quant.quantize_activation` with Triton kernels for fp8 (same results);
     int8 and unusual inputs go to the PyTorch version."""
-    if qdtype not in FP8_DTYPES or x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+    unusual = x.dim() != 2 or x.numel() == 0 or (group_k is not None and scale is not None)
+    if qdtype not in FP8_DTYPES or unusual:  # the PyTorch version handles (or refuses) these
         return quantize_activation(x, qdtype, scale=scale, per_token=per_token, group_k=group_k)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -123,8 +124,6 @@ def quantize_activation_fast(
     min_exp = -6 if qdtype == torch.float8_e4m3fn else -7
     q = torch.empty((T, K), dtype=qdtype, device=x.device)
     if group_k is not None or (scale is None and per_token):
-        if group_k is not None and scale is not None:
-            raise ValueError("block-wise activation quantization is always dynamic")
         group = group_k if group_k is not None else K
         n_groups = triton.cdiv(K, group)
         s = torch.empty((T, n_groups), dtype=torch.float32, device=x.device)
@@ -144,17 +143,9 @@ def quantize_activation_fast(
             DYNAMIC=True, PER_ROW_SCALE=False, COLS=COLS, MIN_EXP=min_exp,
         )  # fmt: skip
         return q, out_scale
-    scale = scale.float()
-    if scale.numel() == 1:
-        scale, per_row = scale.reshape(1), False
-    elif scale.shape in ((T, 1), (T,)):
-        scale, per_row = scale.reshape(T, 1), True
-    else:
-        raise ValueError(
-            f"activation scale must have shape [1] or [{T}, 1], got {tuple(scale.shape)}"
-        )
+    scale = static_scale(scale, T).contiguous()  # the kernel reads it at unit stride
     _quant_tensor_kernel[grid](
         x, q, scale, scale, T, K, x.stride(0), q.stride(0), qmax, _MIN_AMAX,
-        DYNAMIC=False, PER_ROW_SCALE=per_row, COLS=COLS, MIN_EXP=min_exp,
+        DYNAMIC=False, PER_ROW_SCALE=scale.dim() == 2, COLS=COLS, MIN_EXP=min_exp,
     )  # fmt: skip
     return q, scale
