@@ -32,3 +32,20 @@ def test_nan_poison_survives_the_clamps(activation, device):
 def test_unknown_activation_is_refused(device):
     with pytest.raises(ValueError, match="activation must be one of"):
         apply_activation(torch.zeros(2, 8, device=device), "gelu")
+
+
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+def test_the_kernel_does_not_fall_back_to_torch_ops(activation, monkeypatch, device):
+    """Equal results alone would also pass a wrapper around the PyTorch version: forbid it."""
+    from moetune import activation as act_mod
+
+    x = torch.randn(6, 64, device=device, dtype=torch.float16)
+    want = apply_activation_torch(x, activation)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the activation fell back to PyTorch")
+
+    monkeypatch.setattr(act_mod, "apply_activation_torch", forbidden)
+    monkeypatch.setattr(torch.nn.functional, "silu", forbidden)
+    monkeypatch.setattr(torch, "sigmoid", forbidden)
+    torch.testing.assert_close(apply_activation(x, activation).float(), want.float())

@@ -71,3 +71,21 @@ def test_bad_static_scale_shape_is_refused(device):
 
 def test_the_op_quantizes_with_the_kernel_version():
     assert ops.quantize_activation is quantize_activation_fast
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fp8_goes_through_the_kernels_not_the_pytorch_version(mode, monkeypatch, device):
+    """Equal bits alone would also pass a wrapper around the PyTorch version: forbid it."""
+    from moetune import quant, quant_kernel
+
+    x = torch.randn(8, 256, device=device)
+    kw = _kw(mode, 8, device)
+    want, _ = quantize_activation(x, torch.float8_e4m3fn, **kw)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("fp8 quantization fell back to PyTorch")
+
+    monkeypatch.setattr(quant, "quantize_activation", forbidden)
+    monkeypatch.setattr(quant_kernel, "quantize_activation", forbidden)
+    got, _ = quantize_activation_fast(x, torch.float8_e4m3fn, **kw)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
