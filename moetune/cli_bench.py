@@ -60,7 +60,11 @@ def bench(
         typer.Option(help="Comma-separated batch sizes (default: vLLM's 18; 1,4,16 on CPU)."),
     ] = None,
     skew: Annotated[
-        str, typer.Option(help="Routing: uniform, or one-hot (every token to experts 0, 1).")
+        str,
+        typer.Option(
+            help="Routing: uniform, zipf (a few hot experts, a long tail) or one-hot "
+            "(every token to experts 0, 1)."
+        ),
     ] = "uniform",
     out_dir: Annotated[
         Path, typer.Option("--out", help="Folder for <name>.json and <name>.png.")
