@@ -3,13 +3,13 @@
 # curve (benchmarks/tuning_curve.py) is measured against. Each stage starts from an empty Triton
 # cache, so compiling is part of every wall time.
 #   stage "all": Qwen3-30B-A3B TP2 bf16, full space (1,304 candidates), vLLM's 18 batch sizes, on
-#                all GPUs; then OLMoE-1B-7B bf16 the same way (second exhaustive journal).
+#                all GPUs; then (OLMOE=1) OLMoE-1B-7B bf16 the same way (second exhaustive journal).
 #   stage "one": the same Qwen3 sweep on GPU 0 alone (cut at 585 s by the device's per-command
 #                limit if need be: re-run the stage to resume it and add the wall times).
 # Usage: benchmarks/gpu_scaling_full.sh all|one   (writes into $OUT)
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-R=results/full-space
+R=${R:-results/full-space-0.2}
 mkdir -p $R
 nvidia-smi --query-gpu=index,name --format=csv,noheader | head -1 | tee -a $OUT/summary.txt
 nproc | sed 's/^/cpus: /' | tee -a $OUT/summary.txt
@@ -20,25 +20,43 @@ run() {  # name gpus timeout args...
     > $R/$name.json 2>> $R/$name.stderr.txt
   tail -1 $R/$name.stderr.txt | tee -a $OUT/summary.txt
 }
-# Smoke test: compile-only mode must put a kernel in the cache without launching it.
+# Smoke test: compile-only mode, from CPU tensors as the compile processes run it, must put the
+# GEMMs in the cache without a CUDA context of its own; the real launch must then find them there.
 export TRITON_CACHE_DIR=/tmp/triton-smoke; rm -rf $TRITON_CACHE_DIR
-python3 - <<'PY' || exit 1
-import os, torch
+python3 - <<'PY' 2>&1 | tail -4 | tee -a $OUT/summary.txt
+import os, subprocess, torch
 from moetune.inputs import random_moe_inputs
 from moetune.launch import compile_only
 from moetune.ops import fused_experts
 from moetune.problem import Problem
-args, kw = random_moe_inputs(Problem(8, 384, 2048, 8, "bfloat16"), 16, "cuda", seed=0)
+def gemm_entries():
+    root = os.environ["TRITON_CACHE_DIR"]
+    return sorted(d for d in os.listdir(root)
+                  if any(f.startswith("fused_moe_kernel") for f in os.listdir(f"{root}/{d}")))
+config = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4,
+              num_stages=3)
+problem = Problem(8, 384, 2048, 8, "bfloat16")
+args, kw = random_moe_inputs(problem, 16, "cpu", seed=0)
 with compile_only():
-    fused_experts(*args, config=dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64,
-                  GROUP_SIZE_M=1, num_warps=4, num_stages=3), **kw)
-n = sum(len(f) for _, _, f in os.walk(os.environ["TRITON_CACHE_DIR"]))
-print("compile-only smoke test: cache files", n); assert n > 0
+    fused_experts(*args, config=config, **kw)
+apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                      capture_output=True, text=True).stdout.split()
+compiled = gemm_entries()
+print("compile-only from CPU tensors: GEMM cache entries", len(compiled),
+      "| this process holds a CUDA context:", str(os.getpid()) in apps)
+assert len(compiled) >= 1 and str(os.getpid()) not in apps
+args, kw = random_moe_inputs(problem, 16, "cuda", seed=0)
+fused_experts(*args, config=config, **kw)
+torch.cuda.synchronize()
+print("after a real launch: GEMM cache entries", len(gemm_entries()), "(same = cache hit)")
+assert gemm_entries() == compiled
 PY
+echo "smoke rc=$? (the sweeps go on either way: compile processes fall back to GPU inputs)" \
+  | tee -a $OUT/summary.txt
 if [ "$1" = all ]; then
   rm -rf /tmp/triton-cache-all; export TRITON_CACHE_DIR=/tmp/triton-cache-all
   run qwen3-full-gpus-all all 400 --model Qwen3-30B-A3B --tp 2
-  run olmoe-full-gpus-all all ${OLMOE_S:-170} --model OLMoE-1B-7B
+  [ "${OLMOE:-0}" = 1 ] && run olmoe-full-gpus-all all ${OLMOE_S:-170} --model OLMoE-1B-7B
 else
   [ -f $R/qwen3-full-gpus-0.jsonl ] || rm -rf /tmp/triton-cache-0
   export TRITON_CACHE_DIR=/tmp/triton-cache-0

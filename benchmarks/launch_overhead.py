@@ -9,7 +9,11 @@ Both are checked against the float64 reference before they are timed (CUDA-graph
 cold in L2), and the floor max(bytes / bandwidth, flops / peak) from ceilings measured on the same
 GPU is printed beside them.
 
-Usage: python benchmarks/launch_overhead.py OUT.json [--quick] [--quant-step]
+``--static`` adds ``static`` for the fp8 problems: the Triton kernels with calibrated static
+per-tensor activation scales (one quantization launch per GEMM instead of three), as the
+reference figures in issue 5 were measured (vLLM with static fp8 activation scales).
+
+Usage: python benchmarks/launch_overhead.py OUT.json [--quick] [--quant-step] [--static]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from moetune.activation import apply_activation, apply_activation_torch
 from moetune.align import moe_align_block_size_torch
 from moetune.align_kernel import moe_align_block_size
 from moetune.check import check_close
-from moetune.inputs import random_moe_inputs
+from moetune.inputs import random_moe_inputs, static_activation_scales
 from moetune.lookup import config_for
 from moetune.platform import detect_platform
 from moetune.presets import preset_problem
@@ -70,14 +74,19 @@ def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) 
         ref = fused_experts_reference(*ins[0][0], **ins[0][1])
         row = {"problem": name, "tp": tp, "quant": quant or "bf16", "M": M, "config": cfg,
                "sets": n}  # fmt: skip
-        for variant in VARIANTS:
-            _use(variant)
+        variants = list(VARIANTS) + (["static"] if quant and "--static" in sys.argv else [])
+        for variant in variants:
+            _use("kernels" if variant == "static" else variant)
+            vins, vref = ins, ref
+            if variant == "static":  # the same inputs with calibrated static activation scales
+                vins = [(a, {**k, **static_activation_scales(a, k)}) for a, k in ins]
+                vref = fused_experts_reference(*vins[0][0], **vins[0][1])
 
-            def run(i: int, ins=ins, cfg=cfg) -> torch.Tensor:
+            def run(i: int, ins=vins, cfg=cfg) -> torch.Tensor:
                 return ops.fused_experts(*ins[i][0], config=cfg, **ins[i][1])
 
             with ops.poisoned_workspace():
-                chk = check_close(run(0), ref, dtype=problem.torch_dtype, quant=quant)
+                chk = check_close(run(0), vref, dtype=problem.torch_dtype, quant=quant)
             row[f"{variant}_ok"] = chk.ok
             row[f"{variant}_rel_err"] = chk.rel_err
             row[f"{variant}_us"] = (
@@ -100,8 +109,11 @@ def _line(r: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     speed = f"{t / k:.2f}x" if t and k else "-"
     ratio = f"{k / f:.2f}" if k else "-"
+    static = ""
+    if r.get("static_us"):
+        static = f" static {fmt(r['static_us'])} µs = {r['static_us'] / f:.2f}× floor |"
     return (f"| {r['problem']} TP{r['tp']} | {r['quant']} | {r['M']} | {fmt(t)} | {fmt(k)} | "
-            f"{speed} | {fmt(f)} | {ratio} |")  # fmt: skip
+            f"{speed} | {fmt(f)} | {ratio} |{static}")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -121,9 +133,13 @@ def main(argv: list[str]) -> None:
                 print(f"{name} TP{tp} {quant}: {type(e).__name__}: {e}", flush=True)
                 torch.cuda.empty_cache()
     geo = {}
-    for v in VARIANTS:
-        ratios = [r[f"{v}_us"] / r["floor_us"] for r in rows if r[f"{v}_us"]]
-        geo[v] = statistics.geometric_mean(ratios) if ratios else None
+    for v in list(VARIANTS) + (["static"] if "--static" in argv else []):
+        ratios = [r[f"{v}_us"] / r["floor_us"] for r in rows if r.get(f"{v}_us")]
+        geo[v] = statistics.geometric_mean(ratios) if ratios else None  # static: fp8 rows only
+    if "--static" in argv:  # the issue's conditions: bf16 as is, fp8 with static scales
+        col = lambda r: "kernels_us" if r["quant"] == "bf16" else "static_us"  # noqa: E731
+        ratios = [r[col(r)] / r["floor_us"] for r in rows if r.get(col(r))]
+        geo["bf16 + fp8 static"] = statistics.geometric_mean(ratios) if ratios else None
     print(f"geomean time/floor: {geo}  ({time.time() - t0:.0f} s)")
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "ceilings": str(ceilings), "geomean_over_floor": geo}  # fmt: skip

@@ -28,7 +28,7 @@ import torch
 
 from moetune.check import check_close, tolerance
 from moetune.defaults import default_config
-from moetune.inputs import random_moe_inputs
+from moetune.inputs import random_moe_inputs, static_activation_scales
 from moetune.naive import dequantized_for_naive, naive_moe
 from moetune.ops import fused_experts, poisoned_workspace
 from moetune.problem import Problem
@@ -169,11 +169,13 @@ class BenchResult:
     note: str
     provenance: dict[str, Any]
     wall_s: float
+    static_scales: bool = False  # w8a8 activations quantized with calibrated static scales
 
     def as_dict(self) -> dict[str, Any]:
         problem = dataclasses.asdict(self.problem)
         problem["block_shape"] = list(self.problem.block_shape or []) or None
-        return {"problem": problem, "skew": self.skew, "interpreter": self.interpreter,
+        return {"problem": problem, "skew": self.skew, "static_scales": self.static_scales,
+                "interpreter": self.interpreter,
                 "note": self.note, "tuned_source": self.tuned_source,
                 "table": self.table_path, "ceilings": self.ceilings.as_dict(),
                 "provenance": self.provenance, "wall_s": round(self.wall_s, 1),
@@ -308,6 +310,7 @@ def run_bench(
     skew: str = "uniform",
     replays: int = 20,
     progress: Progress | None = None,
+    static_scales: bool = False,
 ) -> BenchResult:
     """Check and time default, tuned and naive at each batch size; see the module doc.
 
@@ -315,6 +318,8 @@ def run_bench(
     up as the op does, the down GEMM from a ``_down`` table when there is one (``"table"`` when
     a file is found, else ``"default"``: tuned = default).
     Inputs are drawn once at the largest batch size and sliced, in enough sets to rotate past L2.
+    ``static_scales`` (w8a8 problems) gives each set calibrated static activation scales
+    (:func:`moetune.inputs.static_activation_scales`), as checkpoints that ship them run.
     """
     from moetune.journal import provenance
     from moetune.platform import detect_platform
@@ -330,8 +335,11 @@ def run_bench(
     ceilings = measure_ceilings(device)
 
     def draw(seed: int) -> Inputs:
-        return random_moe_inputs(problem, max(batch_sizes), device, seed=seed, skew=skew,
-                                 fp8_dtype=plat.fp8_torch_dtype)  # fmt: skip
+        args, kw = random_moe_inputs(problem, max(batch_sizes), device, seed=seed, skew=skew,
+                                     fp8_dtype=plat.fp8_torch_dtype)  # fmt: skip
+        if static_scales:
+            kw.update(static_activation_scales(args, kw))
+        return args, kw
 
     sets = [draw(1)]
     w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])
@@ -356,16 +364,19 @@ def run_bench(
             progress(f"M={M}: default, tuned, naive, floor µs: {', '.join(map(_fmt, times))}")
     return BenchResult(problem, rows, ceilings, source, table_path, skew, interpreter,
                        bench_note(interpreter), provenance(plat.device_name, interpreter),
-                       time.time() - t0)  # fmt: skip
+                       time.time() - t0, static_scales)  # fmt: skip
 
 
 def _fmt(us: float | None) -> str:
     return "-" if us is None else f"{us:.1f}"
 
 
-def bench_name(problem: Problem, device_name: str, skew: str = "uniform") -> str:
-    """File stem of a bench's outputs: device, problem and routing skew."""
-    return "-".join([device_name, problem.slug(), *([skew] if skew != "uniform" else [])])
+def bench_name(
+    problem: Problem, device_name: str, skew: str = "uniform", static_scales: bool = False
+) -> str:
+    """File stem of a bench's outputs: device, problem, routing skew, static scales."""
+    extra = ([skew] if skew != "uniform" else []) + (["static"] if static_scales else [])
+    return "-".join([device_name, problem.slug(), *extra])
 
 
 def save_json(result: BenchResult, path: Path) -> Path:
@@ -402,7 +413,9 @@ def save_plot(result: BenchResult, path: Path) -> bool:
     ax.set_ylabel("latency per call (µs)")
     device = result.provenance.get("gpu") or result.provenance.get("device_name", "")
     where = "Triton interpreter: host-clock timings, no floor" if result.interpreter else device
-    ax.set_title(f"{result.problem.describe()}, {result.skew} routing\n{where}", fontsize=10)
+    scales = ", static activation scales" if result.static_scales else ""
+    ax.set_title(f"{result.problem.describe()}, {result.skew} routing{scales}\n{where}",
+                 fontsize=10)  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,14 @@ def bench(
         Path, typer.Option("--out", help="Folder for <name>.json and <name>.png.")
     ] = DEFAULT_BENCH_DIR,
     replays: Annotated[int, typer.Option(help="Timed replays per measurement.")] = 20,
+    static_scales: Annotated[
+        bool,
+        typer.Option(
+            "--static-scales",
+            help="fp8/int8 w8a8: quantize activations with static per-tensor scales calibrated "
+            "on the inputs (as checkpoints with static scales run), not dynamic ones.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Time the op with its tuned table against the default config, a plain PyTorch loop over
@@ -97,18 +105,24 @@ def bench(
         raise UsageError(f"--replays must be a positive integer, got {replays}")
     if prob is None:
         prob = Problem(**TINY) if plat.is_interpreter else preset_problem("Mixtral-8x7B", 2)
+    if static_scales and (
+        prob.quant not in ("fp8_w8a8", "int8_w8a8") or prob.per_channel or prob.block_shape
+    ):
+        raise UsageError("--static-scales needs --quant fp8_w8a8 or int8_w8a8 with per-tensor "
+                         "scales (no --per-channel, no --block-shape)")  # fmt: skip
     if plat.is_interpreter:
         if prob.dtype == "bfloat16":
             raise UsageError("the interpreter cannot run bfloat16 dots: use --dtype float16 on CPU")
         batches = batches or TINY_BATCHES
     batches = batches or list(DEFAULT_BATCH_SIZES)
-    err.print(f"moetune bench: {prob.describe()} on {plat.device_name}, {skew} routing, "
+    scales = ", static activation scales" if static_scales else ""
+    err.print(f"moetune bench: {prob.describe()} on {plat.device_name}, {skew} routing{scales}, "
               f"{len(batches)} batch sizes", highlight=False)  # fmt: skip
     with err.status("measuring ceilings, then benchmarking"):
         result = run_bench(prob, batches, device="cpu" if plat.is_interpreter else "cuda",
-                           skew=skew, replays=replays,
+                           skew=skew, replays=replays, static_scales=static_scales,
                            progress=lambda m: err.print(m, highlight=False))  # fmt: skip
-    name = bench_name(prob, plat.device_name, skew)
+    name = bench_name(prob, plat.device_name, skew, static_scales)
     json_path = save_json(result, out_dir / f"{name}.json")
     png_path = out_dir / f"{name}.png"
     if not save_plot(result, png_path):
@@ -144,7 +158,9 @@ def _render(result, json_path: Path, png_path: Path | None) -> None:
     source = {"table": f"tuned = table {Path(result.table_path or '').name}",
               "default": "no tuned table found: tuned = default config",
               "given": "tuned = given configs"}[result.tuned_source]  # fmt: skip
-    t = RichTable(title=f"moetune bench: {result.problem.describe()}, {result.skew} routing",
+    scales = ", static activation scales" if result.static_scales else ""
+    title = f"moetune bench: {result.problem.describe()}, {result.skew} routing{scales}"
+    t = RichTable(title=title,
                   caption=f"{result.note}\n{source}; {ceil}")  # fmt: skip
     for col in ("M", "default µs", "tuned µs", "naive µs", "floor µs", "tuned/floor",
                 "vs default", "vs naive"):  # fmt: skip

@@ -14,7 +14,7 @@ import torch
 
 from moetune import faults
 from moetune.check import check_close
-from moetune.gemms import gemm_configs
+from moetune.gemms import FINAL_PREFIX, gemm_configs
 from moetune.inputs import random_moe_inputs
 from moetune.ops import fused_experts, poisoned_workspace
 from moetune.platform import Platform
@@ -23,6 +23,8 @@ from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_coun
 
 # A CUDA error of this kind leaves the context unusable: the worker must be replaced.
 FATAL_CUDA_MARKERS = ("illegal memory access", "unspecified launch failure", "CUDA error")
+# A winner's re-check draws fresh inputs with seed RECHECK_SEED + M (not the check's or timing's).
+RECHECK_SEED = 1000
 
 
 def _first_line(e: BaseException) -> str:
@@ -35,7 +37,8 @@ def _first_line(e: BaseException) -> str:
 
 
 class Workload:
-    """Inputs for every batch size, built once: rotating timing sets, a check set, a recheck set.
+    """Inputs for every batch size, built once: a check set and rotating timing sets (none with
+    ``timing=False``, for re-checks only); re-checks draw their own fresh inputs.
 
     Each set is drawn at the largest batch size and sliced, so weights are shared across batch
     sizes (a sweep of a large model holds a few weight copies, not one per batch size).
@@ -43,15 +46,17 @@ class Workload:
 
     def __init__(
         self, problem: Problem, platform: Platform, batch_sizes: list[int], device: str,
-        skew: str = "uniform",
+        skew: str = "uniform", *, timing: bool = True,
     ):  # fmt: skip
         self.problem, self.device, self.skew = problem, device, skew
         self.fp8 = getattr(torch, platform.fp8_dtype)
         m_max = max(batch_sizes)
         self.check = self._draw(m_max, seed=1)
         w_bytes = sum(t.numel() * t.element_size() for t in self.check[0][1:3])
-        self.num_sets = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device),
-                                         set_memory_budget(device))  # fmt: skip
+        self.num_sets = 1
+        if timing:
+            self.num_sets = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device),
+                                             set_memory_budget(device))  # fmt: skip
         self.sets = [self.check] + [self._draw(m_max, seed=2 + i) for i in range(self.num_sets - 1)]
         self.refs: dict[int, torch.Tensor] = {}
 
@@ -80,9 +85,11 @@ def evaluate(
     """Check then time one config at one batch size; never raises for a bad candidate.
 
     A split sweep's key (``up:…``/``down:…``) puts ``config`` on that GEMM only and the
-    heuristic default on the other (:func:`moetune.gemms.gemm_configs`). ``eval_s`` in the
-    result is the wall time this pair cost on its worker (compile included when it was not
-    cached), which is what a budgeted search's time curve adds up."""
+    heuristic default on the other (:func:`moetune.gemms.gemm_configs`). A finalist's key
+    (``final:…``) that passes also gets ``recheck``: the check on fresh inputs its win depends
+    on, done here on the worker instead of in the sweep's own process. ``eval_s`` in the result
+    is the wall time this pair cost on its worker (compile included when it was not cached),
+    which is what a budgeted search's time curve adds up."""
     t0 = time.perf_counter()
     record = _evaluate(workload, config, M, replays=replays, key=key)
     record["eval_s"] = round(time.perf_counter() - t0, 4)
@@ -113,7 +120,10 @@ def _evaluate(
             return fused_experts(*a, config=up, config_down=down, **k)
 
         timing = time_op(run, len(sliced), device=workload.device, replays=replays)
-        return {"status": "ok", "timing": timing.as_dict(), "check": result.as_dict()}
+        record = {"status": "ok", "timing": timing.as_dict(), "check": result.as_dict()}
+        if key.startswith(FINAL_PREFIX):
+            record["recheck"] = recheck(problem, workload, up, M, RECHECK_SEED + M, down)
+        return record
     except Exception as e:  # compile errors, out of resources, launch failures
         if workload.device.startswith("cuda"):
             torch.cuda.synchronize()

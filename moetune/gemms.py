@@ -19,6 +19,8 @@ from moetune.problem import Problem
 
 GEMM_MODES = ("joint", "split")
 GEMMS = ("up", "down")
+# Journal keys of finalists (re-timed with more replays, and re-checked on fresh inputs).
+FINAL_PREFIX = "final:"
 
 
 def split_key(gemm: str, key: str) -> str:
@@ -28,8 +30,9 @@ def split_key(gemm: str, key: str) -> str:
 
 def gemm_of(key: str) -> str | None:
     """The GEMM a journal key tunes alone, or None for a joint key (or ``default``)."""
-    role = key.removeprefix("final:").split(":", 1)[0]
-    return role if role in GEMMS and ":" in key.removeprefix("final:") else None
+    bare = key.removeprefix(FINAL_PREFIX)
+    role = bare.split(":", 1)[0]
+    return role if role in GEMMS and ":" in bare else None
 
 
 def heuristic(problem: Problem, M: int) -> dict[str, Any]:

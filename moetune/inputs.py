@@ -165,3 +165,35 @@ def random_moe_inputs(
         "block_shape": list(problem.block_shape) if problem.block_shape else None,
     }
     return (x, w1, w2, topk_weights, topk_ids), kwargs
+
+
+def static_activation_scales(
+    args: tuple[torch.Tensor, ...], kwargs: dict[str, Any], *, sample: int = 256
+) -> dict[str, torch.Tensor]:
+    """Per-tensor static scales for a w8a8 problem's two activations, calibrated on these inputs
+    as checkpoints with static activation scales are: amax / qmax of the tokens, and of the
+    activation between the GEMMs over the first ``sample`` tokens (float64, from dequantized
+    weights). ``fused_experts(*args, **kwargs, **scales)`` then quantizes with one launch per
+    GEMM instead of computing an amax first; the reference takes the same scales."""
+    from moetune.activation import apply_activation_torch
+    from moetune.quant import dequantize_weight, quant_max
+
+    x, w1, _, _, topk_ids = args
+    if kwargs.get("quant") not in ("fp8_w8a8", "int8_w8a8"):
+        raise ValueError("static activation scales are for fp8_w8a8 and int8_w8a8 problems")
+    if kwargs.get("per_channel_quant") or kwargs.get("block_shape"):
+        raise ValueError("static activation scales are per tensor: not with per-token or block")
+    qmax = quant_max(w1.dtype)
+    xs, ids = x[:sample].double(), topk_ids[:sample].long()
+    amax_h = torch.zeros((), dtype=torch.float64, device=x.device)
+    bias = kwargs.get("w1_bias")
+    for e in ids.unique().tolist():
+        rows = (ids == e).any(dim=1)
+        w = dequantize_weight(w1[e], kwargs["w1_scale"][e])
+        gate_up = xs[rows] @ w.T
+        if bias is not None:
+            gate_up = gate_up + bias[e].double()
+        h = apply_activation_torch(gate_up, kwargs["activation"])
+        amax_h = torch.maximum(amax_h, h.abs().amax())
+    scale = lambda amax: (amax.float().clamp(min=1e-12) / qmax).reshape(1)  # noqa: E731
+    return {"a1_scale": scale(x.float().abs().amax()), "a2_scale": scale(amax_h)}

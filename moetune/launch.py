@@ -45,14 +45,20 @@ _compile_only = False
 
 @contextmanager
 def compile_only() -> Iterator[None]:
-    """Within this block the GEMMs are compiled into Triton's cache but not launched (GPU only:
-    compile processes use it so that they put no GEMMs of theirs on a GPU being timed)."""
+    """Within this block the GEMMs are compiled into Triton's cache but not launched, and the op
+    runs its other steps in PyTorch (GPU hosts only: compile processes use it with CPU tensors,
+    so they launch nothing on a GPU being timed and need no CUDA context of their own)."""
     global _compile_only
     saved, _compile_only = _compile_only, True
     try:
         yield
     finally:
         _compile_only = saved
+
+
+def compiling() -> bool:
+    """Whether the calling code runs inside :func:`compile_only`."""
+    return _compile_only
 
 
 ROCM_KEYS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
@@ -138,11 +144,13 @@ def invoke_moe_gemm(
         launch.update({k: config[k] for k in ROCM_KEYS if k in config})
 
     dummy = c
-    run = fused_moe_kernel[grid]
     if _compile_only:
 
         def run(*args: Any, **kwargs: Any) -> Any:
             return fused_moe_kernel.warmup(*args, grid=grid, **kwargs)
+
+    else:
+        run = fused_moe_kernel[grid]
 
     run(
         a,

@@ -34,7 +34,7 @@ def dequantized_for_naive(
 
     w1d, w2d = deq(w1, kwargs["w1_scale"]), deq(w2, kwargs["w2_scale"])
     kw = {**kwargs, "quant": None, "w1_scale": None, "w2_scale": None, "block_shape": None,
-          "per_channel_quant": False}  # fmt: skip
+          "per_channel_quant": False, "a1_scale": None, "a2_scale": None}  # fmt: skip
     return (x, w1d, w2d, tw, ti), kw
 
 

@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 
-from moetune.activation import apply_activation
+from moetune.activation import apply_activation, apply_activation_torch
+from moetune.align import moe_align_block_size_torch
 from moetune.align_kernel import moe_align_block_size
-from moetune.launch import invoke_moe_gemm
+from moetune.launch import compiling, invoke_moe_gemm
 from moetune.problem import ACTIVATIONS
+from moetune.quant import quantize_activation as quantize_activation_torch
 from moetune.quant_kernel import quantize_activation_fast as quantize_activation
 from moetune.validate import validate_moe_args
 
@@ -109,13 +111,18 @@ def fused_experts(
     config, config_down = _resolve_configs(
         config, config_down, M, E, N, K, topk, dtype, quant, block
     )
-    routing = moe_align_block_size(
-        topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts, expert_map
+    # Compile processes (launch.compile_only) need only the GEMMs' shapes and strides, from CPU
+    # tensors: the other steps run in PyTorch there.
+    align, activate, quantize = (
+        (moe_align_block_size_torch, apply_activation_torch, quantize_activation_torch)
+        if compiling()
+        else (moe_align_block_size, apply_activation, quantize_activation)
     )
+    routing = align(topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts, expert_map)
     routing_down = routing
     if config_down["BLOCK_SIZE_M"] != config["BLOCK_SIZE_M"]:
         # The padding of each expert's slots follows BLOCK_SIZE_M: another M tile needs its own.
-        routing_down = moe_align_block_size(
+        routing_down = align(
             topk_ids, config_down["BLOCK_SIZE_M"], args.global_num_experts, expert_map
         )
     qdtype = None
@@ -127,19 +134,17 @@ def fused_experts(
 
     a1, a1s = hidden_states, None
     if qdtype is not None:
-        a1, a1s = quantize_activation(
+        a1, a1s = quantize(
             hidden_states, qdtype, scale=a1_scale, per_token=per_channel_quant, group_k=group_k
         )
     cache1 = _empty((num_slots, two_n), dtype, device)
     invoke_moe_gemm(a1, w1, cache1, routing, config=config, top_k=topk, a_scale=a1s,
                     b_scale=w1_scale, bias=w1_bias, **common)  # fmt: skip
 
-    h = apply_activation(cache1, activation)
+    h = activate(cache1, activation)
     a2, a2s = h, None
     if qdtype is not None:
-        a2, a2s = quantize_activation(
-            h, qdtype, scale=a2_scale, per_token=per_channel_quant, group_k=group_k
-        )
+        a2, a2s = quantize(h, qdtype, scale=a2_scale, per_token=per_channel_quant, group_k=group_k)
     cache3 = _empty((num_slots, K), dtype, device)
     invoke_moe_gemm(a2, w2, cache3, routing_down, config=config_down, top_k=1, a_scale=a2s,
                     b_scale=w2_scale, bias=w2_bias, topk_weights=topk_weights.reshape(-1).float(),

@@ -38,22 +38,44 @@ def _compile_loop(problem: Problem, fp8_dtype: str, tasks: Any, results: Any) ->
     # made each timed pair ~14% slower (measured on 4x H100, results/full-space/).
     with contextlib.suppress(OSError):
         os.nice(10)
+    torch.set_num_threads(1)  # one core each: there are as many processes as cores
     # Only topk experts: expert count is not a kernel argument, the weight strides stay the same.
     small = dataclasses.replace(problem, E=problem.topk)
-    args, kw = random_moe_inputs(small, 16, "cuda", seed=0, fp8_dtype=getattr(torch, fp8_dtype))
-    torch.cuda.synchronize()
+    fp8 = getattr(torch, fp8_dtype)
+    # CPU tensors: Triton compiles for the current GPU without a CUDA context in this process
+    # (64 processes creating contexts at once delayed a 4-GPU sweep's first evaluation). A
+    # Triton that cannot compile from CPU tensors gets GPU inputs from then on.
+    inputs = {"cpu": random_moe_inputs(small, 16, "cpu", seed=0, fp8_dtype=fp8)}
+    where = "cpu"
+
+    def compile_with(device: str, config: dict) -> None:
+        if device not in inputs:
+            inputs[device] = random_moe_inputs(small, 16, device, seed=0, fp8_dtype=fp8)
+        args, kw = inputs[device]
+        with compile_only():
+            fused_experts(*args, config=config, **kw)
+
     while True:
         item = tasks.get()
         if item is None:
             return
         key, config = item
         try:
-            with compile_only():
-                fused_experts(*args, config=config, **kw)
-            results.put(("compiled", key))
+            compile_with(where, config)
+            results.put(("compiled", key, where))
+            continue
         except Exception:  # recorded later by the sweep, with its reason
-            torch.cuda.synchronize()
-            results.put(("failed", key))
+            pass
+        if where == "cpu":
+            try:
+                compile_with("cuda", config)
+                where = "cuda"
+                results.put(("compiled", key, where))
+                continue
+            except Exception:
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize()
+        results.put(("failed", key, where))
 
 
 class Compiler:
@@ -67,6 +89,8 @@ class Compiler:
         self.pending = {key for key, _ in items}
         self.compiled = self.failed = 0
         self.t0 = self.last = time.time()
+        self.first_s: float | None = None  # when the first candidate was reported
+        self.on_gpu: set[str] = set()  # candidates compiled from GPU inputs (CPU ones failed)
         self.procs: list[Any] = []
         ctx = mp.get_context("spawn")
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
@@ -102,11 +126,15 @@ class Compiler:
     def poll(self) -> None:
         while True:
             try:
-                kind, key = self.results.get_nowait()
+                kind, key, where = self.results.get_nowait()
             except (queue.Empty, OSError, ValueError):
                 break
             self.pending.discard(key)
             self.last = time.time()
+            if self.first_s is None:
+                self.first_s = self.last - self.t0
+            if where == "cuda":
+                self.on_gpu.add(key)
             if kind == "compiled":
                 self.compiled += 1
             else:
@@ -115,6 +143,13 @@ class Compiler:
         if self.pending and (gave_up or not any(p.is_alive() for p in self.procs)):
             self.pending.clear()  # the sweep's workers compile what is missing
             self.close()
+
+    def timeline(self) -> str:
+        """When the first and the last candidate were reported, and how they were compiled."""
+        if self.first_s is None:
+            return "none reported"
+        how = f", {len(self.on_gpu)} from GPU inputs" if self.on_gpu else ""
+        return f"first after {self.first_s:.1f} s, last after {self.last - self.t0:.1f} s{how}"
 
     def wait(self) -> None:
         """Block until every candidate is reported (for backends that cannot wait per chunk)."""

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moetune.evaluate import Workload, evaluate, recheck
-from moetune.gemms import GEMMS, gemm_configs, gemm_of, heuristic, split_key
+from moetune.evaluate import RECHECK_SEED, Workload, evaluate, recheck
+from moetune.gemms import FINAL_PREFIX, GEMMS, gemm_configs, gemm_of, heuristic, split_key
 from moetune.journal import Journal, open_journal, provenance
 from moetune.launch import FP8_ACCUM_DEFAULT, FP8_ACCUM_ENV
 from moetune.platform import Platform
@@ -124,33 +124,81 @@ def run_sweep(
     for warning in journal.warnings:
         if progress:
             progress(0, 0, f"warning: {warning}")
+    runner = _Runner(problem, platform, device, batch_sizes, execution)
     try:
-        _sweep_all(
-            problem,
-            platform,
-            candidates,
-            batch_sizes,
-            journal,
-            device,
-            replays,
-            progress,
-            compile_workers,
-            execution,
-        )
-        _time_finalists(problem, platform, journal, batch_sizes, device, execution, progress)
+        _sweep_all(problem, platform, candidates, batch_sizes, journal, replays, progress,
+                   compile_workers, runner)  # fmt: skip
+        _time_finalists(journal, batch_sizes, execution, progress, runner)
+        runner.close()
         batches = _finish(problem, platform, journal, batch_sizes, device, progress,
                           execution)  # fmt: skip
     finally:
+        runner.close()
         journal.close()
     return SweepResult(journal.path, batches, platform.is_interpreter, time.time() - t0)
 
 
-def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, device, replays,
-               progress, compile_workers, execution: Execution) -> None:  # fmt: skip
+class _Runner:
+    """Runs evaluation work where ``execution`` says. Local worker processes are started once,
+    before compiling, and serve the whole sweep (first pass, halving's second round, defaults,
+    finalists): a worker's start (CUDA context, inputs for every batch size) is paid once. Local
+    workers take a candidate once ``compiler`` has it ready; Ray and in-process runs wait for the
+    whole compile first."""
+
+    def __init__(self, problem: Problem, platform: Platform, device: str,
+                 batch_sizes: list[int], execution: Execution) -> None:  # fmt: skip
+        self.problem, self.platform, self.device = problem, platform, device
+        self.batch_sizes, self.execution = batch_sizes, execution
+        self.pool: WorkerPool | None = None
+        self.workload: Workload | None = None  # in-process runs
+        self.compiler: Compiler | None = None
+
+    def start(self) -> None:
+        """Start the local workers now, so they get ready while candidates compile."""
+        if self.pool is None and self.execution.isolate and self.execution.backend != "ray":
+            ex = self.execution
+            self.pool = WorkerPool(problem_dict(self.problem), self.platform.key, self.device,
+                                   self.batch_sizes, ex.skew, ex.gpus, ex.timeout_s)  # fmt: skip
+
+    def run(self, work: list[tuple[str, dict[str, Any], int, int]], on_record) -> None:
+        """Run ``work`` [(key, config, M, replays)]; never raises for a bad candidate."""
+        if not work:
+            return
+        ex, compiler = self.execution, self.compiler
+        if compiler is not None and (ex.backend == "ray" or not ex.isolate):
+            compiler.wait()
+        if ex.backend == "ray":
+            from moetune.ray_backend import run_on_ray
+
+            run_on_ray(self.problem, self.platform, self.device, self.batch_sizes, work, ex,
+                       on_record)  # fmt: skip
+        elif ex.isolate:
+            self.start()
+            assert self.pool is not None
+            self.pool.run(chunk_pairs(work, ex.chunk_size), on_record,
+                          ready=compiler.ready if compiler is not None else None)  # fmt: skip
+        else:
+            if self.workload is None:
+                self.workload = Workload(self.problem, self.platform, self.batch_sizes,
+                                         self.device, ex.skew)  # fmt: skip
+            for key, config, M, replays in work:
+                rec = evaluate(self.workload, config, M, replays=replays, key=key)
+                on_record({"candidate": key, "M": M, "config": config, **rec})
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        self.workload = None
+
+
+def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, replays,
+               progress, compile_workers, runner: _Runner) -> None:  # fmt: skip
     done = journal.done()
-    keyed = _keyed(candidates, execution.gemms)
+    keyed = _keyed(candidates, runner.execution.gemms)
+    runner.start()
     compiler = None
-    if device == "cuda" and compile_workers > 1:
+    if runner.device == "cuda" and compile_workers > 1:
         pending = {c.key() for k, c in keyed if any((k, M) not in done for M in batch_sizes)}
         todo = [(c.key(), c.as_config()) for c in candidates if c.key() in pending]
         if todo:
@@ -158,25 +206,30 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, dev
                 progress(0, 0, f"compiling {len(todo)} candidates in {compile_workers} "
                                "processes, evaluating each as it is ready")  # fmt: skip
             compiler = Compiler(problem, todo, platform.fp8_dtype, compile_workers,
-                                execution.gpus)  # fmt: skip
+                                runner.execution.gpus)  # fmt: skip
+    runner.compiler = compiler
     try:
-        _sweep_pairs(problem, platform, keyed, batch_sizes, journal, device, replays,
-                     progress, execution, compiler)  # fmt: skip
+        _sweep_pairs(problem, platform, keyed, batch_sizes, journal, replays, progress, runner)
     finally:
+        runner.compiler = None
+        if progress and runner.pool is not None and runner.pool.ready_after:
+            after = runner.pool.ready_after
+            progress(0, 0, f"workers ready after {min(after):.1f}-{max(after):.1f} s")
         if compiler is not None:
             compiler.close()
             if progress:
                 progress(0, 0, f"compiled {compiler.compiled} candidates ahead "
-                               f"({compiler.failed} failed to compile)")  # fmt: skip
+                               f"({compiler.failed} failed to compile): "
+                               f"{compiler.timeline()}")  # fmt: skip
 
 
-def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, device, replays,
-                 progress, execution: Execution, compiler: Compiler | None) -> None:  # fmt: skip
+def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, replays, progress,
+                 runner: _Runner) -> None:  # fmt: skip
+    execution = runner.execution
     if execution.strategy == "halving" and len(batch_sizes) > len(_anchors(batch_sizes)):
         anchors = _anchors(batch_sizes)
-        _run_pairs(problem, platform, journal, device, replays, progress, execution,
-                   batch_sizes, [(k, c, M) for k, c in keyed for M in anchors],
-                   compiler)  # fmt: skip
+        _run_pairs(problem, platform, journal, replays, progress, runner,
+                   [(k, c, M) for k, c in keyed for M in anchors])  # fmt: skip
         keep = _survivors(journal, keyed, anchors, execution.keep)
         if progress:
             progress(0, 0, f"halving: {len(keep)} of {len(keyed)} candidates go on to "
@@ -186,8 +239,7 @@ def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, device
     else:
         pairs = [(k, c, M) for k, c in keyed for M in batch_sizes]
     pairs += [("default", None, M) for M in batch_sizes]
-    _run_pairs(problem, platform, journal, device, replays, progress, execution, batch_sizes,
-               pairs, compiler)  # fmt: skip
+    _run_pairs(problem, platform, journal, replays, progress, runner, pairs)
 
 
 def _keyed(candidates: list[Candidate], gemms: str) -> list[tuple[str, Candidate]]:
@@ -229,8 +281,8 @@ def _survivors(journal: Journal, keyed, anchors: list[int], keep: float) -> list
     return [(k, c) for k, c in keyed if k in chosen]
 
 
-def _run_pairs(problem, platform, journal: Journal, device, replays, progress, execution,
-               batch_sizes, pairs, compiler: Compiler | None = None) -> None:  # fmt: skip
+def _run_pairs(problem, platform, journal: Journal, replays, progress, runner: _Runner,
+               pairs) -> None:  # fmt: skip
     """Prune, then evaluate the (key, candidate or None for the default, batch size) pairs that
     the journal does not hold yet."""
     done = journal.done()
@@ -261,7 +313,7 @@ def _run_pairs(problem, platform, journal: Journal, device, replays, progress, e
                        "reason": reason})  # fmt: skip
         else:
             work.append((key, config, M, replays))
-    _execute(problem, platform, device, batch_sizes, work, execution, on_record, compiler)
+    runner.run(work, on_record)
 
 
 def _tag_gemm(record: dict[str, Any]) -> None:
@@ -271,38 +323,11 @@ def _tag_gemm(record: dict[str, Any]) -> None:
         record["gemm"] = gemm
 
 
-def _execute(problem, platform, device, batch_sizes, work, execution: Execution,
-             on_record, compiler: Compiler | None = None) -> None:  # fmt: skip
-    """Run ``work`` [(key, config, M, replays)] where ``execution`` says; never raises for a
-    bad candidate. Local workers take a candidate once ``compiler`` has it ready; the other
-    ways of running wait for the whole compile first."""
-    if not work:
-        return
-    if compiler is not None and (execution.backend == "ray" or not execution.isolate):
-        compiler.wait()
-    if execution.backend == "ray":
-        from moetune.ray_backend import run_on_ray
-
-        run_on_ray(problem, platform, device, batch_sizes, work, execution, on_record)
-    elif execution.isolate:
-        pool = WorkerPool(problem_dict(problem), platform.key, device, batch_sizes,
-                          execution.skew, execution.gpus, execution.timeout_s)  # fmt: skip
-        try:
-            pool.run(chunk_pairs(work, execution.chunk_size), on_record,
-                     ready=compiler.ready if compiler is not None else None)  # fmt: skip
-        finally:
-            pool.close()
-    else:
-        workload = Workload(problem, platform, batch_sizes, device, execution.skew)
-        for key, config, M, replays in work:
-            on_record({"candidate": key, "M": M, "config": config,
-                       **evaluate(workload, config, M, replays=replays, key=key)})  # fmt: skip
-
-
-def _time_finalists(problem, platform, journal: Journal, batch_sizes, device, execution,
-                    progress) -> None:  # fmt: skip
-    """Re-time the FINALISTS fastest candidates of each batch size with more replays, spread
-    over the same workers as the sweep (recorded as ``final:<key>``, so a resume skips them)."""
+def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progress,
+                    runner: _Runner) -> None:  # fmt: skip
+    """Re-time the FINALISTS fastest candidates of each batch size with more replays and re-check
+    them on fresh inputs, on the same workers as the sweep (recorded as ``final:<key>``, so a
+    resume skips them)."""
     done = journal.done()
     have_winner = {(r["M"], r.get("gemm")) for r in journal.records if r.get("kind") == "winner"}
     work = []
@@ -311,7 +336,7 @@ def _time_finalists(problem, platform, journal: Journal, batch_sizes, device, ex
             if (M, gemm) in have_winner:
                 continue
             for r in _ranked_ok(journal, M, gemm)[:FINALISTS]:
-                key = f"final:{r['candidate']}"
+                key = f"{FINAL_PREFIX}{r['candidate']}"
                 if (key, M) not in done:
                     work.append((key, r["config"], M, FINAL_REPLAYS))
 
@@ -322,15 +347,24 @@ def _time_finalists(problem, platform, journal: Journal, batch_sizes, device, ex
 
     if work and progress:
         progress(0, 0, f"re-timing {len(work)} finalists")
-    _execute(problem, platform, device, batch_sizes, work, execution, on_record)
+    runner.run(work, on_record)
 
 
 def _finish(
     problem, platform, journal: Journal, batch_sizes, device, progress, execution: Execution
 ) -> list[BatchResult]:
-    """Per batch size: re-check the re-timed finalists on fresh inputs, record the winner (one
-    per GEMM in a split sweep, the down one also checked together with the up one)."""
-    workload = None
+    """Per batch size: record the winner, the fastest re-timed finalist whose re-check on fresh
+    inputs passed (one per GEMM in a split sweep, the down one also checked together with the up
+    one). Finalists come re-checked from the workers; only the pair checks of a split sweep and
+    finalists of older journals are checked here, on inputs built when first needed."""
+    built: list[Workload] = []
+
+    def workload() -> Workload:
+        if not built:
+            built.append(Workload(problem, platform, batch_sizes, device, execution.skew,
+                                  timing=False))  # fmt: skip
+        return built[0]
+
     winners = {(r["M"], r.get("gemm")): r for r in journal.records if r.get("kind") == "winner"}
     results = []
     for M in batch_sizes:
@@ -352,8 +386,6 @@ def _finish(
         for gemm in _roles(execution.gemms):
             if (M, gemm) in winners:
                 continue
-            if workload is None:
-                workload = Workload(problem, platform, batch_sizes, device, execution.skew)
             # The down winner must pass together with the up winner: no up winner, no down one.
             partner = winners.get((M, "up")) if gemm == "down" else None
             mine = [r for r in finals if r.get("gemm") == gemm]
@@ -369,19 +401,21 @@ def _finish(
     return results
 
 
-def _pick_winner(problem, workload, finals, M, journal: Journal, progress,
-                 partner: dict | None = None) -> dict | None:  # fmt: skip
+def _pick_winner(problem, workload: Callable[[], Workload], finals, M, journal: Journal,
+                 progress, partner: dict | None = None) -> dict | None:  # fmt: skip
     """The fastest re-timed finalist that also passes a check on fresh inputs; with ``partner``
     (the up winner, when picking the down one) also a check of the two together."""
     ok = sorted((r for r in finals if r["status"] == "ok"), key=lambda r: r["timing"]["median_us"])
     for n, r in enumerate(ok):
-        name = r["candidate"].removeprefix("final:")
+        name = r["candidate"].removeprefix(FINAL_PREFIX)
         gemm = r.get("gemm")
-        up, down = gemm_configs(problem, r["candidate"], r["config"], M)
-        check = recheck(problem, workload, up, M, seed=1000 + M, config_down=down)
+        check = r.get("recheck")
+        if check is None:  # a journal from before finalists were re-checked on their workers
+            up, down = gemm_configs(problem, r["candidate"], r["config"], M)
+            check = recheck(problem, workload(), up, M, seed=RECHECK_SEED + M, config_down=down)
         extra: dict[str, Any] = {} if gemm is None else {"gemm": gemm}
         if check["ok"] and partner is not None:
-            pair = recheck(problem, workload, partner["config"], M, seed=2000 + M,
+            pair = recheck(problem, workload(), partner["config"], M, seed=2 * RECHECK_SEED + M,
                            config_down=r["config"])  # fmt: skip
             extra.update(pair_recheck=pair, pair_up=partner["config"])
             if not pair["ok"]:

@@ -124,6 +124,8 @@ class WorkerPool:
         self.slots = [_Slot(str(g) if g is not None else None) for g in (gpus or [None])]
         self.restarts = 0
         self.start_failures = 0
+        self.t0 = time.time()
+        self.ready_after: list[float] = []  # seconds from the pool's start to each worker's ready
         for wid in range(len(self.slots)):
             self._start(wid)
 
@@ -182,6 +184,7 @@ class WorkerPool:
             slot = self.slots[wid]
             if kind == "ready":
                 slot.ready = True
+                self.ready_after.append(round(time.time() - self.t0, 1))
             elif kind == "done" and slot.chunk:
                 key, M, rec = payload
                 on_record({"candidate": key, "M": M, "config": slot.chunk[slot.next_index][1],

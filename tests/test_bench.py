@@ -223,6 +223,25 @@ def test_cli_writes_json_and_plot(tmp_path, monkeypatch):
         assert payload["png"] == str(stem.with_suffix(".png").relative_to(tmp_path))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter behaviour")
+def test_cli_static_scales_runs_every_variant_with_them(tmp_path, monkeypatch):
+    """--static-scales: the op, the naive loop and the reference all take the calibrated static
+    activation scales, every variant passes its check, and the outputs say so by name."""
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--E", "4", "--N", "32", "--K", "64", "--topk", "2", "--dtype", "float16",
+            "--quant", "fp8_w8a8", "--static-scales", "--batch-sizes", "2", "--replays", "1",
+            "--json"]  # fmt: skip
+    result = runner.invoke(_app(), args)
+    assert result.exit_code == 0, result.output
+    stem = (
+        tmp_path / "results" / "bench" / "cpu_interpreter-E4-N32-K64-top2-float16-fp8_w8a8-static"
+    )
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert saved["static_scales"] is True
+    row = saved["rows"][0]
+    assert all(row[v]["ok"] for v in ("default", "tuned", "naive")), row
+
+
 def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
@@ -244,6 +263,22 @@ def test_help_has_an_example():
         (["--batch-sizes", "1,x"], "comma-separated"),
         (["--E", "4", "--N", "32"], "missing --K, --topk"),
         (["--model", "NoSuchModel"], "unknown model preset"),
+        (
+            [
+                "--E",
+                "4",
+                "--N",
+                "32",
+                "--K",
+                "64",
+                "--topk",
+                "2",
+                "--dtype",
+                "float16",
+                "--static-scales",
+            ],
+            "--static-scales needs --quant fp8_w8a8",
+        ),
     ],
 )
 def test_mistakes_give_one_error_line(args, match, tmp_path, monkeypatch):

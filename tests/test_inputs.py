@@ -175,3 +175,47 @@ def test_timing_sets_count_the_weights_one_call_touches():
     assert timing_set_count(qwen, 128, 8, 0) == 1  # no L2 (interpreter)
     huge = SET_MEMORY_BYTES // 2
     assert timing_set_count(huge, 4096, 1, l2) == 2
+
+
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+def test_static_activation_scales_are_calibrated_amaxes(activation, device):
+    """a1: amax of the tokens; a2: amax of the activation between the GEMMs, per routed slot,
+    recomputed here slot by slot; the op with these static scales passes the reference check."""
+    from moetune.inputs import static_activation_scales
+    from moetune.quant import dequantize_weight
+
+    p = _problem(quant="fp8_w8a8", bias=True, activation=activation)
+    args, kw = random_moe_inputs(p, M, device, seed=11)
+    scales = static_activation_scales(args, kw)
+    x, w1, _, _, ids = args
+    qmax = quant_max(w1.dtype)
+    assert scales["a1_scale"].shape == (1,) and scales["a2_scale"].shape == (1,)
+    assert scales["a1_scale"].item() == pytest.approx(x.float().abs().amax().item() / qmax)
+    amax = 0.0
+    for t in range(M):
+        for e in ids[t].tolist():
+            g = x[t].double() @ dequantize_weight(w1[e], kw["w1_scale"][e]).T
+            g = g + kw["w1_bias"][e].double()
+            if activation == "silu":
+                h = torch.nn.functional.silu(g[:N]) * g[N:]
+            else:
+                gate, up = g[0::2].clamp(max=7.0), g[1::2].clamp(-7.0, 7.0)
+                h = gate * torch.sigmoid(1.702 * gate) * (up + 1)
+            amax = max(amax, h.abs().max().item())
+    assert scales["a2_scale"].item() == pytest.approx(amax / qmax, rel=1e-5)
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1}
+    with poisoned_workspace():
+        out = fused_experts(*args, **kw, **scales, config=cfg)
+    ref = fused_experts_reference(*args, **kw, **scales)
+    assert check_close(out, ref, dtype=p.torch_dtype, quant="fp8_w8a8").ok
+
+
+def test_static_activation_scales_refuse_what_they_cannot_be():
+    from moetune.inputs import static_activation_scales
+
+    args, kw = random_moe_inputs(_problem(), M, "cpu", seed=0)
+    with pytest.raises(ValueError, match="fp8_w8a8 and int8_w8a8"):
+        static_activation_scales(args, kw)
+    args, kw = random_moe_inputs(_problem(quant="fp8_w8a8", per_channel=True), M, "cpu", seed=0)
+    with pytest.raises(ValueError, match="per tensor"):
+        static_activation_scales(args, kw)

@@ -1,0 +1,68 @@
+"""Compile-only mode (what the compile processes run): GEMMs go to Triton's warmup, the other
+steps run in PyTorch, so CPU tensors suffice and nothing is launched on a GPU."""
+
+import time
+
+import pytest
+import torch
+from helpers import make_case
+
+from moetune import launch, ops
+from moetune.launch import compile_only, compiling
+from moetune.precompile import Compiler
+from moetune.problem import Problem
+
+CONFIG = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=1, num_warps=4,
+              num_stages=2)  # fmt: skip
+
+
+class _FakeKernel:
+    def __init__(self):
+        self.warmups: list[dict] = []
+
+    def warmup(self, *args, grid, **kwargs):
+        assert all(not torch.is_tensor(a) or a.device.type == "cpu" for a in args)
+        self.warmups.append(kwargs)
+
+    def __getitem__(self, grid):
+        raise AssertionError("compile-only mode launched a GEMM")
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("compile-only mode ran a Triton kernel outside the GEMMs")
+
+
+@pytest.mark.parametrize("quant", [None, "fp8_w8a8"])
+def test_compile_only_warms_up_both_gemms_from_cpu_tensors(monkeypatch, quant):
+    fake = _FakeKernel()
+    monkeypatch.setattr(launch, "fused_moe_kernel", fake)
+    for name in ("moe_align_block_size", "apply_activation", "quantize_activation"):
+        monkeypatch.setattr(ops, name, _refuse)
+    case = make_case(16, 4, 32, 64, 2, torch.float16, "cpu", quant=quant)
+    down = {**CONFIG, "BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64}
+    assert not compiling()
+    with compile_only():
+        assert compiling()
+        ops.fused_experts(*case.args(), config=CONFIG, config_down=down, **case.kwargs)
+    assert not compiling()
+    assert [w["BLOCK_SIZE_N"] for w in fake.warmups] == [32, 64]
+    assert [w["use_fp8_w8a8"] for w in fake.warmups] == [quant == "fp8_w8a8"] * 2
+
+
+def test_compiler_reports_first_and_gpu_compiled_candidates():
+    """Reports from compile processes (simulated: no process started) reach ``ready`` and the
+    timeline; a candidate reported while processes are gone is left to the sweep."""
+    compiler = Compiler(Problem(4, 32, 64, 2, "float16"), [("a", {}), ("b", {}), ("c", {})],
+                        "float8_e4m3fn", workers=0)  # fmt: skip
+    assert not compiler.ready("a") and not compiler.ready("up:b")
+    compiler.results.put(("compiled", "a", "cpu"))
+    compiler.results.put(("compiled", "b", "cuda"))
+    time.sleep(0.5)  # the queue's feeder thread
+    compiler.poll()
+    assert (compiler.compiled, compiler.failed) == (2, 0)
+    assert compiler.on_gpu == {"b"}
+    assert compiler.ready("a") and compiler.ready("up:b")
+    assert compiler.ready("c")  # no compile process alive: the sweep compiles it itself
+    text = compiler.timeline()
+    assert text.startswith("first after") and "1 from GPU inputs" in text
+    compiler.close()
