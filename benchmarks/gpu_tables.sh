@@ -5,7 +5,8 @@
 # of those tables. A sweep cut by the time limit (SWEEP_S, default 540 s) resumes from its
 # journal when the same command is run again with JOURNALS pointing at the returned journals.
 # Usage: benchmarks/gpu_tables.sh Qwen3-30B-A3B:2:fp8_w8a8 Mixtral-8x7B:2   (writes into $OUT)
-# SKEW=1 also benches uniform vs zipf routing for each argument (tuned table vs default).
+# SKEW=1 also benches uniform vs zipf routing for each argument (tuned table vs default);
+# GPUS=all (or 0,1,...) spreads each sweep over those GPUs (default: the current one).
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 J=${JOURNALS:-$OUT/r/journals}
@@ -17,6 +18,7 @@ for spec in "$@"; do
   q=(); [ -n "${quant:-}" ] && q=(--quant "$quant")
   /usr/bin/time -f "$name sweep wall=%e s" timeout "${SWEEP_S:-540}" python3 -m moetune.cli sweep \
     --model "$model" --tp "$tp" "${q[@]}" --space full --strategy halving --keep 0.05 --json \
+    ${GPUS:+--gpus "$GPUS"} \
     --journal "$J/$name.jsonl" --out $OUT/r/configs > $OUT/r/$name.json 2>> $OUT/r/$name.stderr.txt
   tail -1 $OUT/r/$name.stderr.txt | tee -a $OUT/r/summary.txt
   if [ "${SKEW:-0}" = 1 ]; then
