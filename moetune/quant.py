@@ -27,6 +27,16 @@ def quant_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
+def _scale_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """``max(amax, 1e-12) / qmax``, correctly rounded on every device. PyTorch divides a CUDA
+    tensor by a Python number as a multiplication by its reciprocal (one ulp off amax / 448 for
+    some amax), which the Triton quantization kernels and vLLM's do not: a scale one ulp apart
+    flips the rounding of codes near a midpoint, and a flipped outlier moved whole output rows
+    of an H100 fp8 check past its tolerance. Dividing by a tensor of the same shape is exact."""
+    amax = amax.clamp(min=_MIN_AMAX)
+    return amax / torch.full_like(amax, qmax)
+
+
 def _to_quant(x: torch.Tensor, scale: torch.Tensor, qdtype: torch.dtype) -> torch.Tensor:
     qmax = quant_max(qdtype)
     y = x.float() / scale
@@ -71,14 +81,14 @@ def quantize_activation(
         n_groups = -(-K // group_k)
         pad = n_groups * group_k - K
         xf = torch.nn.functional.pad(x.float(), (0, pad)).view(T, n_groups, group_k)
-        s = xf.abs().amax(dim=-1).clamp(min=_MIN_AMAX) / qmax  # [T, G]
+        s = _scale_from_amax(xf.abs().amax(dim=-1), qmax)  # [T, G]
         q = _to_quant(xf, s.unsqueeze(-1), qdtype).view(T, n_groups * group_k)[:, :K]
         return q.contiguous(), s
     if scale is None:
         if per_token:
-            scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_AMAX) / qmax
+            scale = _scale_from_amax(x.float().abs().amax(dim=-1, keepdim=True), qmax)
         else:
-            scale = (x.float().abs().amax().clamp(min=_MIN_AMAX) / qmax).reshape(1)
+            scale = _scale_from_amax(x.float().abs().amax(), qmax).reshape(1)
     else:
         scale = static_scale(scale, T)
     q = _to_quant(x, scale if scale.dim() == 2 else scale.reshape(1, 1), qdtype)
