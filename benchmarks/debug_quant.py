@@ -28,8 +28,16 @@ def main() -> None:
         args, kw = random_moe_inputs(problem, max(sizes), "cuda", seed=1)
         for M in sizes:
             a = (args[0][:M], args[1], args[2], args[3][:M], args[4][:M])
-            cfg = config_for(M, problem.E, problem.N, problem.K, problem.topk,
-                             dtype=problem.torch_dtype, quant="fp8_w8a8")  # fmt: skip
+            cfg = config_for(
+                M,
+                problem.E,
+                problem.N,
+                problem.K,
+                problem.topk,
+                dtype=problem.torch_dtype,
+                quant="fp8_w8a8",
+                block_shape=None,
+            )
             seen: list[str] = []
 
             def spy(x, qdtype, seen=seen, **qkw):
