@@ -47,7 +47,7 @@ _compile_only = False
 def compile_only() -> Iterator[None]:
     """Within this block the GEMMs are compiled into Triton's cache but not launched, and the op
     runs its other steps in PyTorch (GPU hosts only: compile processes use it with CPU tensors,
-    so they launch nothing on a GPU being timed and need no CUDA context of their own)."""
+    so they launch nothing on a GPU being timed)."""
     global _compile_only
     saved, _compile_only = _compile_only, True
     try:

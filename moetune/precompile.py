@@ -42,8 +42,10 @@ def _compile_loop(problem: Problem, fp8_dtype: str, tasks: Any, results: Any) ->
     # Only topk experts: expert count is not a kernel argument, the weight strides stay the same.
     small = dataclasses.replace(problem, E=problem.topk)
     fp8 = getattr(torch, fp8_dtype)
-    # CPU tensors: Triton compiles for the current GPU without a CUDA context in this process
-    # (64 processes creating contexts at once delayed a 4-GPU sweep's first evaluation). A
+    # CPU tensors: Triton compiles for the current GPU from them, and the op's routing,
+    # activation and quantization run in PyTorch on the CPU, so a compile process launches
+    # nothing on a GPU whose workers are being timed. (It still holds a CUDA context: Triton asks
+    # the device for its target and stream; measured on 4x H100, results/full-space-0.2/.) A
     # Triton that cannot compile from CPU tensors gets GPU inputs from then on.
     inputs = {"cpu": random_moe_inputs(small, 16, "cpu", seed=0, fp8_dtype=fp8)}
     where = "cpu"
