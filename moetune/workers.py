@@ -77,8 +77,10 @@ def worker_main(
         for key, config, M, replays in chunk:
             rec = evaluate(workload, config, M, replays=replays, key=key)
             results.put(("done", wid, (key, M, rec)))
-            reason = rec.get("reason", "")
-            if rec["status"] == "failed" and any(m in reason for m in FATAL_CUDA_MARKERS):
+            # A finalist's re-check runs after its timing: a fatal error there is just as fatal.
+            reason = rec.get("reason", "") + (rec.get("recheck") or {}).get("reason", "")
+            broken = rec["status"] == "failed" or not (rec.get("recheck") or {}).get("ok", True)
+            if broken and any(m in reason for m in FATAL_CUDA_MARKERS):
                 # The context is gone: report, flush, and let the driver start a new worker.
                 results.close()
                 results.join_thread()
