@@ -23,6 +23,17 @@ from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_coun
 
 # A CUDA error of this kind leaves the context unusable: the worker must be replaced.
 FATAL_CUDA_MARKERS = ("illegal memory access", "unspecified launch failure", "CUDA error")
+
+
+def is_fatal(record: dict[str, Any]) -> bool:
+    """Whether an evaluation (or a finalist's re-check after it) left the CUDA context unusable:
+    the worker or actor that ran it must be replaced before it takes more work."""
+    recheck = record.get("recheck") or {}
+    reason = f"{record.get('reason', '')} {recheck.get('reason', '')}"
+    broken = record.get("status") == "failed" or not recheck.get("ok", True)
+    return broken and any(m in reason for m in FATAL_CUDA_MARKERS)
+
+
 # A winner's re-check draws fresh inputs with seed RECHECK_SEED + M (not the check's or timing's).
 RECHECK_SEED = 1000
 
@@ -37,8 +48,8 @@ def _first_line(e: BaseException) -> str:
 
 
 class Workload:
-    """Inputs for every batch size, built once: a check set and rotating timing sets (none with
-    ``timing=False``, for re-checks only); re-checks draw their own fresh inputs.
+    """Inputs for every batch size, built once: a check set and rotating timing sets (nothing
+    with ``timing=False``, for re-checks only); re-checks draw their own fresh inputs.
 
     Each set is drawn at the largest batch size and sliced, so weights are shared across batch
     sizes (a sweep of a large model holds a few weight copies, not one per batch size).
@@ -50,15 +61,17 @@ class Workload:
     ):  # fmt: skip
         self.problem, self.device, self.skew = problem, device, skew
         self.fp8 = getattr(torch, platform.fp8_dtype)
+        self.refs: dict[int, torch.Tensor] = {}
+        self.sets: list[tuple[tuple, dict]] = []
+        self.num_sets = 0
+        if not timing:  # re-checks only: they draw their own inputs
+            return
         m_max = max(batch_sizes)
         self.check = self._draw(m_max, seed=1)
         w_bytes = sum(t.numel() * t.element_size() for t in self.check[0][1:3])
-        self.num_sets = 1
-        if timing:
-            self.num_sets = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device),
-                                             set_memory_budget(device))  # fmt: skip
+        self.num_sets = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device),
+                                         set_memory_budget(device))  # fmt: skip
         self.sets = [self.check] + [self._draw(m_max, seed=2 + i) for i in range(self.num_sets - 1)]
-        self.refs: dict[int, torch.Tensor] = {}
 
     def _draw(self, M: int, seed: int) -> tuple[tuple, dict]:
         return random_moe_inputs(
@@ -87,9 +100,9 @@ def evaluate(
     A split sweep's key (``up:…``/``down:…``) puts ``config`` on that GEMM only and the
     heuristic default on the other (:func:`moetune.gemms.gemm_configs`). A finalist's key
     (``final:…``) that passes also gets ``recheck``: the check on fresh inputs its win depends
-    on, done here on the worker instead of in the sweep's own process. ``eval_s`` in the result
-    is the wall time this pair cost on its worker (compile included when it was not cached),
-    which is what a budgeted search's time curve adds up."""
+    on, done wherever the finalist ran (a GPU worker, a Ray actor, or in-process). ``eval_s``
+    in the result is the wall time this pair cost on its worker (compile included when it was
+    not cached), which is what a budgeted search's time curve adds up."""
     t0 = time.perf_counter()
     record = _evaluate(workload, config, M, replays=replays, key=key)
     record["eval_s"] = round(time.perf_counter() - t0, 4)

@@ -75,10 +75,24 @@ def _ranked(r: dict[str, Any], path: Path, line: int) -> tuple[int, tuple] | Non
     return M, (float(median), rank, config)
 
 
+def _failed_rechecks(journals) -> set[tuple[int, str]]:
+    """(M, candidate) pairs whose re-check on fresh inputs failed: a finalist's own re-check, or
+    a winner candidate the sweep turned down (``recheck-failed``)."""
+    failed: set[tuple[int, str]] = set()
+    for j in journals:
+        for r in j.records:
+            if r.get("kind") == "recheck-failed":
+                failed.add((r.get("M"), str(r.get("failed"))))
+            elif isinstance(r.get("recheck"), dict) and not r["recheck"].get("ok", False):
+                failed.add((r.get("M"), str(r.get("candidate")).removeprefix("final:")))
+    return failed
+
+
 def best_entries(
     journal_paths: list[Path], warnings: list[str] | None = None, gemm: str | None = None
 ) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """Per batch size: the re-checked winner if the sweep finished, else the fastest ``ok``.
+    """Per batch size: the re-checked winner if the sweep finished, else the fastest ``ok``
+    candidate that did not fail a re-check on fresh inputs.
 
     A first-pass record faster than the winner never displaces it: the winner's timing is the
     careful re-timing and it alone passed the re-check on fresh inputs. Several journals of the
@@ -88,8 +102,9 @@ def best_entries(
     """
     header: dict[str, Any] | None = None
     best: dict[int, tuple[float, int, dict[str, Any]]] = {}
-    for path in journal_paths:
-        j = read_journal(path)
+    journals = [(path, read_journal(path)) for path in journal_paths]
+    rejected = _failed_rechecks(j for _, j in journals)
+    for path, j in journals:
         _header_problem(j.header, path)
         if warnings is not None:
             warnings.extend(j.warnings)
@@ -107,6 +122,8 @@ def best_entries(
             if ranked is None:
                 continue
             M, cand = ranked
+            if cand[1] == 1 and (M, str(r.get("candidate")).removeprefix("final:")) in rejected:
+                continue  # it failed a re-check on fresh inputs: never a table entry
             # A re-checked winner outranks every plain record; among equals the fastest wins.
             if M not in best or (cand[1], cand[0]) < (best[M][1], best[M][0]):
                 best[M] = cand

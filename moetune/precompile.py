@@ -2,9 +2,9 @@
 
 Triton keeps compiled kernels in its on-disk cache, keyed by the source, the constexprs and the
 specialization of the integer arguments (divisibility by 16). Compile processes run the op in
-compile-only mode (the GEMMs go through Triton's ``warmup``: compiled, never launched; only the
-op's small routing, activation and quantization launches run, on a 16-token problem) once per
-candidate with the sweep's N, K and strides, and report each candidate as it is done. The
+compile-only mode (the GEMMs go through Triton's ``warmup``: compiled, never launched; the op's
+routing, activation and quantization run in PyTorch on CPU tensors of a 16-token problem) once
+per candidate with the sweep's N, K and strides, and report each candidate as it is done. The
 sweep's workers take a candidate's work only once it is reported, and then load its kernels
 from the cache: compiling (CPU-bound) and timing (GPU-bound) overlap instead of one
 waiting for the other. A candidate that fails to compile here is left for the sweep to record
@@ -45,10 +45,13 @@ def _compile_loop(problem: Problem, fp8_dtype: str, tasks: Any, results: Any) ->
     # CPU tensors: Triton compiles for the current GPU from them, and the op's routing,
     # activation and quantization run in PyTorch on the CPU, so a compile process launches
     # nothing on a GPU whose workers are being timed. (It still holds a CUDA context: Triton asks
-    # the device for its target and stream; measured on 4x H100, results/full-space-0.2/.) A
-    # Triton that cannot compile from CPU tensors gets GPU inputs from then on.
+    # the device for its target and stream; measured on 4x H100, results/full-space-0.2/.) If
+    # the first compiles fail from CPU tensors and succeed from GPU inputs, this Triton cannot
+    # compile from CPU tensors: GPU inputs from then on. A failure after a CPU success is the
+    # candidate's own.
     inputs = {"cpu": random_moe_inputs(small, 16, "cpu", seed=0, fp8_dtype=fp8)}
     where = "cpu"
+    cpu_works = False
 
     def compile_with(device: str, config: dict) -> None:
         if device not in inputs:
@@ -64,11 +67,12 @@ def _compile_loop(problem: Problem, fp8_dtype: str, tasks: Any, results: Any) ->
         key, config = item
         try:
             compile_with(where, config)
+            cpu_works = cpu_works or where == "cpu"
             results.put(("compiled", key, where))
             continue
         except Exception:  # recorded later by the sweep, with its reason
             pass
-        if where == "cpu":
+        if where == "cpu" and not cpu_works:
             try:
                 compile_with("cuda", config)
                 where = "cuda"

@@ -32,10 +32,10 @@ class _PairWorker:
         self.workload = Workload(problem, get_platform(platform_key), batch_sizes, device, skew)
 
     def run(self, key: str, config: dict, M: int, replays: int) -> dict:
-        from moetune.evaluate import FATAL_CUDA_MARKERS, evaluate
+        from moetune.evaluate import evaluate, is_fatal
 
         rec = evaluate(self.workload, config, M, replays=replays, key=key)
-        if rec["status"] == "failed" and any(m in rec["reason"] for m in FATAL_CUDA_MARKERS):
+        if is_fatal(rec):  # a finalist's re-check too: it runs after the timing
             rec["fatal"] = True  # the driver replaces this actor
         return rec
 

@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moetune.evaluate import RECHECK_SEED, Workload, evaluate, recheck
+from moetune.evaluate import RECHECK_SEED, Workload, recheck
 from moetune.gemms import FINAL_PREFIX, GEMMS, gemm_configs, gemm_of, heuristic, split_key
 from moetune.journal import Journal, open_journal, provenance
 from moetune.launch import FP8_ACCUM_DEFAULT, FP8_ACCUM_ENV
 from moetune.platform import Platform
 from moetune.precompile import Compiler
 from moetune.problem import Problem
+from moetune.runner import Runner
 from moetune.space import Candidate, prune_reason, space_id
-from moetune.workers import WorkerPool, chunk_pairs
 
 Progress = Callable[[int, int, str], None]  # (done, total, message)
 FINALISTS = 4  # candidates per batch size timed again with more replays
@@ -124,7 +124,7 @@ def run_sweep(
     for warning in journal.warnings:
         if progress:
             progress(0, 0, f"warning: {warning}")
-    runner = _Runner(problem, platform, device, batch_sizes, execution)
+    runner = Runner(problem, platform, device, batch_sizes, execution)
     try:
         _sweep_all(problem, platform, candidates, batch_sizes, journal, replays, progress,
                    compile_workers, runner)  # fmt: skip
@@ -138,70 +138,16 @@ def run_sweep(
     return SweepResult(journal.path, batches, platform.is_interpreter, time.time() - t0)
 
 
-class _Runner:
-    """Runs evaluation work where ``execution`` says. Local worker processes are started once,
-    before compiling, and serve the whole sweep (first pass, halving's second round, defaults,
-    finalists): a worker's start (CUDA context, inputs for every batch size) is paid once. Local
-    workers take a candidate once ``compiler`` has it ready; Ray and in-process runs wait for the
-    whole compile first."""
-
-    def __init__(self, problem: Problem, platform: Platform, device: str,
-                 batch_sizes: list[int], execution: Execution) -> None:  # fmt: skip
-        self.problem, self.platform, self.device = problem, platform, device
-        self.batch_sizes, self.execution = batch_sizes, execution
-        self.pool: WorkerPool | None = None
-        self.workload: Workload | None = None  # in-process runs
-        self.compiler: Compiler | None = None
-
-    def start(self) -> None:
-        """Start the local workers now, so they get ready while candidates compile."""
-        if self.pool is None and self.execution.isolate and self.execution.backend != "ray":
-            ex = self.execution
-            self.pool = WorkerPool(problem_dict(self.problem), self.platform.key, self.device,
-                                   self.batch_sizes, ex.skew, ex.gpus, ex.timeout_s)  # fmt: skip
-
-    def run(self, work: list[tuple[str, dict[str, Any], int, int]], on_record) -> None:
-        """Run ``work`` [(key, config, M, replays)]; never raises for a bad candidate."""
-        if not work:
-            return
-        ex, compiler = self.execution, self.compiler
-        if compiler is not None and (ex.backend == "ray" or not ex.isolate):
-            compiler.wait()
-        if ex.backend == "ray":
-            from moetune.ray_backend import run_on_ray
-
-            run_on_ray(self.problem, self.platform, self.device, self.batch_sizes, work, ex,
-                       on_record)  # fmt: skip
-        elif ex.isolate:
-            self.start()
-            assert self.pool is not None
-            self.pool.run(chunk_pairs(work, ex.chunk_size), on_record,
-                          ready=compiler.ready if compiler is not None else None)  # fmt: skip
-        else:
-            if self.workload is None:
-                self.workload = Workload(self.problem, self.platform, self.batch_sizes,
-                                         self.device, ex.skew)  # fmt: skip
-            for key, config, M, replays in work:
-                rec = evaluate(self.workload, config, M, replays=replays, key=key)
-                on_record({"candidate": key, "M": M, "config": config, **rec})
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
-        self.workload = None
-
-
 def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, replays,
-               progress, compile_workers, runner: _Runner) -> None:  # fmt: skip
+               progress, compile_workers, runner: Runner) -> None:  # fmt: skip
     done = journal.done()
     keyed = _keyed(candidates, runner.execution.gemms)
-    runner.start()
     compiler = None
     if runner.device == "cuda" and compile_workers > 1:
         pending = {c.key() for k, c in keyed if any((k, M) not in done for M in batch_sizes)}
         todo = [(c.key(), c.as_config()) for c in candidates if c.key() in pending]
         if todo:
+            runner.start()  # the workers get ready while the first candidates compile
             if progress:
                 progress(0, 0, f"compiling {len(todo)} candidates in {compile_workers} "
                                "processes, evaluating each as it is ready")  # fmt: skip
@@ -224,7 +170,7 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, rep
 
 
 def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, replays, progress,
-                 runner: _Runner) -> None:  # fmt: skip
+                 runner: Runner) -> None:  # fmt: skip
     execution = runner.execution
     if execution.strategy == "halving" and len(batch_sizes) > len(_anchors(batch_sizes)):
         anchors = _anchors(batch_sizes)
@@ -281,7 +227,7 @@ def _survivors(journal: Journal, keyed, anchors: list[int], keep: float) -> list
     return [(k, c) for k, c in keyed if k in chosen]
 
 
-def _run_pairs(problem, platform, journal: Journal, replays, progress, runner: _Runner,
+def _run_pairs(problem, platform, journal: Journal, replays, progress, runner: Runner,
                pairs) -> None:  # fmt: skip
     """Prune, then evaluate the (key, candidate or None for the default, batch size) pairs that
     the journal does not hold yet."""
@@ -324,7 +270,7 @@ def _tag_gemm(record: dict[str, Any]) -> None:
 
 
 def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progress,
-                    runner: _Runner) -> None:  # fmt: skip
+                    runner: Runner) -> None:  # fmt: skip
     """Re-time the FINALISTS fastest candidates of each batch size with more replays and re-check
     them on fresh inputs, on the same workers as the sweep (recorded as ``final:<key>``, so a
     resume skips them)."""

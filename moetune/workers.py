@@ -56,7 +56,7 @@ def worker_main(
     skew: str, tasks: Any, results: Any,
 ) -> None:  # fmt: skip
     """Worker process: build the inputs once, then evaluate chunks until told to stop."""
-    from moetune.evaluate import FATAL_CUDA_MARKERS, Workload, evaluate
+    from moetune.evaluate import Workload, evaluate, is_fatal
     from moetune.platform import get_platform
     from moetune.problem import Problem
 
@@ -77,10 +77,7 @@ def worker_main(
         for key, config, M, replays in chunk:
             rec = evaluate(workload, config, M, replays=replays, key=key)
             results.put(("done", wid, (key, M, rec)))
-            # A finalist's re-check runs after its timing: a fatal error there is just as fatal.
-            reason = rec.get("reason", "") + (rec.get("recheck") or {}).get("reason", "")
-            broken = rec["status"] == "failed" or not (rec.get("recheck") or {}).get("ok", True)
-            if broken and any(m in reason for m in FATAL_CUDA_MARKERS):
+            if is_fatal(rec):  # a finalist's re-check too: it runs after the timing
                 # The context is gone: report, flush, and let the driver start a new worker.
                 results.close()
                 results.join_thread()
@@ -110,6 +107,7 @@ class _Slot:
     next_index: int = 0  # first pair of the chunk without a result
     since: float = 0.0  # when that pair started (last result, or the chunk's assignment)
     ready: bool = False
+    was_ready: bool = False  # this slot's first worker got ready (restarts are not start-up)
 
 
 class WorkerPool:
@@ -127,7 +125,7 @@ class WorkerPool:
         self.restarts = 0
         self.start_failures = 0
         self.t0 = time.time()
-        self.ready_after: list[float] = []  # seconds from the pool's start to each worker's ready
+        self.ready_after: list[float] = []  # seconds from the pool's start to each first ready
         for wid in range(len(self.slots)):
             self._start(wid)
 
@@ -158,6 +156,10 @@ class WorkerPool:
         waits for the driver between them."""
         todo = deque(chunks)
         while todo or any(s.chunk for s in self.slots):
+            # First: a worker that died while it held nothing (e.g. between two runs of a reused
+            # pool) is replaced before it is handed a chunk, which would be blamed on it.
+            for wid, slot in enumerate(self.slots):
+                self._police(wid, slot, todo, on_record)
             if ready is not None:
                 ready("")  # let the gate take in news (compiles finished) once per round
             for slot in self.slots:
@@ -173,8 +175,6 @@ class WorkerPool:
                     slot.ends.append(len(slot.chunk))
                     slot.tasks.put(chunk)
             self._drain(on_record, wait=0.05 if todo else 0.2)
-            for wid, slot in enumerate(self.slots):
-                self._police(wid, slot, todo, on_record)
 
     def _drain(self, on_record: OnRecord, wait: float) -> None:
         try:
@@ -186,7 +186,9 @@ class WorkerPool:
             slot = self.slots[wid]
             if kind == "ready":
                 slot.ready = True
-                self.ready_after.append(round(time.time() - self.t0, 1))
+                if len(self.ready_after) < len(self.slots) and not slot.was_ready:
+                    self.ready_after.append(round(time.time() - self.t0, 1))
+                slot.was_ready = True
             elif kind == "done" and slot.chunk:
                 key, M, rec = payload
                 on_record({"candidate": key, "M": M, "config": slot.chunk[slot.next_index][1],

@@ -225,9 +225,25 @@ def test_cli_writes_json_and_plot(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter behaviour")
 def test_cli_static_scales_runs_every_variant_with_them(tmp_path, monkeypatch):
-    """--static-scales: the op, the naive loop and the reference all take the calibrated static
-    activation scales, every variant passes its check, and the outputs say so by name."""
+    """--static-scales: the op (default and tuned) and the reference run with the calibrated
+    static activation scales (the naive loop computes in the compute dtype and needs none),
+    every variant passes its check, and the outputs say so by name."""
+    from moetune import bench, reference
+
     monkeypatch.chdir(tmp_path)
+    scales_seen: list[bool] = []
+    real_op, real_ref = bench.fused_experts, reference.fused_experts_reference
+
+    def op(*args, **kw):
+        scales_seen.append(kw.get("a1_scale") is not None and kw.get("a2_scale") is not None)
+        return real_op(*args, **kw)
+
+    def ref(*args, **kw):
+        scales_seen.append(kw.get("a1_scale") is not None and kw.get("a2_scale") is not None)
+        return real_ref(*args, **kw)
+
+    monkeypatch.setattr(bench, "fused_experts", op)
+    monkeypatch.setattr(reference, "fused_experts_reference", ref)
     args = ["bench", "--E", "4", "--N", "32", "--K", "64", "--topk", "2", "--dtype", "float16",
             "--quant", "fp8_w8a8", "--static-scales", "--batch-sizes", "2", "--replays", "1",
             "--json"]  # fmt: skip
@@ -240,6 +256,7 @@ def test_cli_static_scales_runs_every_variant_with_them(tmp_path, monkeypatch):
     assert saved["static_scales"] is True
     row = saved["rows"][0]
     assert all(row[v]["ok"] for v in ("default", "tuned", "naive")), row
+    assert scales_seen and all(scales_seen)
 
 
 def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):

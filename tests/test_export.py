@@ -51,6 +51,21 @@ def test_winner_outranks_a_faster_first_pass_record(tmp_path):
     assert entries == {1: checked, 8: lucky}
 
 
+def test_a_config_that_failed_its_recheck_never_becomes_an_entry(tmp_path):
+    """Every finalist at M=128 failed its re-check on fresh inputs, so the sweep recorded no
+    winner there: the fastest first-pass record must not slip into the table in its place."""
+    bad, bad2, good = _cfg(BLOCK_SIZE_N=16), _cfg(BLOCK_SIZE_N=64), _cfg(BLOCK_SIZE_N=32)
+    j = _journal(tmp_path / "j.jsonl", _header(), [
+        _ok("bad", 128, 4.0, bad), _ok("bad2", 128, 4.5, bad2), _ok("good", 128, 9.0, good),
+        _ok("final:bad", 128, 4.1, bad, phase="final", recheck={"ok": False, "reason": "x"}),
+        _ok("final:bad2", 128, 4.6, bad2, phase="final", recheck={"ok": True}),
+        {"kind": "recheck-failed", "M": 128, "failed": "bad2", "recheck": {"ok": False}},
+        _ok("bad", 8, 4.0, bad),  # no re-check failed at M=8: the fastest ok counts there
+    ])  # fmt: skip
+    _, entries = best_entries([j])
+    assert entries == {8: bad, 128: good}
+
+
 def _split_journal(tmp_path: Path, down_pair_up: dict | None = None) -> Path:
     """A finished split sweep at M=1 and 8: up winners, down winners paired with them."""
     up = {1: _cfg(BLOCK_SIZE_N=16), 8: _cfg(BLOCK_SIZE_N=64)}

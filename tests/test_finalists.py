@@ -4,7 +4,7 @@ fastest finalist whose re-check passed, and the sweep's own process builds no in
 import json
 from pathlib import Path
 
-from moetune import sweep
+from moetune import runner, sweep
 from moetune.journal import read_journal
 from moetune.platform import get_platform
 from moetune.problem import Problem
@@ -17,6 +17,7 @@ M = 16
 
 
 def _count_workloads(monkeypatch) -> list[bool]:
+    """Inputs built in the sweep's own process (by the runner or to pick winners)."""
     built: list[bool] = []
     real = sweep.Workload
 
@@ -25,6 +26,7 @@ def _count_workloads(monkeypatch) -> list[bool]:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sweep, "Workload", counting)
+    monkeypatch.setattr(runner, "Workload", counting)
     return built
 
 
@@ -34,8 +36,18 @@ def _run(journal: Path, candidates):
 
 
 def test_winner_takes_the_recheck_its_worker_made(tmp_path, monkeypatch):
+    from moetune import evaluate
+
     candidates = search_space(PLATFORM, PROBLEM, "tiny")[:6]
     built = _count_workloads(monkeypatch)
+    seeds: list[int] = []
+    real_recheck = evaluate.recheck
+
+    def spy(problem, workload, config, M, seed, config_down=None):
+        seeds.append(seed)
+        return real_recheck(problem, workload, config, M, seed, config_down)
+
+    monkeypatch.setattr(evaluate, "recheck", spy)
     journal = tmp_path / "j.jsonl"
     result = _run(journal, candidates)
     records = read_journal(journal).records
@@ -48,6 +60,8 @@ def test_winner_takes_the_recheck_its_worker_made(tmp_path, monkeypatch):
     assert winner["timing"] == min((r["timing"] for r in finals), key=lambda t: t["median_us"])
     # One set of inputs, the runner's (with timing sets): none built to re-check the winner.
     assert built == [True]
+    # Each finalist was re-checked once, on fresh inputs: the re-check seed, not the check's.
+    assert seeds == [evaluate.RECHECK_SEED + M] * len(finals)
 
 
 def test_finalists_without_a_recheck_are_rechecked_by_the_sweep(tmp_path, monkeypatch):
@@ -69,3 +83,41 @@ def test_finalists_without_a_recheck_are_rechecked_by_the_sweep(tmp_path, monkey
     assert again is not None and again["winner"] == first["winner"]
     assert again["recheck"]["ok"]
     assert built == [False]  # re-check inputs only, no timing sets
+
+
+def test_a_pool_serves_the_whole_sweep_and_rechecks_finalists_on_its_workers(tmp_path, monkeypatch):
+    """Worker processes: one pool for halving's two rounds, the defaults and the finalists; the
+    finalists come back re-checked from the workers, the sweep's process builds no inputs."""
+    created: list[int] = []
+    real_pool = runner.WorkerPool
+
+    class Counted(real_pool):
+        def __init__(self, *args, **kwargs):
+            created.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "WorkerPool", Counted)
+    built = _count_workloads(monkeypatch)
+    candidates = search_space(PLATFORM, PROBLEM, "tiny")[:4]
+    journal = tmp_path / "j.jsonl"
+    execution = Execution(isolate=True, strategy="halving", keep=0.5, timeout_s=120)
+    result = run_sweep(PROBLEM, PLATFORM, candidates, batch_sizes=[1, 2, 3, 4],
+                       journal_path=journal, space_name="tiny", execution=execution)  # fmt: skip
+    records = read_journal(journal).records
+    finals = [r for r in records if r.get("phase") == "final"]
+    assert created == [1]
+    assert finals and all(r["status"] == "ok" and r["recheck"]["ok"] for r in finals)
+    assert all(b.best is not None for b in result.batches)
+    assert built == []  # the sweep's own process drew nothing: workers did all of it
+
+
+def test_a_fatal_error_in_a_recheck_retires_the_worker():
+    from moetune.evaluate import is_fatal
+
+    ok = {"status": "ok", "recheck": {"ok": True, "reason": ""}}
+    assert not is_fatal(ok) and not is_fatal({"status": "ok"})
+    assert not is_fatal({"status": "rejected", "reason": "check failed: relative error 0.3"})
+    assert is_fatal({"status": "failed", "reason": "RuntimeError: CUDA error: misaligned"})
+    lost = {"status": "ok", "recheck": {"ok": False, "reason": "an illegal memory access"}}
+    assert is_fatal(lost)
+    assert not is_fatal({"status": "ok", "recheck": {"ok": False, "reason": "relative error"}})

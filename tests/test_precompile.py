@@ -57,11 +57,14 @@ def test_compiler_reports_first_and_gpu_compiled_candidates():
     assert not compiler.ready("a") and not compiler.ready("up:b")
     compiler.results.put(("compiled", "a", "cpu"))
     compiler.results.put(("compiled", "b", "cuda"))
-    time.sleep(0.5)  # the queue's feeder thread
-    compiler.poll()
+    deadline = time.time() + 30  # the queue's feeder thread delivers them when it runs
+    while compiler.compiled < 2 and time.time() < deadline:
+        compiler.poll()
+        time.sleep(0.05)
     assert (compiler.compiled, compiler.failed) == (2, 0)
     assert compiler.on_gpu == {"b"}
     assert compiler.ready("a") and compiler.ready("up:b")
+    compiler.poll()
     assert compiler.ready("c")  # no compile process alive: the sweep compiles it itself
     text = compiler.timeline()
     assert text.startswith("first after") and "1 from GPU inputs" in text

@@ -65,3 +65,27 @@ def test_a_worker_never_holds_more_than_two_chunks():
         pool.close()
     assert len(seen) == len(work)
     assert max(held) == workers.CHUNKS_IN_FLIGHT
+
+
+@pytest.mark.slow
+def test_a_reused_pool_replaces_a_worker_that_died_idle_without_blaming_a_pair():
+    """Between two runs of one pool (a sweep's first pass, then its finalists) a worker can die
+    holding nothing: it is replaced, and the next run's pairs all come back ok."""
+    import os
+    import signal
+
+    cands = search_space(get_platform("interpreter"), PROBLEM, "tiny")[:2]
+    pool = WorkerPool(problem_dict(PROBLEM), "interpreter", "cpu", [1, 2], "uniform", None,
+                      timeout_s=60)  # fmt: skip
+    seen: list[dict] = []
+    try:
+        pool.run(chunk_pairs([(cands[0].key(), cands[0].as_config(), 1, 1)], 1), seen.append)
+        os.kill(pool.slots[0].proc.pid, signal.SIGKILL)
+        pool.slots[0].proc.join(timeout=10)
+        work = [(c.key(), c.as_config(), M, 1) for c in cands for M in (1, 2)]
+        pool.run(chunk_pairs(work, 2), seen.append)
+    finally:
+        pool.close()
+    assert [r["status"] for r in seen] == ["ok"] * 5, [r.get("reason") for r in seen]
+    assert pool.restarts == 1
+    assert len(pool.ready_after) == 1  # start-up times: the restart is not one
