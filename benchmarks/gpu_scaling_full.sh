@@ -7,6 +7,8 @@
 #   stage "one": the same Qwen3 sweep on GPU 0 alone (cut at 585 s by the device's per-command
 #                limit if need be: re-run the stage to resume it and add the wall times).
 # Usage: benchmarks/gpu_scaling_full.sh all|one   (writes into $OUT)
+#        CW=24 ... sets --compile-workers (default: 16 per GPU, at most one per core);
+#        R=results/<folder> picks where journals and logs go.
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 R=${R:-results/full-space-0.2}
@@ -17,6 +19,7 @@ run() {  # name gpus timeout args...
   local name=$1 g=$2 limit=$3; shift 3
   /usr/bin/time -f "$name gpus=$g wall=%e s" timeout $limit python3 -m moetune.cli sweep \
     --space full --json --gpus $g --journal $R/$name.jsonl --out /tmp/t-$name "$@" \
+    ${CW:+--compile-workers "$CW"} \
     > $R/$name.json 2>> $R/$name.stderr.txt
   tail -1 $R/$name.stderr.txt | tee -a $OUT/summary.txt
 }
