@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moetune.journal import IDENTITY_DEFAULTS, read_journal
+from moetune.gemms import FINAL_PREFIX
+from moetune.journal import Journal, identity, read_journal
 from moetune.problem import Problem
 from moetune.tables import (
     gemm_suffix,
@@ -84,7 +85,7 @@ def _failed_rechecks(journals) -> set[tuple[int, str]]:
             if r.get("kind") == "recheck-failed":
                 failed.add((r.get("M"), str(r.get("failed"))))
             elif isinstance(r.get("recheck"), dict) and not r["recheck"].get("ok", False):
-                failed.add((r.get("M"), str(r.get("candidate")).removeprefix("final:")))
+                failed.add((r.get("M"), str(r.get("candidate")).removeprefix(FINAL_PREFIX)))
     return failed
 
 
@@ -100,9 +101,18 @@ def best_entries(
     fastest passing record) wins across all of them. The journals' warnings go to ``warnings``.
     ``gemm`` ("up" or "down") takes a split sweep's records for that GEMM.
     """
+    return _best_entries(_read_all(journal_paths), warnings, gemm)
+
+
+def _read_all(journal_paths: list[Path]) -> list[tuple[Path, Journal]]:
+    return [(path, read_journal(path)) for path in journal_paths]
+
+
+def _best_entries(
+    journals: list[tuple[Path, Journal]], warnings: list[str] | None, gemm: str | None
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     header: dict[str, Any] | None = None
     best: dict[int, tuple[float, int, dict[str, Any]]] = {}
-    journals = [(path, read_journal(path)) for path in journal_paths]
     rejected = _failed_rechecks(j for _, j in journals)
     for path, j in journals:
         _header_problem(j.header, path)
@@ -112,9 +122,8 @@ def best_entries(
             header = j.header
         else:
             for key in ("problem", "device_name", "interpreter", "gemms"):
-                default = IDENTITY_DEFAULTS.get(key)  # a key older journals lack
-                if j.header.get(key, default) != header.get(key, default):
-                    raise ExportError(f"{path} is a sweep of another {key} than {journal_paths[0]}")
+                if identity(j.header, key) != identity(header, key):
+                    raise ExportError(f"{path} is a sweep of another {key} than {journals[0][0]}")
         for line, r in enumerate(j.records, start=2):  # line 1 is the header
             if r.get("gemm") != gemm:
                 continue
@@ -122,7 +131,8 @@ def best_entries(
             if ranked is None:
                 continue
             M, cand = ranked
-            if cand[1] == 1 and (M, str(r.get("candidate")).removeprefix("final:")) in rejected:
+            name = str(r.get("candidate")).removeprefix(FINAL_PREFIX)
+            if cand[1] == 1 and (M, name) in rejected:
                 continue  # it failed a re-check on fresh inputs: never a table entry
             # A re-checked winner outranks every plain record; among equals the fastest wins.
             if M not in best or (cand[1], cand[0]) < (best[M][1], best[M][0]):
@@ -135,13 +145,13 @@ def best_entries(
 
 
 def _down_entries(
-    journal_paths: list[Path], up: dict[int, dict[str, Any]], warnings: list[str]
+    journals: list[tuple[Path, Journal]], up: dict[int, dict[str, Any]], warnings: list[str]
 ) -> dict[int, dict[str, Any]] | None:
     """The down winners checked together with ``up``'s entry of their batch size (the fastest
     when several journals have one); None, with a warning, unless every batch size has one."""
     best: dict[int, tuple[float, dict[str, Any]]] = {}
-    for path in journal_paths:
-        for r in read_journal(path).records:
+    for _, j in journals:
+        for r in j.records:
             if r.get("kind") != "winner" or r.get("gemm") != "down":
                 continue
             M, us = r.get("M"), (r.get("timing") or {}).get("median_us")
@@ -185,9 +195,10 @@ def export_configs(
     """Write the table (and its provenance sidecar) for the journals' problem and device; for a
     split sweep also the ``_down`` table (see the module doc)."""
     warnings: list[str] = []
-    split = bool(journal_paths) and read_journal(journal_paths[0]).header.get("gemms") == "split"
-    header, entries = best_entries(journal_paths, warnings, "up" if split else None)
-    down = _down_entries(journal_paths, entries, warnings) if split else None
+    journals = _read_all(journal_paths)  # once: every step below reads these
+    split = bool(journals) and journals[0][1].header.get("gemms") == "split"
+    header, entries = _best_entries(journals, warnings, "up" if split else None)
+    down = _down_entries(journals, entries, warnings) if split else None
     recorded = header["device_name"]
     device_name = device_name or recorded
     if header.get("interpreter") and device_name != recorded:

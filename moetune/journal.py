@@ -31,6 +31,11 @@ FSYNC_INTERVAL_S = 1.0
 IDENTITY_DEFAULTS = {"skew": "uniform", "gemms": "joint"}
 
 
+def identity(header: dict[str, Any], key: str) -> Any:
+    """A header's value for identity key ``key``, its default when an older journal lacks it."""
+    return header.get(key, IDENTITY_DEFAULTS.get(key))
+
+
 class JournalError(ValueError):
     pass
 
@@ -156,11 +161,7 @@ def open_journal(path: str | os.PathLike[str], header: dict[str, Any], *, fresh:
     header = {"kind": "moetune-journal", **header}
     if p.exists() and p.stat().st_size > 0 and not fresh:
         old = read_journal(p)
-
-        def ident(h: dict[str, Any], k: str) -> Any:
-            return h.get(k, IDENTITY_DEFAULTS.get(k))
-
-        diffs = [k for k in IDENTITY_KEYS if ident(old.header, k) != ident(header, k)]
+        diffs = [k for k in IDENTITY_KEYS if identity(old.header, k) != identity(header, k)]
         if diffs:
             raise JournalError(
                 f"{p} belongs to another sweep (different {', '.join(diffs)}); "
