@@ -176,7 +176,7 @@ def static_activation_scales(
     weights). ``fused_experts(*args, **kwargs, **scales)`` then quantizes with one launch per
     GEMM instead of computing an amax first; the reference takes the same scales."""
     from moetune.activation import apply_activation_torch
-    from moetune.quant import dequantize_weight, quant_max
+    from moetune.quant import _scale_from_amax, dequantize_weight, quant_max
 
     x, w1, _, _, topk_ids = args
     if kwargs.get("quant") not in ("fp8_w8a8", "int8_w8a8"):
@@ -195,5 +195,5 @@ def static_activation_scales(
             gate_up = gate_up + bias[e].double()
         h = apply_activation_torch(gate_up, kwargs["activation"])
         amax_h = torch.maximum(amax_h, h.abs().amax())
-    scale = lambda amax: (amax.float().clamp(min=1e-12) / qmax).reshape(1)  # noqa: E731
-    return {"a1_scale": scale(x.float().abs().amax()), "a2_scale": scale(amax_h)}
+    return {"a1_scale": _scale_from_amax(x.float().abs().amax(), qmax).reshape(1),
+            "a2_scale": _scale_from_amax(amax_h.float(), qmax).reshape(1)}  # fmt: skip
