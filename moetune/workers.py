@@ -186,7 +186,7 @@ class WorkerPool:
             slot = self.slots[wid]
             if kind == "ready":
                 slot.ready = True
-                if len(self.ready_after) < len(self.slots) and not slot.was_ready:
+                if not slot.was_ready:
                     self.ready_after.append(round(time.time() - self.t0, 1))
                 slot.was_ready = True
             elif kind == "done" and slot.chunk:
