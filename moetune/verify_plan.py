@@ -174,13 +174,14 @@ def entry_config(
         for k in dropped:
             del cfg[k]
         notes.rocm_dropped.update(dropped)
+
+    def clamp(block: tuple[int, int] | None, what: str) -> None:
+        old = clamp_block_k(cfg, block)
+        if old is not None:
+            changes.append(f"BLOCK_SIZE_K {old}->{cfg['BLOCK_SIZE_K']}: clamped to {what}")
+
     real_block = plan.name.block_shape
-    old = clamp_block_k(cfg, real_block)
-    if old is not None:
-        changes.append(
-            f"BLOCK_SIZE_K {old}->{cfg['BLOCK_SIZE_K']}: clamped to "
-            f"block_shape {list(real_block)} as vLLM's launch does"
-        )
+    clamp(real_block, f"block_shape {list(real_block or [])} as vLLM's launch does")
     if target.interpreter:
         for k in _BLOCK_KEYS:
             if cfg[k] > INTERPRETER_BLOCK_CAP:
@@ -188,12 +189,7 @@ def entry_config(
                 cfg[k] = INTERPRETER_BLOCK_CAP
                 notes.capped = True
         block = plan.problem.block_shape
-        old = clamp_block_k(cfg, block)
-        if old is not None:
-            changes.append(
-                f"BLOCK_SIZE_K {old}->{cfg['BLOCK_SIZE_K']}: clamped to the stand-in "
-                f"block_shape {list(block)}"
-            )
+        clamp(block, f"the stand-in block_shape {list(block or [])}")
     try:
         validate_config(cfg, plan.problem.block_shape)
     except ValueError as e:
