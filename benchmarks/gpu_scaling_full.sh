@@ -7,11 +7,11 @@
 #   stage "one": the same Qwen3 sweep on GPU 0 alone (cut at 585 s by the device's per-command
 #                limit if need be: re-run the stage to resume it and add the wall times).
 # Usage: benchmarks/gpu_scaling_full.sh all|one   (writes into $OUT)
-#        CW=24 ... sets --compile-workers (default: 16 per GPU, at most one per core);
-#        R=results/<folder> picks where journals and logs go.
+#        CW=24 ... sets --compile-workers (default: 16 + 4 per extra GPU, at most one per core);
+#        R=results/<folder> picks where journals and logs go; SMOKE=0 skips the smoke test.
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-R=${R:-results/full-space-0.2}
+R=${R:-results/full-space-0.3}
 mkdir -p $R
 nvidia-smi --query-gpu=index,name --format=csv,noheader | head -1 | tee -a $OUT/summary.txt
 nproc | sed 's/^/cpus: /' | tee -a $OUT/summary.txt
@@ -21,42 +21,65 @@ run() {  # name gpus timeout args...
     --space full --json --gpus $g --journal $R/$name.jsonl --out /tmp/t-$name "$@" \
     ${CW:+--compile-workers "$CW"} \
     > $R/$name.json 2>> $R/$name.stderr.txt
+  grep -E "workers ready|compiled [0-9]+ candidates" $R/$name.stderr.txt | tail -2 \
+    | tee -a $OUT/summary.txt
   tail -1 $R/$name.stderr.txt | tee -a $OUT/summary.txt
 }
-# Smoke test: compile-only mode, from CPU tensors as the compile processes run it, must put the
-# GEMMs in the cache; the real launch must then find them there. (Whether the process got a CUDA
-# context is printed: it does, Triton asks the device for its target and stream.)
+if [ "${SMOKE:-1}" = 1 ]; then
+# Smoke test: a compile process's way ("target": CPU tensors, Triton told the GPU's target, no
+# CUDA) must put the GEMMs in the cache without a CUDA context; a real launch in another process
+# must then find them there (no new cache entry).
 export TRITON_CACHE_DIR=/tmp/triton-smoke; rm -rf $TRITON_CACHE_DIR
-python3 - <<'PY' 2>&1 | tail -4 | tee -a $OUT/summary.txt
-import os, subprocess, torch
-from moetune.inputs import random_moe_inputs
-from moetune.launch import compile_only
-from moetune.ops import fused_experts
+cat > /tmp/smoke_common.py <<'PY'
+import os
 from moetune.problem import Problem
+CONFIG = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4,
+              num_stages=3)
+PROBLEM = Problem(8, 384, 2048, 8, "bfloat16")
 def gemm_entries():
     root = os.environ["TRITON_CACHE_DIR"]
     return sorted(d for d in os.listdir(root)
                   if any(f.startswith("fused_moe_kernel") for f in os.listdir(f"{root}/{d}")))
-config = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4,
-              num_stages=3)
-problem = Problem(8, 384, 2048, 8, "bfloat16")
-args, kw = random_moe_inputs(problem, 16, "cpu", seed=0)
+PY
+python3 - <<'PY' 2>&1 | tail -3 | tee -a $OUT/summary.txt
+import os, subprocess, sys, time
+sys.path.insert(0, "/tmp")
+import torch
+from smoke_common import CONFIG, PROBLEM, gemm_entries
+from moetune.inputs import random_moe_inputs
+from moetune.launch import compile_only
+from moetune.ops import fused_experts
+from moetune.precompile import pin_target
+t0 = time.time()
+pin_target(90)
+args, kw = random_moe_inputs(PROBLEM, 16, "cpu", seed=0)
 with compile_only():
-    fused_experts(*args, config=config, **kw)
+    fused_experts(*args, config=CONFIG, **kw)
 apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
                       capture_output=True, text=True).stdout.split()
-compiled = gemm_entries()
-print("compile-only from CPU tensors: GEMM cache entries", len(compiled),
-      "| this process holds a CUDA context:", str(os.getpid()) in apps)
-assert len(compiled) >= 1
-args, kw = random_moe_inputs(problem, 16, "cuda", seed=0)
-fused_experts(*args, config=config, **kw)
+print(f"compile without CUDA: GEMM cache entries {len(gemm_entries())} in {time.time()-t0:.1f} s"
+      f" | torch.cuda initialised: {torch.cuda.is_initialized()}"
+      f" | CUDA context: {str(os.getpid()) in apps}")
+assert len(gemm_entries()) >= 1
+PY
+python3 - <<'PY' 2>&1 | tail -3 | tee -a $OUT/summary.txt
+import sys
+sys.path.insert(0, "/tmp")
+import torch
+from smoke_common import CONFIG, PROBLEM, gemm_entries
+from moetune.inputs import random_moe_inputs
+from moetune.ops import fused_experts
+before = gemm_entries()
+args, kw = random_moe_inputs(PROBLEM, 16, "cuda", seed=0)
+fused_experts(*args, config=CONFIG, **kw)
 torch.cuda.synchronize()
-print("after a real launch: GEMM cache entries", len(gemm_entries()), "(same = cache hit)")
-assert gemm_entries() == compiled
+print("real launch in another process: GEMM cache entries", len(before), "->",
+      len(gemm_entries()), "(same = cache hit)")
+assert gemm_entries() == before
 PY
 echo "smoke rc=$? (the sweeps go on either way: compile processes fall back to GPU inputs)" \
   | tee -a $OUT/summary.txt
+fi
 if [ "$1" = all ]; then
   rm -rf /tmp/triton-cache-all; export TRITON_CACHE_DIR=/tmp/triton-cache-all
   run qwen3-full-gpus-all all 400 --model Qwen3-30B-A3B --tp 2
@@ -86,4 +109,4 @@ for p in sorted(glob.glob(sys.argv[1] + "/*.jsonl")):
           f"all median={statistics.median(r['eval_s'] for r in ok):.3f}" if ok else "",
           "winners", sum(r.get("kind") == "winner" for r in recs))
 PY
-tar czf $OUT/full-space-$1.tgz $R
+tar czf $OUT/$(basename $R)-$1.tgz $R

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -94,8 +93,8 @@ def sweep(
     compile_workers: Annotated[
         int | None,
         typer.Option(
-            help="Processes compiling candidates ahead on GPUs (default: 16 per GPU, "
-            "at most one per CPU core; 0 = none)."
+            help="Processes compiling candidates ahead on GPUs (default: 16, and 4 more "
+            "per extra GPU, at most one per CPU core; 0 = none)."
         ),
     ] = None,
     gpus: Annotated[
@@ -144,6 +143,7 @@ def sweep(
     Example: moetune sweep --model Mixtral-8x7B --tp 2 --space fast
     """
     from moetune.export import export_configs
+    from moetune.precompile import default_compile_workers
     from moetune.presets import DEFAULT_BATCH_SIZES, preset_problem
     from moetune.problem import Problem
     from moetune.space import load_space_spec, search_space
@@ -186,7 +186,7 @@ def sweep(
         raise UsageError(f"--gemms must be joint or split, got {gemms!r}")
     execution = dataclasses.replace(execution, strategy=strategy, keep=keep, gemms=gemms)
     if compile_workers is None:
-        compile_workers = min(os.cpu_count() or 1, 16 * len(execution.gpus or [0]))
+        compile_workers = default_compile_workers(len(execution.gpus or [0]))
     journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space, skew, gemms)
     note = timings_note(plat.is_interpreter)
     err.print(f"moetune sweep: {prob.describe()} on {plat.device_name}; {len(candidates)} "

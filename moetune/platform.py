@@ -43,6 +43,11 @@ class Platform:
     def fp8_torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.fp8_dtype)
 
+    def cuda_capability(self) -> int | None:
+        """Triton's compute capability for an NVIDIA arch ("sm90" -> 90), else None."""
+        digits = self.arch.removeprefix("sm")
+        return int(digits) if self.vendor == "nvidia" and digits.isdigit() else None
+
 
 def _p(key, vendor, device_name, arch, smem, mps, fp8="float8_e4m3fn") -> Platform:
     return Platform(key, vendor, device_name, arch, smem, mps, fp8)

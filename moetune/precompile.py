@@ -19,15 +19,79 @@ import multiprocessing as mp
 import os
 import queue
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from moetune.problem import Problem
 from moetune.workers import visible_device
 
+_WAYS = {"target": "without CUDA", "cpu": "from CPU tensors", "cuda": "from GPU inputs"}
 STALL_S = 300.0  # no candidate reported for this long: stop waiting for the rest
 
 
-def _compile_loop(problem: Problem, fp8_dtype: str, tasks: Any, results: Any) -> None:
+def default_compile_workers(gpus: int, cpus: int | None = None) -> int:
+    """Compile processes for a sweep on ``gpus`` GPUs: 16, and 4 more per extra GPU, at most
+    one per core. 16 per GPU (64 on 4x H100) slowed every process's start to 22-27 s and each
+    timed pair by 9.5%; 16 compile the full space (1,304 candidates) in 95 s, faster than four
+    GPUs evaluate it (results/full-space-0.2/)."""
+    return max(1, min(cpus or os.cpu_count() or 1, 16 + 4 * (gpus - 1)))
+
+
+def pin_target(capability: int, active: Any = None) -> Callable[[], None]:
+    """Make Triton compile for ``sm<capability>`` without asking a GPU; returns the undo.
+
+    Triton asks its driver for the current device, stream and target before it compiles (from
+    ``warmup`` too), and PyTorch's answers initialise CUDA: each compile process then held a
+    CUDA context on a GPU being timed, and 68 processes starting CUDA together took 22-27 s on
+    4x H100 (results/full-space-0.2/). The cache key holds only the target, not the device, so
+    kernels compiled here are the ones the workers load.
+    """
+    from triton.backends.compiler import GPUTarget
+
+    if active is None:
+        from triton.runtime import driver
+
+        active = driver.active
+    names = ("get_current_device", "get_current_stream", "get_current_target")
+    saved = {name: active.__dict__.get(name) for name in names}
+    active.get_current_device = lambda: 0
+    active.get_current_stream = lambda device=None: 0
+    active.get_current_target = lambda: GPUTarget("cuda", capability, 32)
+
+    def undo() -> None:
+        for name, value in saved.items():
+            if value is None:
+                active.__dict__.pop(name, None)
+            else:
+                setattr(active, name, value)
+
+    return undo
+
+
+class Ladder:
+    """Ways to compile, cheapest first. Until one has worked, a failure tries the later ways and
+    the first that works is kept (the earlier ones are dropped); once one has worked, a failure
+    is the candidate's own."""
+
+    def __init__(self, ways: list[str]) -> None:
+        self.ways, self.proven = list(ways), False
+
+    def compile(self, run: Callable[[str], None]) -> tuple[str, str]:
+        """``run(way)`` in the ladder's order: ("compiled" | "failed", the way it ended on)."""
+        for i, way in enumerate(self.ways if not self.proven else self.ways[:1]):
+            try:
+                run(way)
+            except Exception:
+                continue
+            self.ways, self.proven = self.ways[i:], True
+            return "compiled", way
+        return "failed", self.ways[0]
+
+
+def _compile_loop(
+    problem: Problem, fp8_dtype: str, capability: int | None, tasks: Any, results: Any
+) -> None:
     import torch
 
     from moetune.inputs import random_moe_inputs
@@ -38,50 +102,48 @@ def _compile_loop(problem: Problem, fp8_dtype: str, tasks: Any, results: Any) ->
     # made each timed pair ~14% slower (measured on 4x H100, results/full-space/).
     with contextlib.suppress(OSError):
         os.nice(10)
-    torch.set_num_threads(1)  # one core each: there are as many processes as cores
+    torch.set_num_threads(1)  # one process per core at most
     # Only topk experts: expert count is not a kernel argument, the weight strides stay the same.
     small = dataclasses.replace(problem, E=problem.topk)
     fp8 = getattr(torch, fp8_dtype)
-    # CPU tensors: Triton compiles for the current GPU from them, and the op's routing,
-    # activation and quantization run in PyTorch on the CPU, so a compile process launches
-    # nothing on a GPU whose workers are being timed. (It still holds a CUDA context: Triton asks
-    # the device for its target and stream; measured on 4x H100, results/full-space-0.2/.) If
-    # the first compiles fail from CPU tensors and succeed from GPU inputs, this Triton cannot
-    # compile from CPU tensors: GPU inputs from then on. A failure after a CPU success is the
-    # candidate's own.
-    inputs = {"cpu": random_moe_inputs(small, 16, "cpu", seed=0, fp8_dtype=fp8)}
-    where = "cpu"
-    cpu_works = False
+    # Ways, cheapest first: "target" compiles from CPU tensors for the sweep's GPU named to
+    # Triton (no CUDA at all in this process); "cpu" from CPU tensors with Triton asking the GPU
+    # (a CUDA context, nothing launched); "cuda" from GPU inputs. The op's routing, activation
+    # and quantization run in PyTorch on the inputs' device.
+    undo: list[Callable[[], None]] = []
+    ways = ["cpu", "cuda"] if capability is None else ["target", "cpu", "cuda"]
 
-    def compile_with(device: str, config: dict) -> None:
+    def pin(on: bool) -> None:
+        if on and not undo:
+            undo.append(pin_target(capability))  # type: ignore[arg-type]
+        elif not on and undo:
+            undo.pop()()
+
+    inputs: dict[str, Any] = {}
+
+    def run(way: str, config: dict) -> None:
+        pin(way == "target")
+        device = "cuda" if way == "cuda" else "cpu"
         if device not in inputs:
             inputs[device] = random_moe_inputs(small, 16, device, seed=0, fp8_dtype=fp8)
         args, kw = inputs[device]
-        with compile_only():
-            fused_experts(*args, config=config, **kw)
+        try:
+            with compile_only():
+                fused_experts(*args, config=config, **kw)
+        except Exception:
+            if device == "cuda":
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize()
+            raise
 
+    ladder = Ladder(ways)
     while True:
         item = tasks.get()
         if item is None:
             return
         key, config = item
-        try:
-            compile_with(where, config)
-            cpu_works = cpu_works or where == "cpu"
-            results.put(("compiled", key, where))
-            continue
-        except Exception:  # recorded later by the sweep, with its reason
-            pass
-        if where == "cpu" and not cpu_works:
-            try:
-                compile_with("cuda", config)
-                where = "cuda"
-                results.put(("compiled", key, where))
-                continue
-            except Exception:
-                with contextlib.suppress(Exception):
-                    torch.cuda.synchronize()
-        results.put(("failed", key, where))
+        kind, way = ladder.compile(lambda w: run(w, config))  # noqa: B023
+        results.put((kind, key, way))
 
 
 class Compiler:
@@ -90,13 +152,14 @@ class Compiler:
 
     def __init__(
         self, problem: Problem, items: list[tuple[str, dict]], fp8_dtype: str, workers: int,
-        gpus: list[int] | None = None,
+        gpus: list[int] | None = None, capability: int | None = None,
     ) -> None:  # fmt: skip
         self.pending = {key for key, _ in items}
         self.compiled = self.failed = 0
         self.t0 = self.last = time.time()
         self.first_s: float | None = None  # when the first candidate was reported
         self.on_gpu: set[str] = set()  # candidates compiled from GPU inputs (CPU ones failed)
+        self.ways: Counter[str] = Counter()  # how candidates were compiled (see _compile_loop)
         self.procs: list[Any] = []
         ctx = mp.get_context("spawn")
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
@@ -111,7 +174,8 @@ class Compiler:
             for i in range(n):
                 os.environ["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]  # at spawn
                 p = ctx.Process(target=_compile_loop, daemon=True,
-                                args=(problem, fp8_dtype, self.tasks, self.results))  # fmt: skip
+                                args=(problem, fp8_dtype, capability, self.tasks,
+                                      self.results))  # fmt: skip
                 p.start()
                 self.procs.append(p)
         except OSError:  # no processes to be had: the sweep compiles as it goes
@@ -143,6 +207,7 @@ class Compiler:
                 self.on_gpu.add(key)
             if kind == "compiled":
                 self.compiled += 1
+                self.ways[where] += 1
             else:
                 self.failed += 1
         gave_up = time.time() - self.last > STALL_S
@@ -154,8 +219,9 @@ class Compiler:
         """When the first and the last candidate were reported, and how they were compiled."""
         if self.first_s is None:
             return "none reported"
-        how = f", {len(self.on_gpu)} from GPU inputs" if self.on_gpu else ""
-        return f"first after {self.first_s:.1f} s, last after {self.last - self.t0:.1f} s{how}"
+        how = ", ".join(f"{n} {_WAYS.get(way, way)}" for way, n in self.ways.most_common())
+        return (f"first after {self.first_s:.1f} s, last after {self.last - self.t0:.1f} s"
+                + (f" ({how})" if how else ""))  # fmt: skip
 
     def wait(self) -> None:
         """Block until every candidate is reported (for backends that cannot wait per chunk)."""

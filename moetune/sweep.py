@@ -152,7 +152,7 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, rep
                 progress(0, 0, f"compiling {len(todo)} candidates in {compile_workers} "
                                "processes, evaluating each as it is ready")  # fmt: skip
             compiler = Compiler(problem, todo, platform.fp8_dtype, compile_workers,
-                                runner.execution.gpus)  # fmt: skip
+                                runner.execution.gpus, platform.cuda_capability())  # fmt: skip
     runner.compiler = compiler
     try:
         _sweep_pairs(problem, platform, keyed, batch_sizes, journal, replays, progress, runner)

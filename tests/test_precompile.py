@@ -9,7 +9,8 @@ from helpers import make_case
 
 from moetune import launch, ops
 from moetune.launch import compile_only, compiling
-from moetune.precompile import Compiler
+from moetune.platform import PLATFORMS
+from moetune.precompile import Compiler, Ladder, default_compile_workers, pin_target
 from moetune.problem import Problem
 
 CONFIG = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=1, num_warps=4,
@@ -55,7 +56,7 @@ def test_compiler_reports_first_and_gpu_compiled_candidates():
     compiler = Compiler(Problem(4, 32, 64, 2, "float16"), [("a", {}), ("b", {}), ("c", {})],
                         "float8_e4m3fn", workers=0)  # fmt: skip
     assert not compiler.ready("a") and not compiler.ready("up:b")
-    compiler.results.put(("compiled", "a", "cpu"))
+    compiler.results.put(("compiled", "a", "target"))
     compiler.results.put(("compiled", "b", "cuda"))
     deadline = time.time() + 30  # the queue's feeder thread delivers them when it runs
     while compiler.compiled < 2 and time.time() < deadline:
@@ -67,5 +68,69 @@ def test_compiler_reports_first_and_gpu_compiled_candidates():
     compiler.poll()
     assert compiler.ready("c")  # no compile process alive: the sweep compiles it itself
     text = compiler.timeline()
-    assert text.startswith("first after") and "1 from GPU inputs" in text
+    assert text.startswith("first after")
+    assert "1 without CUDA" in text and "1 from GPU inputs" in text
     compiler.close()
+
+
+def _runner(fails: set[tuple[str, str]], calls: list[str]):
+    def run(way: str, key: str) -> None:
+        calls.append(f"{key}@{way}")
+        if (key, way) in fails or (key, "*") in fails:
+            raise RuntimeError("no")
+
+    return run
+
+
+def test_ladder_keeps_the_first_way_that_works_then_blames_candidates():
+    ladder, calls = Ladder(["target", "cpu", "cuda"]), []
+    run = _runner({("a", "target"), ("b", "*")}, calls)
+    assert ladder.compile(lambda w: run(w, "a")) == ("compiled", "cpu")  # target never worked
+    assert ladder.compile(lambda w: run(w, "b")) == ("failed", "cpu")  # its own failure
+    assert ladder.compile(lambda w: run(w, "c")) == ("compiled", "cpu")
+    assert calls == ["a@target", "a@cpu", "b@cpu", "c@cpu"]
+
+
+def test_ladder_stays_on_its_first_way_when_a_bad_candidate_comes_first():
+    """A candidate that fails every way says nothing about the ways: none is dropped."""
+    ladder, calls = Ladder(["target", "cpu", "cuda"]), []
+    run = _runner({("bad", "*")}, calls)
+    assert ladder.compile(lambda w: run(w, "bad")) == ("failed", "target")
+    assert ladder.compile(lambda w: run(w, "ok")) == ("compiled", "target")
+    assert calls == ["bad@target", "bad@cpu", "bad@cuda", "ok@target"]
+
+
+class _Driver:
+    """Stand-in for Triton's CUDA driver: PyTorch's answers are instance attributes, the target
+    a method (as in Triton's GPUDriver / CudaDriver)."""
+
+    def __init__(self):
+        self.get_current_device = lambda: 3
+        self.get_current_stream = lambda device=None: 1234
+
+    def get_current_target(self):
+        raise AssertionError("asked the GPU")
+
+
+def test_pin_target_answers_without_the_gpu_and_undoes():
+    drv = _Driver()
+    undo = pin_target(90, drv)
+    target = drv.get_current_target()
+    assert (target.backend, target.arch, target.warp_size) == ("cuda", 90, 32)
+    assert drv.get_current_device() == 0 and drv.get_current_stream(0) == 0
+    undo()
+    assert drv.get_current_device() == 3 and drv.get_current_stream(0) == 1234
+    with pytest.raises(AssertionError, match="asked the GPU"):
+        drv.get_current_target()
+
+
+def test_default_compile_workers_grow_slowly_with_gpus_and_stop_at_the_cores():
+    assert default_compile_workers(1, cpus=64) == 16
+    assert default_compile_workers(4, cpus=64) == 28
+    assert default_compile_workers(8, cpus=32) == 32
+    assert default_compile_workers(1, cpus=2) == 2
+
+
+def test_cuda_capability_only_for_nvidia():
+    assert PLATFORMS["h100"].cuda_capability() == 90
+    assert all(p.cuda_capability() is None for p in PLATFORMS.values() if p.vendor != "nvidia")
