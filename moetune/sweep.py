@@ -46,11 +46,10 @@ class Execution:
     isolate: bool = False
     gpus: list[int] | None = None
     timeout_s: float = 600.0
-    # Pairs per chunk, at most; a chunk never spans two candidates. Each worker that runs a
-    # candidate loads its kernels: with chunks of 6 a candidate's pairs went to ~1.9 of 4 GPUs'
-    # workers, 4% more worker time (4x H100, results/full-space-0.3/). 18 keeps a candidate's
-    # batch sizes together.
-    chunk_size: int = 18
+    # Pairs per chunk, at most; a chunk never spans two candidates. 18 (a candidate's batch
+    # sizes on one worker, its kernels loaded once) was no faster on 4x H100 (162.1 vs 159.4 s,
+    # results/full-space-0.3/NOTES.md).
+    chunk_size: int = 6
     backend: str = "local"
     ray_address: str | None = None
     skew: str = "uniform"  # routing of the random inputs (moetune.inputs.SKEWS)
