@@ -10,7 +10,7 @@
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 J=${JOURNALS:-$OUT/r/journals}
-mkdir -p $OUT/r/configs $OUT/r/bench $J
+mkdir -p $OUT/r/configs $OUT/r/bench $OUT/r/journals $J
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee -a $OUT/r/summary.txt
 for spec in "$@"; do
   IFS=: read -r model tp quant <<< "$spec"
