@@ -1,10 +1,12 @@
 """Compile a sweep's candidates in background processes while the sweep evaluates them.
 
 Triton keeps compiled kernels in its on-disk cache, keyed by the source, the constexprs and the
-specialization of the integer arguments (divisibility by 16). Compile processes run the op in
-compile-only mode (the GEMMs go through Triton's ``warmup``: compiled, never launched; the op's
-routing, activation and quantization run in PyTorch on CPU tensors of a 16-token problem) once
-per candidate with the sweep's N, K and strides, and report each candidate as it is done. The
+specialization of the integer arguments (divisibility by 16), and the target GPU (not the
+device). Compile processes run the op in compile-only mode (the GEMMs go through Triton's
+``warmup``: compiled, never launched; the op's routing, activation and quantization run in
+PyTorch on CPU tensors of a 16-token problem), with Triton told the sweep's GPU target so that
+they never initialise CUDA, once per candidate with the sweep's N, K and strides, and report
+each candidate as it is done. The
 sweep's workers take a candidate's work only once it is reported, and then load its kernels
 from the cache: compiling (CPU-bound) and timing (GPU-bound) overlap instead of one
 waiting for the other. A candidate that fails to compile here is left for the sweep to record
@@ -23,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from moetune.cores import COMPILE_NICE, calm, compile_cpus
 from moetune.problem import Problem
 from moetune.workers import visible_device
 
@@ -99,9 +102,10 @@ def _compile_loop(
     from moetune.ops import fused_experts
 
     # Below the workers being timed: on a 4-GPU host, 64 compile processes at normal priority
-    # made each timed pair ~14% slower (measured on 4x H100, results/full-space/).
+    # made each timed pair ~14% slower (measured on 4x H100, results/full-space/). The parent
+    # lowers it at spawn (cores.calm); this covers a parent that could not.
     with contextlib.suppress(OSError):
-        os.nice(10)
+        os.nice(max(0, COMPILE_NICE - os.getpriority(os.PRIO_PROCESS, 0)))
     torch.set_num_threads(1)  # one process per core at most
     # Only topk experts: expert count is not a kernel argument, the weight strides stay the same.
     small = dataclasses.replace(problem, E=problem.topk)
@@ -170,6 +174,8 @@ class Compiler:
             self.tasks.put(None)
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
         devices = [visible_device(g) for g in (gpus or [0])]
+        # One physical core per GPU worker and one for the sweep's process stay free of them.
+        self.cpus = compile_cpus(len(devices) + 1, n) if n else None
         try:
             for i in range(n):
                 os.environ["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]  # at spawn
@@ -177,6 +183,7 @@ class Compiler:
                                 args=(problem, fp8_dtype, capability, self.tasks,
                                       self.results))  # fmt: skip
                 p.start()
+                calm(p.pid, self.cpus)  # before its imports, not after
                 self.procs.append(p)
         except OSError:  # no processes to be had: the sweep compiles as it goes
             self.close()
@@ -219,9 +226,11 @@ class Compiler:
         """When the first and the last candidate were reported, and how they were compiled."""
         if self.first_s is None:
             return "none reported"
-        how = ", ".join(f"{n} {_WAYS.get(way, way)}" for way, n in self.ways.most_common())
+        how = [f"{n} {_WAYS.get(way, way)}" for way, n in self.ways.most_common()]
+        if self.cpus:
+            how.append(f"on {len(self.cpus)} CPUs kept apart from the workers")
         return (f"first after {self.first_s:.1f} s, last after {self.last - self.t0:.1f} s"
-                + (f" ({how})" if how else ""))  # fmt: skip
+                + (f" ({', '.join(how)})" if how else ""))  # fmt: skip
 
     def wait(self) -> None:
         """Block until every candidate is reported (for backends that cannot wait per chunk)."""
