@@ -1,8 +1,8 @@
-"""Where a sweep worker's start-up goes (issue 4: the fixed seconds before a GPU times its first
-pair). Times, in one fresh process on the GPU at hand: importing torch, creating the CUDA
-context, importing moetune's evaluation, building the Workload (inputs for every batch size),
-the first evaluation (loads align/activation/GEMM kernels, cuBLAS, the first CUDA graph) and
-the next ones. Kernels come from Triton's cache: run a sweep or this script once first.
+"""Where a sweep worker's start-up goes (the fixed seconds before a GPU times its first pair).
+Times, in one fresh process on the GPU at hand: importing torch, creating the CUDA context,
+importing moetune's evaluation, building the Workload (its input sets, drawn at the largest
+batch size), the first evaluation (loads align/activation/GEMM kernels, cuBLAS, the first CUDA
+graph) and the next ones. Kernels come from Triton's cache: run a sweep or this script once first.
 
     python benchmarks/worker_startup.py --model Qwen3-30B-A3B --tp 2
 """

@@ -94,7 +94,7 @@ def sweep(
         int | None,
         typer.Option(
             help="Processes compiling candidates ahead on GPUs (default: 16, and 4 more "
-            "per extra GPU, at most one per CPU core; 0 = none)."
+            "per extra GPU, at most one per usable CPU; 0 = none)."
         ),
     ] = None,
     gpus: Annotated[

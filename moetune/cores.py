@@ -5,8 +5,9 @@ each timed pair is mostly CPU time (~15 ms at small batch sizes). While the comp
 ran, pairs on a 4-GPU host took 3-8% longer than the same pairs on one GPU (4x H100,
 results/full-space-0.3/), and compiling overlaps a larger share of a 4-GPU sweep. So the
 compile processes get every physical core but one per worker and one for the sweep's own
-process (when that still leaves a CPU per compile process), and start at low priority, their
-imports included.
+process (when that still leaves a CPU per compile process: Linux only), and start 10 nice
+levels below the sweep, their imports included. The workers are not pinned: the reserved cores
+are only kept free for them.
 """
 
 from __future__ import annotations
@@ -59,17 +60,34 @@ def compile_cpus(reserved_cores: int, processes: int, allowed: set[int] | None =
     cores = physical_cores(allowed, sysfs)
     if len(cores) - reserved_cores < MIN_COMPILE_CORES:
         return None
-    # The last cores go to the compile processes: CPU 0 tends to get interrupts and the
-    # scheduler's first picks, so the reserved cores are the first ones.
     cpus: set[int] = set().union(*cores[reserved_cores:])
     return cpus if len(cpus) >= processes else None
 
 
-def calm(pid: int, cpus: set[int] | None) -> None:
-    """Lower a just-started process's priority and confine it to ``cpus`` (None: anywhere).
-    Best effort: a platform without these calls leaves it as it is."""
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (a cgroup or taskset may allow fewer than exist)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def compile_nice() -> int:
+    """The nice value for compile processes: COMPILE_NICE below this process's own."""
+    try:
+        return min(19, os.getpriority(os.PRIO_PROCESS, 0) + COMPILE_NICE)
+    except (OSError, AttributeError):
+        return COMPILE_NICE
+
+
+def calm(pid: int, cpus: set[int] | None, nice: int) -> bool:
+    """Set a just-started process's nice value and confine it to ``cpus`` (None: anywhere).
+    Best effort; returns whether it was confined to ``cpus``."""
     with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, pid, COMPILE_NICE)
-    if cpus:
-        with contextlib.suppress(OSError, AttributeError):
-            os.sched_setaffinity(pid, cpus)
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+    if not cpus:
+        return False
+    try:
+        os.sched_setaffinity(pid, cpus)
+    except (OSError, AttributeError):
+        return False
+    return True

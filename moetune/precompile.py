@@ -4,9 +4,11 @@ Triton keeps compiled kernels in its on-disk cache, keyed by the source, the con
 specialization of the integer arguments (divisibility by 16), and the target GPU (not the
 device). Compile processes run the op in compile-only mode (the GEMMs go through Triton's
 ``warmup``: compiled, never launched; the op's routing, activation and quantization run in
-PyTorch on CPU tensors of a 16-token problem), with Triton told the sweep's GPU target so that
-they never initialise CUDA, once per candidate with the sweep's N, K and strides, and report
-each candidate as it is done. The
+PyTorch on CPU tensors of a 16-token problem) once per candidate with the sweep's N, K and
+strides, and report each candidate as it is done. On NVIDIA, Triton is told the sweep's GPU
+target, so they do not initialise CUDA; where that does not work (AMD, another Triton), they
+fall back to Triton asking the GPU (a context, nothing launched), then to GPU inputs (a first
+candidate that fails on its own also tries every way, leaving that process a CUDA context). The
 sweep's workers take a candidate's work only once it is reported, and then load its kernels
 from the cache: compiling (CPU-bound) and timing (GPU-bound) overlap instead of one
 waiting for the other. A candidate that fails to compile here is left for the sweep to record
@@ -25,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from moetune.cores import COMPILE_NICE, calm, compile_cpus
+from moetune.cores import calm, compile_cpus, compile_nice, usable_cpus
 from moetune.problem import Problem
 from moetune.workers import visible_device
 
@@ -35,10 +37,10 @@ STALL_S = 300.0  # no candidate reported for this long: stop waiting for the res
 
 def default_compile_workers(gpus: int, cpus: int | None = None) -> int:
     """Compile processes for a sweep on ``gpus`` GPUs: 16, and 4 more per extra GPU, at most
-    one per core. 16 per GPU (64 on 4x H100) slowed every process's start to 22-27 s and each
-    timed pair by 9.5%; 16 compile the full space (1,304 candidates) in 95 s, faster than four
-    GPUs evaluate it (results/full-space-0.2/)."""
-    return max(1, min(cpus or os.cpu_count() or 1, 16 + 4 * (gpus - 1)))
+    one per logical CPU the sweep may use. 16 per GPU (64 on 4x H100) slowed every process's
+    start to 22-27 s and each timed pair by 9.5%; 16 compile the full space (1,304 candidates)
+    in 95 s, faster than four GPUs evaluate it (results/full-space-0.2/)."""
+    return max(1, min(cpus or usable_cpus(), 16 + 4 * (gpus - 1)))
 
 
 def pin_target(capability: int, active: Any = None) -> Callable[[], None]:
@@ -56,6 +58,11 @@ def pin_target(capability: int, active: Any = None) -> Callable[[], None]:
         from triton.runtime import driver
 
         active = driver.active
+    # Some Triton releases hand out a LazyProxy: pin (and undo) on the driver behind it.
+    init = getattr(active, "_initialize_obj", None)
+    if callable(init):
+        init()
+        active = getattr(active, "_obj", None) or active
     names = ("get_current_device", "get_current_stream", "get_current_target")
     saved = {name: active.__dict__.get(name) for name in names}
     active.get_current_device = lambda: 0
@@ -72,6 +79,24 @@ def pin_target(capability: int, active: Any = None) -> Callable[[], None]:
     return undo
 
 
+class Pin:
+    """Whether Triton compiles for a named target (``pin_target``) or asks the GPU, switched
+    as the compile ways change."""
+
+    def __init__(self, capability: int | None, active: Any = None) -> None:
+        self.capability, self.active = capability, active
+        self.undo: Callable[[], None] | None = None
+
+    def set(self, on: bool) -> None:
+        if on and self.undo is None:
+            if self.capability is None:
+                raise RuntimeError("no target to pin")
+            self.undo = pin_target(self.capability, self.active)
+        elif not on and self.undo is not None:
+            self.undo()
+            self.undo = None
+
+
 class Ladder:
     """Ways to compile, cheapest first. Until one has worked, a failure tries the later ways and
     the first that works is kept (the earlier ones are dropped); once one has worked, a failure
@@ -81,7 +106,8 @@ class Ladder:
         self.ways, self.proven = list(ways), False
 
     def compile(self, run: Callable[[str], None]) -> tuple[str, str]:
-        """``run(way)`` in the ladder's order: ("compiled" | "failed", the way it ended on)."""
+        """``run(way)`` in the ladder's order: ("compiled", the way that worked) or ("failed",
+        the ladder's current first way)."""
         for i, way in enumerate(self.ways if not self.proven else self.ways[:1]):
             try:
                 run(way)
@@ -93,7 +119,7 @@ class Ladder:
 
 
 def _compile_loop(
-    problem: Problem, fp8_dtype: str, capability: int | None, tasks: Any, results: Any
+    problem: Problem, fp8_dtype: str, capability: int | None, nice: int, tasks: Any, results: Any
 ) -> None:
     import torch
 
@@ -103,9 +129,9 @@ def _compile_loop(
 
     # Below the workers being timed: on a 4-GPU host, 64 compile processes at normal priority
     # made each timed pair ~14% slower (measured on 4x H100, results/full-space/). The parent
-    # lowers it at spawn (cores.calm); this covers a parent that could not.
-    with contextlib.suppress(OSError):
-        os.nice(max(0, COMPILE_NICE - os.getpriority(os.PRIO_PROCESS, 0)))
+    # sets ``nice`` at spawn (cores.calm); this covers a parent that could not.
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(max(0, nice - os.getpriority(os.PRIO_PROCESS, 0)))
     torch.set_num_threads(1)  # one process per core at most
     # Only topk experts: expert count is not a kernel argument, the weight strides stay the same.
     small = dataclasses.replace(problem, E=problem.topk)
@@ -114,19 +140,12 @@ def _compile_loop(
     # Triton (no CUDA at all in this process); "cpu" from CPU tensors with Triton asking the GPU
     # (a CUDA context, nothing launched); "cuda" from GPU inputs. The op's routing, activation
     # and quantization run in PyTorch on the inputs' device.
-    undo: list[Callable[[], None]] = []
+    pin = Pin(capability)
     ways = ["cpu", "cuda"] if capability is None else ["target", "cpu", "cuda"]
-
-    def pin(on: bool) -> None:
-        if on and not undo:
-            undo.append(pin_target(capability))  # type: ignore[arg-type]
-        elif not on and undo:
-            undo.pop()()
-
     inputs: dict[str, Any] = {}
 
     def run(way: str, config: dict) -> None:
-        pin(way == "target")
+        pin.set(way == "target")
         device = "cuda" if way == "cuda" else "cpu"
         if device not in inputs:
             inputs[device] = random_moe_inputs(small, 16, device, seed=0, fp8_dtype=fp8)
@@ -135,9 +154,11 @@ def _compile_loop(
             with compile_only():
                 fused_experts(*args, config=config, **kw)
         except Exception:
-            if device == "cuda":
+            if device == "cuda":  # free the GPU being timed of inputs this way may not use again
+                inputs.pop("cuda", None)
                 with contextlib.suppress(Exception):
                     torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
             raise
 
     ladder = Ladder(ways)
@@ -162,7 +183,6 @@ class Compiler:
         self.compiled = self.failed = 0
         self.t0 = self.last = time.time()
         self.first_s: float | None = None  # when the first candidate was reported
-        self.on_gpu: set[str] = set()  # candidates compiled from GPU inputs (CPU ones failed)
         self.ways: Counter[str] = Counter()  # how candidates were compiled (see _compile_loop)
         self.procs: list[Any] = []
         ctx = mp.get_context("spawn")
@@ -176,14 +196,16 @@ class Compiler:
         devices = [visible_device(g) for g in (gpus or [0])]
         # One physical core per GPU worker and one for the sweep's process stay free of them.
         self.cpus = compile_cpus(len(devices) + 1, n) if n else None
+        self.confined = 0  # processes kept to ``self.cpus``
+        nice = compile_nice()
         try:
             for i in range(n):
                 os.environ["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]  # at spawn
                 p = ctx.Process(target=_compile_loop, daemon=True,
-                                args=(problem, fp8_dtype, capability, self.tasks,
+                                args=(problem, fp8_dtype, capability, nice, self.tasks,
                                       self.results))  # fmt: skip
                 p.start()
-                calm(p.pid, self.cpus)  # before its imports, not after
+                self.confined += calm(p.pid, self.cpus, nice)  # before its imports, not after
                 self.procs.append(p)
         except OSError:  # no processes to be had: the sweep compiles as it goes
             self.close()
@@ -210,8 +232,6 @@ class Compiler:
             self.last = time.time()
             if self.first_s is None:
                 self.first_s = self.last - self.t0
-            if where == "cuda":
-                self.on_gpu.add(key)
             if kind == "compiled":
                 self.compiled += 1
                 self.ways[where] += 1
@@ -227,7 +247,7 @@ class Compiler:
         if self.first_s is None:
             return "none reported"
         how = [f"{n} {_WAYS.get(way, way)}" for way, n in self.ways.most_common()]
-        if self.cpus:
+        if self.cpus and self.confined:
             how.append(f"on {len(self.cpus)} CPUs kept apart from the workers")
         return (f"first after {self.first_s:.1f} s, last after {self.last - self.t0:.1f} s"
                 + (f" ({', '.join(how)})" if how else ""))  # fmt: skip

@@ -47,8 +47,8 @@ class Execution:
     gpus: list[int] | None = None
     timeout_s: float = 600.0
     # Pairs per chunk, at most; a chunk never spans two candidates. 18 (a candidate's batch
-    # sizes on one worker, its kernels loaded once) was no faster on 4x H100 (162.1 vs 159.4 s,
-    # results/full-space-0.3/NOTES.md).
+    # sizes on one worker, its kernels loaded once) was no faster on 4x H100: 162.1 s with 18,
+    # 159.4 s with 6 (results/full-space-0.3/NOTES.md).
     chunk_size: int = 6
     backend: str = "local"
     ray_address: str | None = None
@@ -150,7 +150,7 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, rep
     done = journal.done()
     keyed = _keyed(candidates, runner.execution.gemms)
     compiler = None
-    if runner.device == "cuda" and compile_workers > 1:
+    if runner.device == "cuda" and compile_workers > 0:
         pending = {c.key() for k, c in keyed if any((k, M) not in done for M in batch_sizes)}
         todo = [(c.key(), c.as_config()) for c in candidates if c.key() in pending]
         if todo:

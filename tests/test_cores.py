@@ -5,7 +5,14 @@ import os
 
 import pytest
 
-from moetune.cores import MIN_COMPILE_CORES, calm, compile_cpus, parse_cpu_list, physical_cores
+from moetune.cores import (
+    MIN_COMPILE_CORES,
+    calm,
+    compile_cpus,
+    compile_nice,
+    parse_cpu_list,
+    physical_cores,
+)
 
 
 def _topology(tmp_path, siblings: dict[int, str]):
@@ -49,17 +56,21 @@ def test_unreadable_topology_counts_each_cpu_as_a_core(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
-def test_calm_lowers_priority_and_confines_a_process():
+def test_calm_lowers_priority_below_this_process_and_confines():
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     p = ctx.Process(target=_sleep)
     p.start()
     try:
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        nice = compile_nice()
+        assert nice == min(19, own + 10)
         cpu = min(os.sched_getaffinity(0))
-        calm(p.pid, {cpu})
-        assert os.getpriority(os.PRIO_PROCESS, p.pid) >= 10
+        assert calm(p.pid, {cpu}, nice)
+        assert os.getpriority(os.PRIO_PROCESS, p.pid) == nice
         assert os.sched_getaffinity(p.pid) == {cpu}
+        assert not calm(p.pid, None, nice), "nothing to confine to"
     finally:
         p.kill()
         p.join()

@@ -10,7 +10,7 @@ from helpers import make_case
 from moetune import launch, ops
 from moetune.launch import compile_only, compiling
 from moetune.platform import PLATFORMS
-from moetune.precompile import Compiler, Ladder, default_compile_workers, pin_target
+from moetune.precompile import Compiler, Ladder, Pin, default_compile_workers, pin_target
 from moetune.problem import Problem
 
 CONFIG = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=1, num_warps=4,
@@ -63,7 +63,7 @@ def test_compiler_reports_first_and_gpu_compiled_candidates():
         compiler.poll()
         time.sleep(0.05)
     assert (compiler.compiled, compiler.failed) == (2, 0)
-    assert compiler.on_gpu == {"b"}
+    assert compiler.ways == {"target": 1, "cuda": 1}
     assert compiler.ready("a") and compiler.ready("up:b")
     compiler.poll()
     assert compiler.ready("c")  # no compile process alive: the sweep compiles it itself
@@ -122,6 +122,55 @@ def test_pin_target_answers_without_the_gpu_and_undoes():
     assert drv.get_current_device() == 3 and drv.get_current_stream(0) == 1234
     with pytest.raises(AssertionError, match="asked the GPU"):
         drv.get_current_target()
+
+
+class _LazyProxy:
+    """Stand-in for the LazyProxy some Triton releases return as ``driver.active``: attribute
+    reads and writes go to the driver behind it, which is made on first use."""
+
+    def __init__(self, make):
+        self.__dict__["_make"], self.__dict__["_obj"] = make, None
+
+    def _initialize_obj(self):
+        if self._obj is None:
+            self.__dict__["_obj"] = self._make()
+
+    def __getattr__(self, name):
+        self._initialize_obj()
+        return getattr(self._obj, name)
+
+    def __setattr__(self, name, value):
+        self._initialize_obj()
+        setattr(self._obj, name, value)
+
+
+def test_pin_target_undoes_through_a_lazy_proxy():
+    proxy = _LazyProxy(_Driver)
+    undo = pin_target(90, proxy)
+    assert proxy.get_current_target().arch == 90 and proxy.get_current_device() == 0
+    undo()
+    assert proxy.get_current_device() == 3
+    with pytest.raises(AssertionError, match="asked the GPU"):
+        proxy.get_current_target()
+
+
+def test_pin_follows_the_ways_a_compile_process_switches_between():
+    """target fails -> cpu runs with Triton asking the GPU -> target pins again."""
+    drv = _Driver()
+    pin = Pin(90, drv)
+    pin.set(True)
+    pin.set(True)  # no second pin on top of the first: one undo restores the driver
+    assert drv.get_current_target().arch == 90
+    pin.set(False)
+    with pytest.raises(AssertionError, match="asked the GPU"):
+        drv.get_current_target()
+    assert drv.get_current_device() == 3
+    pin.set(True)
+    assert drv.get_current_target().arch == 90
+    pin.set(False)
+    assert drv.get_current_device() == 3
+    with pytest.raises(RuntimeError):
+        Pin(None, drv).set(True)  # no target (AMD): the "target" way fails, the next is tried
 
 
 def test_default_compile_workers_grow_slowly_with_gpus_and_stop_at_the_cores():
