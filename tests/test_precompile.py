@@ -183,3 +183,46 @@ def test_default_compile_workers_grow_slowly_with_gpus_and_stop_at_the_cores():
 def test_cuda_capability_only_for_nvidia():
     assert PLATFORMS["h100"].cuda_capability() == 90
     assert all(p.cuda_capability() is None for p in PLATFORMS.values() if p.vendor != "nvidia")
+
+
+def test_compile_loop_reports_each_candidate_with_the_way_that_compiled_it(monkeypatch):
+    """The loop a compile process runs, in this process: Triton refuses a named target here
+    (simulated), so the first candidate moves the ladder to CPU tensors with the pin undone;
+    a candidate that then fails is reported failed, and the loop ends at the stop marker."""
+    import queue
+
+    from moetune import precompile
+
+    pinned = []
+
+    class FakePin:
+        def __init__(self, capability):
+            self.on = False
+
+        def set(self, on):
+            self.on = on
+            pinned.append(on)
+
+    pin_box = {}
+
+    def make_pin(capability):
+        pin_box["pin"] = FakePin(capability)
+        return pin_box["pin"]
+
+    def fake_fused(*args, config, **kw):
+        assert compiling() and all(not torch.is_tensor(a) or a.device.type == "cpu" for a in args)
+        if pin_box["pin"].on or config.get("bad"):
+            raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(precompile, "Pin", make_pin)
+    monkeypatch.setattr(ops, "fused_experts", fake_fused)
+    monkeypatch.setattr(precompile.os, "nice", lambda inc: 0)  # leave this process's priority
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    tasks, results = queue.Queue(), queue.Queue()
+    for item in [("a", {}), ("b", {"bad": 1}), ("c", {}), None]:
+        tasks.put(item)
+    precompile._compile_loop(Problem(4, 32, 64, 2, "float16"), "float8_e4m3fn", 90, 10, tasks,
+                             results)  # fmt: skip
+    reports = [results.get_nowait() for _ in range(results.qsize())]
+    assert reports == [("compiled", "a", "cpu"), ("failed", "b", "cpu"), ("compiled", "c", "cpu")]
+    assert pinned[:2] == [True, False] and not any(pinned[2:]), "pinned after leaving target"
