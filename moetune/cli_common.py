@@ -6,8 +6,11 @@ imports another.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -144,8 +147,32 @@ def platform_from_option(name: str | None, *, runs_here: bool = True):
     return plat
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is (a BaseException: no ``except Exception`` that
+    records a bad candidate takes it for one), so that worker and compile processes are stopped
+    and the journal closed on the way out, as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def guard(fn):
-    """Turn library errors into one ``Error:`` line: usage mistakes exit 2, failures exit 1."""
+    """Turn library errors into one ``Error:`` line: usage mistakes exit 2, failures exit 1,
+    Ctrl-C 130 and SIGTERM 143 (both after stopping the sweep's processes)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -154,13 +181,16 @@ def guard(fn):
         from moetune.tables import TableError
 
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_raises():
+                return fn(*args, **kwargs)
         except UsageError as e:
             fail(str(e), 2)
         except (JournalError, ExportError, TableError, OSError) as e:
             fail(str(e), 1)
-        except KeyboardInterrupt:
-            fail("interrupted; the journal keeps every finished record, re-run to resume", 130)
+        except KeyboardInterrupt as e:
+            what = "terminated" if isinstance(e, Terminated) else "interrupted"
+            code = 143 if isinstance(e, Terminated) else 130
+            fail(f"{what}; the journal keeps every finished record, re-run to resume", code)
 
     return wrapper
 

@@ -162,8 +162,14 @@ def _compile_loop(
             raise
 
     ladder = Ladder(ways)
+    parent = os.getppid()
     while True:
-        item = tasks.get()
+        try:
+            item = tasks.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:  # the sweep was killed: do not linger (and compile on)
+                return
+            continue
         if item is None:
             return
         key, config = item

@@ -226,3 +226,29 @@ def test_compile_loop_reports_each_candidate_with_the_way_that_compiled_it(monke
     reports = [results.get_nowait() for _ in range(results.qsize())]
     assert reports == [("compiled", "a", "cpu"), ("failed", "b", "cpu"), ("compiled", "c", "cpu")]
     assert pinned[:2] == [True, False] and not any(pinned[2:]), "pinned after leaving target"
+
+
+def test_compile_loop_ends_when_the_sweep_is_gone(monkeypatch):
+    """A killed sweep leaves its compile processes waiting on a queue that nobody fills: they
+    notice the new parent and end instead of lingering."""
+    import queue
+
+    from moetune import precompile
+
+    class Silent:
+        def get(self, timeout=None):
+            raise queue.Empty
+
+    parents = iter([100, 100, 1])  # at start, after the first wait, then re-parented
+    monkeypatch.setattr(precompile.os, "getppid", lambda: next(parents))
+    monkeypatch.setattr(precompile.os, "nice", lambda inc: 0)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    results = []
+
+    class Sink:
+        def put(self, item):
+            results.append(item)
+
+    precompile._compile_loop(Problem(4, 32, 64, 2, "float16"), "float8_e4m3fn", None, 10,
+                             Silent(), Sink())  # fmt: skip
+    assert results == [] and next(parents, None) is None, "left before the parent was gone"

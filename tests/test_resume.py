@@ -65,3 +65,30 @@ def test_resume_refuses_another_problem(tmp_path):
     assert run.returncode == 1
     assert "belongs to another sweep" in run.stderr and "--fresh" in run.stderr
     assert (tmp_path / "j.jsonl").read_bytes() == before
+
+
+def test_sigterm_stops_the_sweep_cleanly_and_it_resumes(tmp_path):
+    """SIGTERM (what `timeout` and schedulers send) ends the sweep like Ctrl-C: its worker
+    process stopped, the journal closed, one Error line, exit 143; a re-run finishes it."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [*_cmd(), "--isolate"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    journal = tmp_path / "j.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if journal.exists() and journal.read_text().count("\n") >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Error: terminated; the journal keeps every finished record" in stderr
+    assert "Traceback" not in stderr
+    before = _pairs(journal)
+    assert 0 < len(before) < 21, "SIGTERM came too late or too early to test anything"
+    run = subprocess.run(_cmd(), cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    after = _pairs(journal)
+    assert after[: len(before)] == before and len(after) == len(set(after))
