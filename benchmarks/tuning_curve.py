@@ -118,7 +118,7 @@ def outcome(table, chosen: dict[int, set[str]]) -> dict:
 
 def halving(table, pool: set[str], keep: float, space_size: int) -> dict[int, set[str]]:
     """moetune's --strategy halving: ``keep`` is a fraction of the whole space (``space_size``
-    candidates, also those that never pass), as in ``sweep._survivors``."""
+    candidates, also those that never pass), as in ``halving.survivors``."""
     Ms = sorted(table)
     anchors = sorted({Ms[0], Ms[len(Ms) // 2], Ms[-1]})
     n_keep = max(4, math.ceil(keep * space_size))

@@ -116,13 +116,21 @@ def sweep(
         str, typer.Option(help="Routing of the random inputs: uniform, zipf or one-hot.")
     ] = "uniform",
     strategy: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="exhaustive (every candidate at every batch size) or halving (all at "
-            "3 anchor batch sizes, the fastest --keep fraction at the rest)."
+            "3 anchor batch sizes, the fastest --keep fraction at the rest). Default: "
+            "exhaustive, halving with --budget."
         ),
-    ] = "exhaustive",
+    ] = None,
     keep: Annotated[float, typer.Option(help="Fraction kept by --strategy halving.")] = 0.25,
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds the sweep should take (halving: instead of --keep, as many "
+            "candidates go past the anchor batch sizes as fit; at least 4)."
+        ),
+    ] = None,
     gemms: Annotated[
         str,
         typer.Option(
@@ -176,15 +184,20 @@ def sweep(
     if not candidates:
         raise UsageError("the search space is empty after pruning and restrictions")
     execution = _execution(plat, gpus, isolate, timeout, backend, ray_address, skew)
+    strategy = strategy or ("halving" if budget is not None else "exhaustive")
     if strategy not in ("exhaustive", "halving"):
         raise UsageError(f"--strategy must be exhaustive or halving, got {strategy!r}")
+    if budget is not None and (budget <= 0 or strategy != "halving"):
+        raise UsageError(f"--budget must be > 0 seconds and goes with --strategy halving, "
+                         f"got {budget} with {strategy}")  # fmt: skip
     if not 0 < keep <= 1:
         raise UsageError(f"--keep must be in (0, 1], got {keep}")
     from moetune.gemms import GEMM_MODES
 
     if gemms not in GEMM_MODES:
         raise UsageError(f"--gemms must be joint or split, got {gemms!r}")
-    execution = dataclasses.replace(execution, strategy=strategy, keep=keep, gemms=gemms)
+    execution = dataclasses.replace(execution, strategy=strategy, keep=keep, gemms=gemms,
+                                    budget_s=budget)  # fmt: skip
     if compile_workers is None:
         compile_workers = default_compile_workers(len(execution.gpus or [0]))
     journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space, skew, gemms)

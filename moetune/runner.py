@@ -8,6 +8,7 @@ batch size) is paid once.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from moetune.evaluate import Workload, evaluate
@@ -34,6 +35,7 @@ class Runner:
         self.pool: WorkerPool | None = None
         self.workload: Workload | None = None  # in-process runs
         self.compiler: Compiler | None = None
+        self.t0 = time.time()  # the sweep's start, for --budget
 
     def start(self) -> None:
         """Start the local workers now, so they get ready while candidates compile."""

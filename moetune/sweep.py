@@ -25,6 +25,7 @@ from typing import Any
 
 from moetune.evaluate import RECHECK_SEED, Workload, recheck
 from moetune.gemms import FINAL_PREFIX, GEMMS, gemm_configs, gemm_of, heuristic, split_key
+from moetune.halving import FINAL_COST, anchors, ranked_ok, survivors, survivors_within
 from moetune.journal import Journal, open_journal, provenance
 from moetune.launch import FP8_ACCUM_DEFAULT, FP8_ACCUM_ENV
 from moetune.platform import Platform
@@ -57,6 +58,7 @@ class Execution:
     # anchor batch sizes, then only the fastest ``keep`` fraction at the others.
     strategy: str = "exhaustive"
     keep: float = 0.25
+    budget_s: float | None = None  # halving: keep as many as fit this wall time (moetune.budget)
     gemms: str = "joint"  # "split": tune the up and down GEMMs apart (moetune.gemms)
 
 
@@ -179,15 +181,24 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, rep
 def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, replays, progress,
                  runner: Runner) -> None:  # fmt: skip
     execution = runner.execution
-    if execution.strategy == "halving" and len(batch_sizes) > len(_anchors(batch_sizes)):
-        anchors = _anchors(batch_sizes)
+    if execution.strategy == "halving" and len(batch_sizes) > len(anchors(batch_sizes)):
+        at = anchors(batch_sizes)
         _run_pairs(problem, platform, journal, replays, progress, runner,
-                   [(k, c, M) for k, c in keyed for M in anchors])  # fmt: skip
-        keep = _survivors(journal, keyed, anchors, execution.keep)
+                   [(k, c, M) for k, c in keyed for M in at])  # fmt: skip
+        rest = [M for M in batch_sizes if M not in at]
+        if execution.budget_s is not None:
+            ex = execution
+            workers = len(ex.gpus) if ex.isolate and ex.backend != "ray" and ex.gpus else 1
+            roles = len(_roles(ex.gemms))
+            fixed = FINALISTS * len(batch_sizes) * roles * FINAL_COST + len(batch_sizes)
+            spent = time.time() - runner.t0
+            keep, how = survivors_within(journal, keyed, at, len(rest), ex.budget_s, spent,
+                                         workers, fixed, ex.keep)  # fmt: skip
+        else:
+            keep, how = survivors(journal, keyed, at, execution.keep), ""
         if progress:
             progress(0, 0, f"halving: {len(keep)} of {len(keyed)} candidates go on to "
-                           f"the other {len(batch_sizes) - len(anchors)} batch sizes")  # fmt: skip
-        rest = [M for M in batch_sizes if M not in anchors]
+                           f"the other {len(rest)} batch sizes{how}")  # fmt: skip
         pairs = [(k, c, M) for k, c in keep for M in rest]
     else:
         pairs = [(k, c, M) for k, c in keyed for M in batch_sizes]
@@ -205,33 +216,6 @@ def _keyed(candidates: list[Candidate], gemms: str) -> list[tuple[str, Candidate
 def _roles(gemms: str) -> tuple[str | None, ...]:
     """What winners are chosen for: the op as a whole (None), or each GEMM."""
     return GEMMS if gemms == "split" else (None,)
-
-
-def _anchors(batch_sizes: list[int]) -> list[int]:
-    """The smallest, a middle and the largest batch size: decode, mixed and prefill regimes."""
-    ordered = sorted(batch_sizes)
-    return sorted({ordered[0], ordered[len(ordered) // 2], ordered[-1]})
-
-
-def _ranked_ok(journal: Journal, M: int, gemm: str | None = None) -> list[dict[str, Any]]:
-    """First-pass records of tuned candidates (for ``gemm``, None: joint) that passed at ``M``,
-    fastest first."""
-    ok = [r for r in journal.records if r.get("M") == M and r.get("status") == "ok"
-          and r.get("phase") != "final" and r.get("candidate") != "default"
-          and r.get("gemm") == gemm]  # fmt: skip
-    return sorted(ok, key=lambda r: r["timing"]["median_us"])
-
-
-def _survivors(journal: Journal, keyed, anchors: list[int], keep: float) -> list:
-    """Keyed candidates among the fastest ``keep`` fraction (at least 4) of their GEMM (or of
-    the joint sweep) at any anchor batch size."""
-    roles = {gemm_of(k) for k, _ in keyed}
-    n_keep = max(4, math.ceil(keep * len(keyed) / len(roles)))
-    chosen: set[str] = set()
-    for M in anchors:
-        for gemm in roles:
-            chosen.update(r["candidate"] for r in _ranked_ok(journal, M, gemm)[:n_keep])
-    return [(k, c) for k, c in keyed if k in chosen]
 
 
 def _run_pairs(problem, platform, journal: Journal, replays, progress, runner: Runner,
@@ -288,7 +272,7 @@ def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progres
         for gemm in _roles(execution.gemms):
             if (M, gemm) in have_winner:
                 continue
-            for r in _ranked_ok(journal, M, gemm)[:FINALISTS]:
+            for r in ranked_ok(journal, M, gemm)[:FINALISTS]:
                 key = f"{FINAL_PREFIX}{r['candidate']}"
                 if (key, M) not in done:
                     work.append((key, r["config"], M, FINAL_REPLAYS))

@@ -123,6 +123,26 @@ def test_halving_runs_only_survivors_past_the_anchor_batch_sizes(tmp_path, monke
     assert runner.invoke(app, [*args[:-4], "--keep", "0"]).exit_code == 2
 
 
+def test_budget_implies_halving_and_a_large_one_keeps_everyone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "--E", "4", "--N", "32", "--K", "64", "--topk", "2", "--dtype", "float16",
+            "--batch-sizes", "16,24,32,48", "--space", "tiny", "--restrict", "BLOCK_SIZE_K=32",
+            "--journal", "j.jsonl", "--out", "t"]  # fmt: skip
+    for bad in (["--budget", "0"], ["--strategy", "exhaustive", "--budget", "60"]):
+        result = runner.invoke(app, [*args, *bad])
+        assert result.exit_code == 2 and "--budget must be > 0 seconds" in result.output
+        assert not (tmp_path / "j.jsonl").exists(), "a refused command wrote a journal"
+    result = runner.invoke(app, [*args, "--budget", "100000"])
+    assert result.exit_code == 0, result.output
+    assert "--budget 100000 s:" in result.output and "ms a pair, room for" in result.output
+    journal = read_journal(tmp_path / "j.jsonl")
+    recs = [r for r in journal.records if "candidate" in r and r.get("phase") != "final"
+            and r["candidate"] != "default"]  # fmt: skip
+    at_anchor = {r["candidate"] for r in recs if r["M"] == 16}
+    assert {r["candidate"] for r in recs if r["M"] == 24} == at_anchor, "a candidate was dropped"
+    assert journal.header["strategy"] == "halving" and len(at_anchor) > 4
+
+
 def test_split_sweep_exports_both_tables_resumes_and_feeds_the_op(tmp_path, monkeypatch):
     """--gemms split: each GEMM tuned apart, a main and a _down table exported, a re-run
     evaluates nothing, a joint run refuses the journal, verify runs the pair, the op reads both."""

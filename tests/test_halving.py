@@ -1,0 +1,65 @@
+"""Halving's survivors: by --keep fraction, or as many as fit --budget."""
+
+from moetune.halving import affordable_pairs, anchors, pair_seconds, survivors_within, take_within
+from moetune.journal import Journal
+
+
+def test_anchors_are_the_smallest_a_middle_and_the_largest():
+    assert anchors([64, 1, 8, 4096, 512]) == [1, 64, 4096]
+
+
+def test_pair_seconds_share_the_time_over_parallel_workers():
+    recs = [{"eval_s": 0.02}, {"eval_s": 0.04}, {"status": "pruned"}]
+    assert abs(pair_seconds(recs, 1) - 0.03) < 1e-12
+    assert abs(pair_seconds(recs, 3) - 0.01) < 1e-12
+    assert pair_seconds([{"status": "pruned"}], 2) is None
+
+
+def test_affordable_pairs_pay_the_fixed_work_first():
+    assert affordable_pairs(100.0, 40.0, 0.5, 20) == 100  # (100 - 40 - 10) / 0.5
+    assert affordable_pairs(100.0, 99.0, 0.5, 20) == 0  # over budget: nothing left
+
+
+def test_take_within_grows_every_ranking_together_and_keeps_a_minimum():
+    ranked = [["a", "b", "c", "d", "e", "f"], ["b", "a", "g", "h", "i", "j"]]
+    # top-4 of both: a b c d g h (6 candidates x 2 pairs = 12) fits 13; top-5 adds e, i (16).
+    assert take_within(ranked, 2, 13) == {"a", "b", "c", "d", "g", "h"}
+    assert take_within(ranked, 2, 16) == {"a", "b", "c", "d", "e", "g", "h", "i"}
+    assert take_within(ranked, 2, 0) == {"a", "b", "c", "d", "g", "h"}, "the minimum goes on"
+    assert take_within(ranked, 2, 10**6) == set("abcdefghij")
+    assert take_within([], 2, 100) == set()
+
+
+def _journal(tmp_path, records):
+    j = Journal(tmp_path / "j.jsonl", {})
+    j.records = records
+    return j
+
+
+def _ok(key, M, us, eval_s=0.1):
+    return {"candidate": key, "M": M, "status": "ok", "timing": {"median_us": us},
+            "eval_s": eval_s}  # fmt: skip
+
+
+def test_survivors_within_budget_count_from_the_anchor_times(tmp_path):
+    keys = [f"c{i}" for i in range(10)]
+    recs = [_ok(k, M, us=i + (M == 64) * (9 - 2 * i)) for i, k in enumerate(keys) for M in (1, 64)]
+    journal = _journal(tmp_path, recs)
+    keyed = [(k, None) for k in keys]
+    # 0.1 s a pair on one worker; 60 s budget, 10 s spent, fixed work 100 pairs (10 s): room
+    # for 400 pairs = 40 candidates x 10 batch sizes: everyone.
+    everyone, how = survivors_within(journal, keyed, [1, 64], 10, 60.0, 10.0, 1, 100, 0.25)
+    assert [k for k, _ in everyone] == keys and "room for 400 pairs" in how
+    # 2 workers halve the pair cost: same answer with half the budget left.
+    assert len(survivors_within(journal, keyed, [1, 64], 10, 35.0, 10.0, 2, 100, 0.25)[0]) == 10
+    # Room for 60 pairs = 6 candidates; the top 4 at M=1 (c0-c3) and at M=64 (c9-c6) are 8
+    # already: only the minimum, n=4 of each ranking, goes on.
+    few, _ = survivors_within(journal, keyed, [1, 64], 10, 26.0, 10.0, 1, 100, 0.25)
+    assert {k for k, _ in few} == {"c0", "c1", "c2", "c3", "c6", "c7", "c8", "c9"}
+
+
+def test_survivors_within_budget_fall_back_to_keep_without_times(tmp_path):
+    recs = [{**_ok(f"c{i}", 1, i), "eval_s": None} for i in range(10)]
+    keyed = [(f"c{i}", None) for i in range(10)]
+    chosen, how = survivors_within(_journal(tmp_path, recs), keyed, [1], 5, 60.0, 0.0, 1, 0, 0.5)
+    assert [k for k, _ in chosen] == [f"c{i}" for i in range(5)] and "no times" in how
