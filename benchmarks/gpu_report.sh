@@ -7,16 +7,17 @@
 # Usage: benchmarks/gpu_report.sh   (JSON, PNG, logs and REPORT.md land in $OUT/report)
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 COLUMNS=150
-R=$OUT/report
-mkdir -p $R
-nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee $R/gpu.txt
+R="$OUT/report"
+mkdir -p "$R"
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$R/gpu.txt"
 for spec in Mixtral-8x7B:2 Qwen3-30B-A3B:2 gpt-oss-120b:1; do
   IFS=: read -r model tp <<< "$spec"
   for q in bf16 fp8_w8a8; do
-    args=(); [ $q = fp8_w8a8 ] && args=(--quant fp8_w8a8 --static-scales)
+    args=(--batch-sizes 1,8,32,128,512,2048,4096)
+    [ $q = fp8_w8a8 ] && args+=(--quant fp8_w8a8 --static-scales)
     timeout 200 python3 -m moetune.cli bench --model "$model" --tp "$tp" "${args[@]}" \
-      --batch-sizes 1,8,32,128,512,2048,4096 --out $R > $R/$model-$q.txt 2>&1
-    echo "$model tp$tp $q rc=$?" | tee -a $R/summary.txt
+      --out "$R" > "$R/$model-$q.txt" 2>&1
+    echo "$model tp$tp $q rc=$?" | tee -a "$R/summary.txt"
   done
 done
-python3 benchmarks/report_table.py $R/*.json | tee $R/REPORT.md
+python3 benchmarks/report_table.py "$R"/*.json | tee "$R/REPORT.md"

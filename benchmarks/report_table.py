@@ -28,14 +28,34 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+REFERENCE_M = {1, 8, 32, 128, 512, 2048, 4096}
+
+
 def label(bench: dict) -> tuple[str, float | None]:
+    """The problem's name, and vLLM's figure when the run was made under its conditions
+    (uniform routing, fp8_w8a8 with static scales or bf16, the seven batch sizes)."""
     p = bench["problem"]
-    key = (p["E"], p["N"], p["K"], p["topk"], p.get("quant") is not None)
+    quant = p.get("quant")
+    key = (p["E"], p["N"], p["K"], p["topk"], quant is not None)
     name, ref = VLLM.get(key, (None, None))
-    if name is None:
-        quant = p.get("quant") or p["dtype"]
-        name = f"E{p['E']} N{p['N']} K{p['K']} top{p['topk']} {quant}"
+    if name is None or quant not in (None, "fp8_w8a8") or p.get("block_shape"):
+        block = "x".join(map(str, p.get("block_shape") or []))
+        what = f"{quant or p['dtype']}{f' block {block}' if block else ''}"
+        name, ref = f"E{p['E']} N{p['N']} K{p['K']} top{p['topk']} {what}", None
+    skew = bench.get("skew", "uniform")
+    if skew != "uniform":
+        name, ref = f"{name}, {skew} routing", None
+    if quant is not None and not bench.get("static_scales"):
+        name, ref = f"{name}, dynamic scales", None
+    if {r["M"] for r in bench["rows"]} != REFERENCE_M:
+        ref = None
     return name, ref
+
+
+def _usable(row: dict) -> bool:
+    """A row with default, tuned and floor (the naive loop may have failed: not needed here)."""
+    return bool(row.get("default", {}).get("ok") and row.get("tuned", {}).get("ok")
+                and (row.get("floor") or {}).get("us"))  # fmt: skip
 
 
 def source(bench: dict) -> str:
@@ -51,7 +71,7 @@ def report(paths: list[Path]) -> str:
     for path in paths:
         bench = json.loads(path.read_text())
         name, ref = label(bench)
-        rows = [r for r in bench["rows"] if r.get("ok") and r.get("tuned", {}).get("ok")]
+        rows = [r for r in bench["rows"] if _usable(r)]
         if not rows:
             summary.append((name, None, None, None, ref, bench))
             continue

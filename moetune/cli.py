@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -123,12 +124,15 @@ def sweep(
             "exhaustive, halving with --budget."
         ),
     ] = None,
-    keep: Annotated[float, typer.Option(help="Fraction kept by --strategy halving.")] = 0.25,
+    keep: Annotated[
+        float, typer.Option(help="Fraction kept by --strategy halving (not with --budget).")
+    ] = 0.25,
     budget: Annotated[
         float | None,
         typer.Option(
-            help="Seconds the sweep should take (halving: instead of --keep, as many "
-            "candidates go past the anchor batch sizes as fit; at least 4)."
+            help="Seconds the sweep should take (implies halving; replaces --keep: as many "
+            "candidates go past the anchor batch sizes as fit, at least 4; the choice is "
+            "journaled, so a resumed run keeps it)."
         ),
     ] = None,
     gemms: Annotated[
@@ -187,7 +191,7 @@ def sweep(
     strategy = strategy or ("halving" if budget is not None else "exhaustive")
     if strategy not in ("exhaustive", "halving"):
         raise UsageError(f"--strategy must be exhaustive or halving, got {strategy!r}")
-    if budget is not None and (budget <= 0 or strategy != "halving"):
+    if budget is not None and (not math.isfinite(budget) or budget <= 0 or strategy != "halving"):
         raise UsageError(f"--budget must be > 0 seconds and goes with --strategy halving, "
                          f"got {budget} with {strategy}")  # fmt: skip
     if not 0 < keep <= 1:

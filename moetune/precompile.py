@@ -162,13 +162,14 @@ def _compile_loop(
             raise
 
     ladder = Ladder(ways)
-    parent = os.getppid()
+    parent = mp.parent_process()  # None when run in the sweep's own process (tests)
     while True:
+        # The sweep killed (kill -9): stop, even with candidates still queued.
+        if parent is not None and not parent.is_alive():
+            return
         try:
             item = tasks.get(timeout=5)
         except queue.Empty:
-            if os.getppid() != parent:  # the sweep was killed: do not linger (and compile on)
-                return
             continue
         if item is None:
             return

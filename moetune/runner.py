@@ -37,6 +37,12 @@ class Runner:
         self.compiler: Compiler | None = None
         self.t0 = time.time()  # the sweep's start, for --budget
 
+    @property
+    def parallel(self) -> int:
+        """How many pairs run at once: one per GPU for local workers and Ray actors."""
+        ex = self.execution
+        return len(ex.gpus) if ex.gpus and (ex.isolate or ex.backend == "ray") else 1
+
     def start(self) -> None:
         """Start the local workers now, so they get ready while candidates compile."""
         if self.pool is None and self.execution.isolate and self.execution.backend != "ray":

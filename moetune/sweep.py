@@ -58,7 +58,7 @@ class Execution:
     # anchor batch sizes, then only the fastest ``keep`` fraction at the others.
     strategy: str = "exhaustive"
     keep: float = 0.25
-    budget_s: float | None = None  # halving: keep as many as fit this wall time (moetune.budget)
+    budget_s: float | None = None  # halving: keep as many as fit this wall time (moetune.halving)
     gemms: str = "joint"  # "split": tune the up and down GEMMs apart (moetune.gemms)
 
 
@@ -187,13 +187,7 @@ def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, replay
                    [(k, c, M) for k, c in keyed for M in at])  # fmt: skip
         rest = [M for M in batch_sizes if M not in at]
         if execution.budget_s is not None:
-            ex = execution
-            workers = len(ex.gpus) if ex.isolate and ex.backend != "ray" and ex.gpus else 1
-            roles = len(_roles(ex.gemms))
-            fixed = FINALISTS * len(batch_sizes) * roles * FINAL_COST + len(batch_sizes)
-            spent = time.time() - runner.t0
-            keep, how = survivors_within(journal, keyed, at, len(rest), ex.budget_s, spent,
-                                         workers, fixed, ex.keep)  # fmt: skip
+            keep, how = _budgeted(journal, keyed, at, rest, batch_sizes, runner)
         else:
             keep, how = survivors(journal, keyed, at, execution.keep), ""
         if progress:
@@ -201,9 +195,31 @@ def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, replay
                            f"the other {len(rest)} batch sizes{how}")  # fmt: skip
         pairs = [(k, c, M) for k, c in keep for M in rest]
     else:
+        if execution.strategy == "halving" and progress:
+            progress(0, 0, f"halving: the {len(batch_sizes)} batch sizes are all anchors; every "
+                           "candidate runs at each")  # fmt: skip
         pairs = [(k, c, M) for k, c in keyed for M in batch_sizes]
     pairs += [("default", None, M) for M in batch_sizes]
     _run_pairs(problem, platform, journal, replays, progress, runner, pairs)
+
+
+def _budgeted(journal: Journal, keyed, at: list[int], rest: list[int], batch_sizes,
+              runner: Runner) -> tuple[list, str]:  # fmt: skip
+    """Halving's survivors under --budget. The choice depends on the time it was made at, so it
+    is journaled: a resumed or repeated run goes on with the same candidates instead of a new
+    choice from a fresh clock."""
+    made = [r for r in journal.records if r.get("kind") == "survivors"]
+    if made:
+        keys = set(made[-1]["keys"])
+        return [(k, c) for k, c in keyed if k in keys], " (--budget: as chosen before)"
+    ex = runner.execution
+    fixed = FINALISTS * len(batch_sizes) * len(_roles(ex.gemms)) * FINAL_COST + len(batch_sizes)
+    spent = time.time() - runner.t0
+    keep, how = survivors_within(journal, keyed, at, len(rest), ex.budget_s, spent,
+                                 runner.parallel, fixed, ex.keep)  # fmt: skip
+    journal.append({"kind": "survivors", "keys": [k for k, _ in keep], "budget_s": ex.budget_s,
+                    "t": round(time.time(), 2)})  # fmt: skip
+    return keep, how
 
 
 def _keyed(candidates: list[Candidate], gemms: str) -> list[tuple[str, Candidate]]:

@@ -64,13 +64,13 @@ def worker_main(
     problem = Problem(**{**problem_d, "block_shape": tuple(bs) if bs else None})
     workload = Workload(problem, get_platform(platform_key), batch_sizes, device, skew)
     results.put(("ready", wid, None))
-    parent = os.getppid()
+    parent = mp.parent_process()  # the driver, watched from the start (not a later getppid)
     while True:
+        if parent is not None and not parent.is_alive():  # killed: do not linger on the GPU
+            return
         try:
             chunk = tasks.get(timeout=5)
         except queue.Empty:
-            if os.getppid() != parent:  # the driver was killed: do not linger on the GPU
-                return
             continue
         if chunk is None:
             return

@@ -63,3 +63,29 @@ def test_survivors_within_budget_fall_back_to_keep_without_times(tmp_path):
     keyed = [(f"c{i}", None) for i in range(10)]
     chosen, how = survivors_within(_journal(tmp_path, recs), keyed, [1], 5, 60.0, 0.0, 1, 0, 0.5)
     assert [k for k, _ in chosen] == [f"c{i}" for i in range(5)] and "no times" in how
+
+
+def test_budgeted_choice_is_journaled_and_kept_by_a_later_run(tmp_path):
+    """The budget's choice depends on the clock; a resumed or repeated run (a fresh clock, a
+    bigger budget) must go on with the same candidates, not evaluate new ones."""
+    import time
+    from types import SimpleNamespace
+
+    from moetune.sweep import Execution, _budgeted
+
+    keys = [f"c{i}" for i in range(10)]
+    recs = [_ok(k, M, us=i + (M == 64) * (9 - 2 * i)) for i, k in enumerate(keys) for M in (1, 64)]
+    journal = _journal(tmp_path, recs)
+    keyed = [(k, None) for k in keys]
+
+    def runner(budget_s):
+        return SimpleNamespace(execution=Execution(budget_s=budget_s), t0=time.time() - 10.0,
+                               parallel=1)  # fmt: skip
+
+    first, _ = _budgeted(journal, keyed, [1, 64], [8, 16], [1, 8, 16, 64], runner(12.0))
+    assert len(first) == 8, "10 s spent of 12: only the minimum goes on"
+    made = [r for r in journal.records if r.get("kind") == "survivors"]
+    assert [r["keys"] for r in made] == [[k for k, _ in first]]
+    again, how = _budgeted(journal, keyed, [1, 64], [8, 16], [1, 8, 16, 64], runner(1e6))
+    assert again == first and "as chosen before" in how
+    assert len([r for r in journal.records if r.get("kind") == "survivors"]) == 1

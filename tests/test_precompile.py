@@ -230,7 +230,7 @@ def test_compile_loop_reports_each_candidate_with_the_way_that_compiled_it(monke
 
 def test_compile_loop_ends_when_the_sweep_is_gone(monkeypatch):
     """A killed sweep leaves its compile processes waiting on a queue that nobody fills: they
-    notice the new parent and end instead of lingering."""
+    notice their parent is gone and end instead of lingering."""
     import queue
 
     from moetune import precompile
@@ -239,8 +239,13 @@ def test_compile_loop_ends_when_the_sweep_is_gone(monkeypatch):
         def get(self, timeout=None):
             raise queue.Empty
 
-    parents = iter([100, 100, 1])  # at start, after the first wait, then re-parented
-    monkeypatch.setattr(precompile.os, "getppid", lambda: next(parents))
+    alive = iter([True, False])  # alive at the first look, gone at the next
+
+    class Parent:
+        def is_alive(self):
+            return next(alive)
+
+    monkeypatch.setattr(precompile.mp, "parent_process", Parent)
     monkeypatch.setattr(precompile.os, "nice", lambda inc: 0)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     results = []
@@ -251,4 +256,27 @@ def test_compile_loop_ends_when_the_sweep_is_gone(monkeypatch):
 
     precompile._compile_loop(Problem(4, 32, 64, 2, "float16"), "float8_e4m3fn", None, 10,
                              Silent(), Sink())  # fmt: skip
-    assert results == [] and next(parents, None) is None, "left before the parent was gone"
+    assert results == [] and next(alive, None) is None, "left before the parent was gone"
+
+
+def test_compile_loop_stops_with_candidates_still_queued_once_the_sweep_is_gone(monkeypatch):
+    """kill -9 of the sweep: the queue still holds candidates, which must not be compiled."""
+    import queue
+
+    from moetune import precompile
+
+    class Gone:
+        def is_alive(self):
+            return False
+
+    compiled = []
+    monkeypatch.setattr(precompile.mp, "parent_process", Gone)
+    monkeypatch.setattr(precompile.os, "nice", lambda inc: 0)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(ops, "fused_experts", lambda *a, **kw: compiled.append(kw["config"]))
+    tasks, results = queue.Queue(), queue.Queue()
+    for item in [("a", {}), ("b", {}), None]:
+        tasks.put(item)
+    precompile._compile_loop(Problem(4, 32, 64, 2, "float16"), "float8_e4m3fn", None, 10, tasks,
+                             results)  # fmt: skip
+    assert compiled == [] and results.empty() and tasks.qsize() == 3
