@@ -11,7 +11,7 @@
 #        R=results/<folder> picks where journals and logs go; SMOKE=0 skips the smoke test.
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-R=${R:-results/full-space-0.3}
+R=${R:-results/full-space-0.4}
 mkdir -p $R
 nvidia-smi --query-gpu=index,name --format=csv,noheader | head -1 | tee -a $OUT/summary.txt
 nproc | sed 's/^/cpus: /' | tee -a $OUT/summary.txt
@@ -80,8 +80,24 @@ print("real launch in another process: GEMM cache entries", len(before), "->",
 assert gemm_entries() == before
 PY
 rc2=$?
-echo "smoke rc=$rc1,$rc2 (the sweeps go on either way: compile processes fall back to Triton" \
-  "asking the GPU, then to GPU inputs)" \
+# Helpers forked from the fork server (moetune.procs): a small sweep on every GPU must start its
+# workers there, each on its own GPU, and pass its checks.
+python3 -m moetune.cli sweep --model Qwen3-30B-A3B --tp 2 --space fast --batch-sizes 1,64 \
+  --restrict BLOCK_SIZE_M=16,64 --restrict num_stages=3 --gpus all --json --fresh \
+  --journal /tmp/forked.jsonl --out /tmp/forked > /tmp/forked.json 2> /tmp/forked.err
+rc3=$?
+grep -E "workers ready|compiled [0-9]+ candidates" /tmp/forked.err | tee -a $OUT/summary.txt
+python3 - <<'PY2' | tee -a $OUT/summary.txt
+import json
+recs = [json.loads(l) for l in open("/tmp/forked.jsonl").read().splitlines()[1:] if l.strip()]
+st = {}
+for r in recs:
+    if "status" in r:
+        st[r["status"]] = st.get(r["status"], 0) + 1
+print("forked mini sweep:", st, "GPUs used:", sorted({r.get("gpu") for r in recs if "gpu" in r}))
+PY2
+echo "smoke rc=$rc1,$rc2,$rc3 (the sweeps go on either way: compile processes fall back to" \
+  "Triton asking the GPU, then to GPU inputs)" \
   | tee -a $OUT/summary.txt
 fi
 if [ "$1" = all ]; then

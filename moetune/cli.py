@@ -154,6 +154,10 @@ def sweep(
 
     Example: moetune sweep --model Mixtral-8x7B --tp 2 --space fast
     """
+    from moetune.procs import gpu_machine, prestart
+
+    if platform is None and backend == "local" and isolate is not False and gpu_machine():
+        prestart()  # workers and compile processes import torch once, while this one starts
     from moetune.export import export_configs
     from moetune.precompile import default_compile_workers
     from moetune.presets import DEFAULT_BATCH_SIZES, preset_problem

@@ -29,6 +29,7 @@ from typing import Any
 
 from moetune.cores import calm, compile_cpus, compile_nice, usable_cpus
 from moetune.problem import Problem
+from moetune.procs import context, with_env
 from moetune.workers import visible_device
 
 _WAYS = {"target": "without CUDA", "cpu": "from CPU tensors", "cuda": "from GPU inputs"}
@@ -192,7 +193,7 @@ class Compiler:
         self.first_s: float | None = None  # when the first candidate was reported
         self.ways: Counter[str] = Counter()  # how candidates were compiled (see _compile_loop)
         self.procs: list[Any] = []
-        ctx = mp.get_context("spawn")
+        ctx = context()
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         for item in items:
             self.tasks.put(item)
@@ -208,9 +209,9 @@ class Compiler:
         try:
             for i in range(n):
                 os.environ["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]  # at spawn
-                p = ctx.Process(target=_compile_loop, daemon=True,
-                                args=(problem, fp8_dtype, capability, nice, self.tasks,
-                                      self.results))  # fmt: skip
+                p = ctx.Process(target=with_env, daemon=True,
+                                args=(dict(os.environ), _compile_loop, problem, fp8_dtype,
+                                      capability, nice, self.tasks, self.results))  # fmt: skip
                 p.start()
                 self.confined += calm(p.pid, self.cpus, nice)  # before its imports, not after
                 self.procs.append(p)

@@ -31,6 +31,7 @@ from moetune.launch import FP8_ACCUM_DEFAULT, FP8_ACCUM_ENV
 from moetune.platform import Platform
 from moetune.precompile import Compiler
 from moetune.problem import Problem
+from moetune.procs import forking
 from moetune.runner import Runner
 from moetune.space import Candidate, prune_reason, space_id
 
@@ -169,7 +170,8 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, rep
         runner.compiler = None
         if progress and runner.pool is not None and runner.pool.ready_after:
             after = runner.pool.ready_after
-            progress(0, 0, f"workers ready after {min(after):.1f}-{max(after):.1f} s")
+            how = " (forked from a server that imported torch once)" if forking() else ""
+            progress(0, 0, f"workers ready after {min(after):.1f}-{max(after):.1f} s{how}")
         if compiler is not None:
             compiler.close()
             if progress:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from moetune.procs import context, with_env
+
 Pair = tuple[str, dict[str, Any], int, int]  # (candidate key, config, batch size, replays)
 OnRecord = Callable[[dict[str, Any]], None]
 # A worker holds at most this many chunks: the one it works on and the next, so it never waits
@@ -119,7 +121,7 @@ class WorkerPool:
     ) -> None:  # fmt: skip
         self.args = (problem_d, platform_key, device, batch_sizes, skew)
         self.timeout_s = timeout_s
-        self.ctx = mp.get_context("spawn")
+        self.ctx = context()
         self.results = self.ctx.Queue()
         self.slots = [_Slot(str(g) if g is not None else None) for g in (gpus or [None])]
         self.restarts = 0
@@ -137,7 +139,9 @@ class WorkerPool:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(int(slot.gpu))
         try:
             slot.proc = self.ctx.Process(
-                target=worker_main, args=(wid, *self.args, slot.tasks, self.results), daemon=True
+                target=with_env,
+                args=(dict(os.environ), worker_main, wid, *self.args, slot.tasks, self.results),
+                daemon=True,
             )
             slot.proc.start()
         finally:

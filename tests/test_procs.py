@@ -1,0 +1,89 @@
+"""Helper processes forked from a fork server that imported torch once (moetune.procs)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from moetune import procs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import multiprocessing as mp, os, sys
+
+def probe(q):
+    q.put((os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("MOETUNE_PROBE"),
+           "torch" in sys.modules, mp.parent_process() is not None))
+"""
+
+SCRIPT = """
+import os, sys
+import probe
+from moetune import procs
+from moetune.platform import get_platform
+from moetune.problem import Problem
+from moetune.space import search_space
+from moetune.sweep import problem_dict
+from moetune.workers import WorkerPool, chunk_pairs
+
+assert procs.prestart(procs.PRELOAD + ["probe"])
+ctx = procs.context()
+assert ctx.get_start_method() == "forkserver", ctx.get_start_method()
+os.environ["MOETUNE_PROBE"] = "set after the server started"
+q = ctx.Queue()
+p = ctx.Process(target=procs.with_env,
+                args=({**os.environ, "CUDA_VISIBLE_DEVICES": "3"}, probe.probe, q))
+p.start()
+print("probe", q.get(timeout=120))
+p.join(timeout=30)
+
+problem = Problem(4, 32, 64, 2, "float16")
+cand = search_space(get_platform("interpreter"), problem, "tiny")[0]
+pool = WorkerPool(problem_dict(problem), "interpreter", "cpu", [1, 2], "uniform", None,
+                  timeout_s=120)
+seen = []
+try:
+    pool.run(chunk_pairs([(cand.key(), cand.as_config(), M, 1) for M in (1, 2)], 2),
+             seen.append)
+finally:
+    pool.close()
+print("pool", [r["status"] for r in seen], pool.restarts)
+"""
+
+
+def test_without_prestart_helpers_are_spawned():
+    assert procs.context().get_start_method() == "spawn"
+
+
+def test_no_fork_server_for_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not procs.gpu_machine()
+
+
+def test_with_env_replaces_the_environment(monkeypatch):
+    monkeypatch.setenv("MOETUNE_STALE", "1")
+    env = {k: v for k, v in os.environ.items() if k != "MOETUNE_STALE"}
+    got = procs.with_env({**env, "MOETUNE_NEW": "2"}, lambda: dict(os.environ))
+    assert got.get("MOETUNE_NEW") == "2" and "MOETUNE_STALE" not in got
+    os.environ.pop("MOETUNE_NEW")  # monkeypatch restores MOETUNE_STALE
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork server: Linux only")
+def test_forked_helpers_take_the_sweeps_environment_and_run_a_worker(tmp_path):
+    """A child forked after the server started sees the environment the sweep gives it (its
+    GPU), finds torch already imported, can watch its parent, and a worker pool runs on it."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}  # fmt: skip
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["probe"] == "('3', 'set after the server started', True, True)"
+    assert lines["pool"] == "['ok', 'ok'] 0"
