@@ -4,7 +4,7 @@
 # activation scales, as vLLM's reference figures) at M = 1, 8, 32, 128, 512, 2048, 4096, each
 # with the shipped table for this GPU where there is one, the default config and the floor;
 # then benchmarks/report_table.py writes REPORT.md (per batch size, and geomean against vLLM).
-# Usage: benchmarks/gpu_report.sh   (JSON, PNG, logs and REPORT.md land in $OUT/report)
+# Usage: benchmarks/gpu_report.sh   (JSON, PNG, logs in $OUT/report.tgz; REPORT.md in $OUT)
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 COLUMNS=150
 R="$OUT/report"
@@ -21,3 +21,5 @@ for spec in Mixtral-8x7B:2 Qwen3-30B-A3B:2 gpt-oss-120b:1; do
   done
 done
 python3 benchmarks/report_table.py "$R"/*.json | tee "$R/REPORT.md"
+# The device returns a limited number of files: one archive, and the report beside it.
+cp "$R/REPORT.md" "$OUT/REPORT.md" && cd "$OUT" && tar czf report.tgz report && rm -rf report
