@@ -169,9 +169,7 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, rep
     finally:
         runner.compiler = None
         if progress and runner.pool is not None and runner.pool.ready_after:
-            after = runner.pool.ready_after
-            how = " (forked from a server that imported torch once)" if forking() else ""
-            progress(0, 0, f"workers ready after {min(after):.1f}-{max(after):.1f} s{how}")
+            progress(0, 0, runner.pool.startup_note(forking()))
         if compiler is not None:
             compiler.close()
             if progress:

@@ -28,6 +28,7 @@ OnRecord = Callable[[dict[str, Any]], None]
 # A worker holds at most this many chunks: the one it works on and the next, so it never waits
 # for the driver between chunks.
 CHUNKS_IN_FLIGHT = 2
+AFFINITY_WINDOW = 16  # ready chunks looked at for one of the worker's own candidate
 EXIT_CUDA_FATAL = 3
 
 
@@ -58,14 +59,26 @@ def worker_main(
     skew: str, tasks: Any, results: Any,
 ) -> None:  # fmt: skip
     """Worker process: build the inputs once, then evaluate chunks until told to stop."""
+    entered = time.time()
+    import torch
+
     from moetune.evaluate import Workload, evaluate, is_fatal
     from moetune.platform import get_platform
     from moetune.problem import Problem
 
+    imported = time.time()
+    if device == "cuda":  # the context on its own, so start-up phases can be told apart
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize()
+    context_at = time.time()
     bs = problem_d.get("block_shape")
     problem = Problem(**{**problem_d, "block_shape": tuple(bs) if bs else None})
     workload = Workload(problem, get_platform(platform_key), batch_sizes, device, skew)
-    results.put(("ready", wid, None))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    phases = {"entered": entered, "imports_s": imported - entered,
+              "cuda_s": context_at - imported, "inputs_s": time.time() - context_at}  # fmt: skip
+    results.put(("ready", wid, phases))
     parent = mp.parent_process()  # the driver, watched from the start (not a later getppid)
     while True:
         if parent is not None and not parent.is_alive():  # killed: do not linger on the GPU
@@ -90,13 +103,41 @@ def _chunks_left(slot: _Slot) -> int:
     return sum(1 for e in slot.ends if e > slot.next_index)
 
 
-def _take_ready(todo: deque, ready: Callable[[str], bool] | None) -> list[Pair] | None:
-    """The first chunk of ``todo`` whose candidates are all ready (removed from ``todo``)."""
+def _take_ready(
+    todo: deque, ready: Callable[[str], bool] | None, mine: str | None = None,
+    others: frozenset[str] = frozenset(),
+) -> list[Pair] | None:  # fmt: skip
+    """A chunk of ``todo`` whose candidates are all ready (removed from ``todo``): within the
+    first AFFINITY_WINDOW ready chunks, one of ``mine`` (the candidate the worker had last),
+    else one of a candidate no other worker holds (``others``), else the first ready one.
+
+    A candidate's 18 batch sizes come in 3 chunks; when they went to different workers, each
+    loaded the kernels again: its first pair there took 13 ms more (4x H200,
+    results/full-space-0.4/)."""
+    first = spare = None
+    seen = 0
     for i, chunk in enumerate(todo):
-        if ready is None or all(ready(key) for key, *_ in chunk):
-            del todo[i]
-            return chunk
-    return None
+        if ready is not None and not all(ready(key) for key, *_ in chunk):
+            continue
+        key = chunk[0][0]
+        if key == mine:
+            first = i
+            break
+        if first is None:
+            first = i
+        if spare is None and key not in others:
+            spare = i
+            if mine is None:
+                break
+        seen += 1
+        if seen >= AFFINITY_WINDOW:
+            break
+    if first is None:
+        return None
+    pick = first if todo[first][0][0] == mine or spare is None else spare
+    chunk = todo[pick]
+    del todo[pick]
+    return chunk
 
 
 @dataclass
@@ -110,6 +151,8 @@ class _Slot:
     since: float = 0.0  # when that pair started (last result, or the chunk's assignment)
     ready: bool = False
     was_ready: bool = False  # this slot's first worker got ready (restarts are not start-up)
+    started: float = 0.0  # when its worker process was asked for
+    last_key: str | None = None  # candidate of the last chunk handed to it (its kernels loaded)
 
 
 class WorkerPool:
@@ -128,12 +171,29 @@ class WorkerPool:
         self.start_failures = 0
         self.t0 = time.time()
         self.ready_after: list[float] = []  # seconds from the pool's start to each first ready
+        self.phases: list[dict[str, float]] = []  # where each first start-up went (worker_main)
         for wid in range(len(self.slots)):
             self._start(wid)
+
+    def startup_note(self, forked: bool = False) -> str:
+        """ "workers ready after 6.9-7.0 s (...; slowest: start 0.1 s, imports 0.0 s, CUDA 1.2 s,
+        inputs 0.4 s)": when the first workers got ready, and where the slowest one's time went
+        (its process starting, imports, the CUDA context, the inputs)."""
+        how = ["forked from a server that imported torch once"] if forked else []
+        if self.phases:
+            slow = max(self.phases, key=lambda p: sum(p.values()))
+            labels = {"start_s": "start", "imports_s": "imports", "cuda_s": "CUDA",
+                      "inputs_s": "inputs"}  # fmt: skip
+            parts = [f"{label} {slow[k]:.1f} s" for k, label in labels.items() if k in slow]
+            how.append("slowest: " + ", ".join(parts))
+        lo, hi = min(self.ready_after, default=0), max(self.ready_after, default=0)
+        note = f" ({'; '.join(how)})" if how else ""
+        return f"workers ready after {lo:.1f}-{hi:.1f} s{note}"
 
     def _start(self, wid: int) -> None:
         slot = self.slots[wid]
         slot.tasks = self.ctx.Queue()
+        slot.started = time.time()
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
         if slot.gpu is not None:  # the child inherits it at spawn
             os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(int(slot.gpu))
@@ -150,6 +210,7 @@ class WorkerPool:
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = saved
         slot.ready, slot.chunk, slot.ends, slot.next_index = False, [], [], 0
+        slot.last_key = None  # a new process has no kernels loaded
 
     def run(
         self, chunks: list[list[Pair]], on_record: OnRecord,
@@ -168,9 +229,12 @@ class WorkerPool:
                 ready("")  # let the gate take in news (compiles finished) once per round
             for slot in self.slots:
                 if slot.ready and todo and _chunks_left(slot) < CHUNKS_IN_FLIGHT:
-                    chunk = _take_ready(todo, ready)
+                    others = frozenset(p[0] for o in self.slots if o is not slot
+                                       for p in o.chunk[o.next_index :])  # fmt: skip
+                    chunk = _take_ready(todo, ready, slot.last_key, others)
                     if chunk is None:
                         break
+                    slot.last_key = chunk[-1][0]
                     if slot.next_index >= len(slot.chunk):
                         slot.since = time.time()
                     slot.ends = [e - slot.next_index for e in slot.ends if e > slot.next_index]
@@ -192,6 +256,10 @@ class WorkerPool:
                 slot.ready = True
                 if not slot.was_ready:
                     self.ready_after.append(round(time.time() - self.t0, 1))
+                    if isinstance(payload, dict):
+                        self.phases.append({"start_s": payload["entered"] - slot.started,
+                                            **{k: v for k, v in payload.items()
+                                               if k.endswith("_s")}})  # fmt: skip
                 slot.was_ready = True
             elif kind == "done" and slot.chunk:
                 key, M, rec = payload

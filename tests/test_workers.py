@@ -89,3 +89,44 @@ def test_a_reused_pool_replaces_a_worker_that_died_idle_without_blaming_a_pair()
     assert [r["status"] for r in seen] == ["ok"] * 5, [r.get("reason") for r in seen]
     assert pool.restarts == 1
     assert len(pool.ready_after) == 1  # start-up times: the restart is not one
+    assert len(pool.phases) == 1
+    assert set(pool.phases[0]) == {"start_s", "imports_s", "cuda_s", "inputs_s"}
+    assert all(0 <= v < 120 for v in pool.phases[0].values()), pool.phases
+
+
+def _chunks(*keys: str) -> deque:
+    return deque([[(k, {}, m, 1)] for m, k in enumerate(keys)])
+
+
+def test_a_worker_gets_the_next_chunk_of_its_own_candidate():
+    todo = _chunks("a", "a", "b", "b", "c")
+    assert _take_ready(todo, None, mine="b")[0][0] == "b"
+    assert [c[0][0] for c in todo] == ["a", "a", "b", "c"]
+
+
+def test_a_worker_leaves_other_workers_candidates_when_it_can():
+    todo = _chunks("a", "a", "b", "c")
+    assert _take_ready(todo, None, mine="x", others=frozenset({"a"}))[0][0] == "b"
+    assert _take_ready(todo, None, others=frozenset({"a"}))[0][0] == "c"
+    # Nothing else left: it takes another worker's candidate rather than wait.
+    assert _take_ready(todo, None, others=frozenset({"a"}))[0][0] == "a"
+
+
+def test_affinity_never_takes_a_chunk_that_is_not_ready():
+    todo = _chunks("a", "b", "b")
+    chunk = _take_ready(todo, lambda k: k != "b", mine="b", others=frozenset({"a"}))
+    assert chunk[0][0] == "a"
+    assert _take_ready(todo, lambda k: k != "b", mine="b") is None
+
+
+def test_startup_note_names_the_slowest_workers_phases():
+    pool = WorkerPool.__new__(WorkerPool)  # no processes: only the note
+    pool.ready_after = [6.9, 7.0]
+    pool.phases = [{"start_s": 0.1, "imports_s": 0.0, "cuda_s": 1.0, "inputs_s": 0.5},
+                   {"start_s": 0.2, "imports_s": 0.0, "cuda_s": 2.5, "inputs_s": 0.4}]  # fmt: skip
+    assert pool.startup_note(forked=True) == (
+        "workers ready after 6.9-7.0 s (forked from a server that imported torch once; "
+        "slowest: start 0.2 s, imports 0.0 s, CUDA 2.5 s, inputs 0.4 s)"
+    )
+    pool.phases = []
+    assert pool.startup_note() == "workers ready after 6.9-7.0 s"
