@@ -4,8 +4,9 @@
 # cache, so compiling is part of every wall time.
 #   stage "all": Qwen3-30B-A3B TP2 bf16, full space (1,304 candidates), vLLM's 18 batch sizes, on
 #                all GPUs; then (OLMOE=1) OLMoE-1B-7B bf16 the same way (second exhaustive journal).
-#   stage "one": the same Qwen3 sweep on GPU 0 alone (cut at 585 s by the device's per-command
-#                limit if need be: re-run the stage to resume it and add the wall times).
+#   stage "one": the same Qwen3 sweep on GPU 0 alone (cut at ONE_S=585 s by the device's
+#                per-command limit if need be: re-run the stage to resume it and add the wall
+#                times; benchmarks/gpu_scaling_session.sh runs it in the background instead).
 # Usage: benchmarks/gpu_scaling_full.sh all|one   (writes into $OUT)
 #        CW=24 ... sets --compile-workers (default: 16 + 4 per extra GPU, at most one per core);
 #        R=results/<folder> picks where journals and logs go; SMOKE=0 skips the smoke test.
@@ -107,7 +108,7 @@ if [ "$1" = all ]; then
 else
   [ -f $R/qwen3-full-gpus-0.jsonl ] || rm -rf /tmp/triton-cache-0
   export TRITON_CACHE_DIR=/tmp/triton-cache-0
-  run qwen3-full-gpus-0 0 585 --model Qwen3-30B-A3B --tp 2
+  run qwen3-full-gpus-0 0 ${ONE_S:-585} --model Qwen3-30B-A3B --tp 2
 fi
 python3 - "$R" <<'PY' | tee -a $OUT/summary.txt
 import json, sys, glob, statistics
