@@ -62,6 +62,7 @@ def _worker(gpu: int, variant: str, pairs: int, barrier, out) -> None:
     for i in range(pairs):
         c, M = work[i % len(work)]
         rec = evaluate(workload, c, M, replays=20)
+        assert rec["status"] == "ok", rec  # a failed capture would look cheap
         times[M].append(rec["eval_s"])
     out.put((gpu, {M: statistics.mean(v) * 1e3 for M, v in times.items()}))
 

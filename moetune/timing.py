@@ -76,7 +76,7 @@ def time_op(
         for i in range(2):  # warm-up on the side stream, as capture requires
             fn(i % num_sets)
         torch.cuda.synchronize(device)
-        with torch.cuda.graph(graph, stream=stream):
+        with torch.cuda.graph(graph, pool=graph_pool(device), stream=stream):
             for i in range(calls):
                 fn(i % num_sets)
     torch.cuda.synchronize(device)
@@ -93,6 +93,23 @@ def time_op(
     del graph
     med, lo, hi = _quantiles(samples)
     return Timing(med, lo, hi, len(samples), "cuda-graph")
+
+
+_POOLS: dict[torch.device, object] = {}
+
+
+def graph_pool(device: torch.device) -> object:
+    """One graph memory pool per device for every capture of this process.
+
+    A capture in a pool of its own allocates new segments, and the guess is that those
+    allocations meet in the driver across processes: with one sweep worker per GPU on a 4x H200
+    host a pair took ~5.7 ms more than with one worker at every batch size, and with a shared
+    pool four workers at once were the fastest of the runs (one run each, so suggestive only:
+    benchmarks/worker_contention.py, results/full-space-0.5/). Sharing is safe here because
+    captures run one after another and each graph is deleted before the next capture."""
+    if device not in _POOLS:
+        _POOLS[device] = torch.cuda.graph_pool_handle()
+    return _POOLS[device]
 
 
 SET_MEMORY_BYTES = 16 * 2**30  # at most this much weight copies for rotation
