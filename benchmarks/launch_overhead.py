@@ -13,7 +13,11 @@ GPU is printed beside them.
 per-tensor activation scales (one quantization launch per GEMM instead of three), as the
 reference figures in issue 5 were measured (vLLM with static fp8 activation scales).
 
+``--align-step`` adds ``align-1-program``: the Triton kernels with the routing metadata in one
+program of one launch up to ONE_PROGRAM_SLOTS slots (three launches above, as ``kernels``).
+
 Usage: python benchmarks/launch_overhead.py OUT.json [--quick] [--quant-step] [--static]
+       [--align-step]
 """
 
 from __future__ import annotations
@@ -49,6 +53,13 @@ VARIANTS = {
 }
 if "--quant-step" in sys.argv:  # also time align + activation kernels with PyTorch quantization
     VARIANTS["no-quant-kernel"] = (moe_align_block_size, apply_activation, quantize_activation)
+if "--align-step" in sys.argv:  # the routing metadata in one program up to ONE_PROGRAM_SLOTS
+
+    def _align_one_program(*args, **kwargs):
+        return moe_align_block_size(*args, one_program=True, **kwargs)
+
+    VARIANTS["align-1-program"] = (_align_one_program, apply_activation,
+                                   quantize_activation_fast)  # fmt: skip
 
 
 def _use(variant: str) -> None:
@@ -110,8 +121,10 @@ def _line(r: dict) -> str:
     speed = f"{t / k:.2f}x" if t and k else "-"
     ratio = f"{k / f:.2f}" if k else "-"
     static = ""
+    if r.get("align-1-program_us"):
+        static += f" align in 1 program {fmt(r['align-1-program_us'])} µs |"
     if r.get("static_us"):
-        static = f" static {fmt(r['static_us'])} µs = {r['static_us'] / f:.2f}× floor |"
+        static += f" static {fmt(r['static_us'])} µs = {r['static_us'] / f:.2f}× floor |"
     return (f"| {r['problem']} TP{r['tp']} | {r['quant']} | {r['M']} | {fmt(t)} | {fmt(k)} | "
             f"{speed} | {fmt(f)} | {ratio} |{static}")  # fmt: skip
 

@@ -15,6 +15,13 @@ a sort, scatters, a searchsorted, ...) was most of the op at M=1. Here:
 Slots of one expert come out in the order the atomics grant, not in token order; each row of a
 block is computed on its own, so outputs do not depend on that order. Plus one ``torch.zeros``
 for the counters: three launches in all, none of which syncs with the host.
+
+Up to ONE_PROGRAM_SLOTS slots (decode: M ≤ 32 at top-8) ``_one_program_kernel`` can do it all
+in one launch and one program (not yet the op's default: see ONE_PROGRAM_DEFAULT): a histogram,
+the padded offsets, a sort of (expert, slot) keys that gives each slot its rank within its
+expert (token order, as the PyTorch version), the padding ids written first and the slots
+after a barrier, and each used block's expert written by the slot that starts it. No counters
+to zero, so one launch instead of three.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ import triton.language as tl
 
 from moetune.align import RoutingBlocks, max_padded_slots
 
+ONE_PROGRAM_SLOTS = 256  # up to this many slots: one launch, one program
+# The op takes the one-program path only once it has been checked and timed on a GPU (it has
+# run in Triton's interpreter only: results/kernels/NOTES.md §8); ``one_program=True`` asks.
+ONE_PROGRAM_DEFAULT = False
 SLOT_CHUNK = 1024  # slots per program
 FILL_CHUNK = 1024  # padding ids written per program
 BLOCK_CHUNK = 32  # expert_ids entries per program
@@ -85,18 +96,63 @@ def _place_kernel(
         tl.store(total_ptr, total)
 
 
+@triton.jit
+def _one_program_kernel(
+    ids_ptr, sorted_ptr, expert_ids_ptr, total_ptr, map_ptr,
+    num_slots, num_experts, max_padded, num_blocks,
+    BLOCK_M: tl.constexpr, E_BINS: tl.constexpr, SLOTS: tl.constexpr, FILL: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+):  # fmt: skip
+    s = tl.arange(0, SLOTS)
+    # Lanes past the end get expert num_experts: counted in a bin never used, sorted last.
+    ids = tl.load(ids_ptr + s, mask=s < num_slots, other=num_experts).to(tl.int32)
+    bins = tl.arange(0, E_BINS)
+    counts = tl.where(bins < num_experts, tl.histogram(ids, E_BINS), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    start = tl.cumsum(padded, 0) - padded
+    count_start = tl.cumsum(counts, 0) - counts
+    total = tl.sum(padded, 0)
+
+    # Padding ids everywhere and -1 for unused blocks first; the slots overwrite after a barrier.
+    for p0 in range(0, max_padded, FILL):
+        p = p0 + tl.arange(0, FILL)
+        tl.store(sorted_ptr + p, num_slots, mask=p < max_padded)
+    for b0 in range(0, num_blocks, FILL):
+        b = b0 + tl.arange(0, FILL)
+        tl.store(expert_ids_ptr + b, -1, mask=(b < num_blocks) & (b * BLOCK_M >= total))
+    tl.debug_barrier()
+
+    key = tl.sort(ids * SLOTS + s, 0)  # by expert, then by slot
+    expert = key // SLOTS
+    slot = key % SLOTS
+    real = s < num_slots  # sorted position s holds a real slot (padding lanes sort last)
+    e = tl.minimum(expert, num_experts - 1)
+    rank = s - tl.gather(count_start, e, 0)
+    pos = tl.gather(start, e, 0) + rank
+    tl.store(sorted_ptr + pos, slot, mask=real)
+    # Every used block starts with a real slot (an expert pads fewer than BLOCK_M at its end).
+    name = e
+    if HAS_MAP:
+        name = tl.load(map_ptr + e, mask=real, other=-1).to(tl.int32)
+    tl.store(expert_ids_ptr + pos // BLOCK_M, name, mask=real & (rank % BLOCK_M == 0))
+    tl.store(total_ptr, total)
+
+
 def moe_align_block_size(
     topk_ids: torch.Tensor,
     block_m: int,
     num_experts: int,
     expert_map: torch.Tensor | None = None,
+    *,
+    one_program: bool | None = None,
 ) -> RoutingBlocks:
     """Sort the flattened ``topk_ids [M, topk]`` slots by expert, padding each expert to
     ``block_m``; same contract as :func:`moetune.align.moe_align_block_size_torch` (slot order
-    within an expert aside), in three launches. ``expert_map`` (global → local id or -1) gives
-    blocks of experts on other ranks expert id -1. Ids must lie in [0, num_experts): the
-    kernels do not check (that would need a host sync), and an id outside writes outside the
-    counters."""
+    within an expert aside), in three launches, or with ``one_program`` (default
+    ONE_PROGRAM_DEFAULT) in one launch up to ONE_PROGRAM_SLOTS slots, identical to it then.
+    ``expert_map`` (global → local id or -1) gives blocks of experts on other ranks expert id
+    -1. Ids must lie in [0, num_experts): the kernels do not check (that would need a host
+    sync), and an id outside writes outside the counters."""
     device = topk_ids.device
     flat = topk_ids.reshape(-1).contiguous()  # the kernels read ids at unit stride
     if expert_map is not None:
@@ -106,11 +162,23 @@ def moe_align_block_size(
     num_blocks = max_padded // block_m
     e_bins = triton.next_power_of_2(num_experts + 1)  # + the bin for lanes past the end
 
-    scratch = torch.zeros(2 * num_experts, dtype=torch.int32, device=device)
-    counts, cursor = scratch[:num_experts], scratch[num_experts:]
     sorted_token_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
     total = torch.empty(1, dtype=torch.int32, device=device)
+    if one_program is None:
+        one_program = ONE_PROGRAM_DEFAULT
+    if one_program and num_slots <= ONE_PROGRAM_SLOTS:
+        _one_program_kernel[(1,)](
+            flat, sorted_token_ids, expert_ids, total,
+            expert_map if expert_map is not None else flat,
+            num_slots, num_experts, max_padded, num_blocks,
+            BLOCK_M=block_m, E_BINS=e_bins, SLOTS=max(16, triton.next_power_of_2(num_slots)),
+            FILL=FILL_CHUNK, HAS_MAP=expert_map is not None,
+        )  # fmt: skip
+        return RoutingBlocks(sorted_token_ids, expert_ids, total)
+
+    scratch = torch.zeros(2 * num_experts, dtype=torch.int32, device=device)
+    counts, cursor = scratch[:num_experts], scratch[num_experts:]
 
     grid_a = max(triton.cdiv(num_slots, SLOT_CHUNK), triton.cdiv(max_padded, FILL_CHUNK))
     _count_kernel[(grid_a,)](

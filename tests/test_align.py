@@ -5,12 +5,20 @@ import torch
 from helpers import random_routing
 
 from moetune.align import max_padded_slots, moe_align_block_size_torch
-from moetune.align_kernel import moe_align_block_size
+from moetune.align_kernel import ONE_PROGRAM_SLOTS, moe_align_block_size
 from moetune.launch import invoke_moe_gemm
 
-# The op's implementation (Triton kernels) and the PyTorch one kept as a cross-check.
+
+def _one_program(*args, **kwargs):
+    return moe_align_block_size(*args, one_program=True, **kwargs)
+
+
+# The op's implementation (Triton kernels: three launches, or one program up to
+# ONE_PROGRAM_SLOTS slots when asked) and the PyTorch one kept as a cross-check.
 IMPLS = pytest.mark.parametrize(
-    "align", [moe_align_block_size, moe_align_block_size_torch], ids=["triton", "torch"]
+    "align",
+    [moe_align_block_size, _one_program, moe_align_block_size_torch],
+    ids=["triton", "triton-1", "torch"],
 )
 
 
@@ -22,6 +30,9 @@ IMPLS = pytest.mark.parametrize(
         (64, 8, 8, 32, "uniform"),  # topk = E: every expert gets every token
         (100, 16, 2, 64, "one-hot"),  # skewed: one expert holds most slots
         (5, 3, 1, 16, "uniform"),  # topk = 1
+        (32, 128, 8, 16, "uniform"),  # 256 slots: the most one program takes (Qwen3 decode)
+        (1, 128, 8, 64, "one-hot"),  # all 8 slots on one expert, many empty ones
+        (0, 8, 2, 16, "uniform"),  # no tokens at all
         (300, 256, 8, 16, "uniform"),  # > 1 program of slots, many experts (DeepSeek-V3)
         (1500, 8, 2, 64, "one-hot"),  # 3,000 slots over 3 programs, skewed
     ],
@@ -125,3 +136,20 @@ def test_kernel_version_does_not_fall_back_to_torch_ops(monkeypatch, device):
     got = moe_align_block_size(ids, 16, 16)
     assert torch.equal(got.expert_ids, want.expert_ids)
     assert torch.equal(got.num_tokens_post_padded, want.num_tokens_post_padded)
+
+
+@pytest.mark.parametrize(("M", "topk", "block_m", "skew"), [
+    (1, 8, 16, "uniform"), (32, 8, 16, "uniform"), (7, 4, 32, "one-hot"), (33, 8, 16, "uniform"),
+])  # fmt: skip
+def test_one_program_matches_torch_exactly(M, topk, block_m, skew, device):
+    """Up to ONE_PROGRAM_SLOTS slots the kernel ranks slots in token order within an expert, as
+    the PyTorch version's stable sort does: every output is equal, padding included. (33 x 8
+    slots is past the limit: the three-launch path, checked only for its blocks' experts.)"""
+    E = 64
+    _, ids = random_routing(M, E, topk, device, skew)
+    got = moe_align_block_size(ids, block_m, E, one_program=True)
+    want = moe_align_block_size_torch(ids, block_m, E)
+    assert torch.equal(got.expert_ids, want.expert_ids)
+    assert torch.equal(got.num_tokens_post_padded, want.num_tokens_post_padded)
+    if M * topk <= ONE_PROGRAM_SLOTS:
+        assert torch.equal(got.sorted_token_ids, want.sorted_token_ids)
