@@ -8,11 +8,12 @@ cudaMalloc/cudaFree of a new pool meet in the driver across processes.
 
 This runs the sweep's own `evaluate` on the same few candidates and batch sizes in 1 process,
 then in one process per GPU at once, in variants:
-  base  - as the sweep runs today;
-  pool  - every capture of a process shares one graph memory pool (no new segments per pair).
+  shared - as the sweep runs now: every capture of a process in one graph memory pool
+           (``moetune.timing.graph_pool``; first measured as "pool");
+  fresh  - a new private pool per capture, as before (first measured as "base").
 Prints mean ms per pair per batch size for each (variant, processes).
 
-    python benchmarks/worker_contention.py --procs 1,4 --variants base,pool --pairs 240
+    python benchmarks/worker_contention.py --procs 1,4 --variants fresh,shared --pairs 240
 """
 
 from __future__ import annotations
@@ -37,20 +38,14 @@ BATCH_SIZES = [1, 64, 512]
 
 def _worker(gpu: int, variant: str, pairs: int, barrier, out) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    import torch
 
+    from moetune import timing
     from moetune.evaluate import Workload, evaluate
     from moetune.platform import detect_platform
     from moetune.presets import preset_problem
 
-    if variant == "pool":
-        handle = torch.cuda.graph_pool_handle()
-        orig = torch.cuda.graph
-
-        def graph(cuda_graph, pool=None, stream=None, **kw):
-            return orig(cuda_graph, pool=handle, stream=stream, **kw)
-
-        torch.cuda.graph = graph
+    if variant == "fresh":  # a new private pool per capture, as before timing.graph_pool
+        timing.graph_pool = lambda device: None
     problem = preset_problem("Qwen3-30B-A3B", 2)
     workload = Workload(problem, detect_platform(), BATCH_SIZES, "cuda")
     work = [(c, M) for c in CONFIGS for M in BATCH_SIZES]
@@ -82,7 +77,7 @@ def run(procs: int, variant: str, pairs: int) -> dict[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--procs", default="1,4")
-    parser.add_argument("--variants", default="base,pool")
+    parser.add_argument("--variants", default="fresh,shared")
     parser.add_argument("--pairs", type=int, default=240)
     parser.add_argument("--json")
     args = parser.parse_args()
