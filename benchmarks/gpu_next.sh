@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # First GPU checks of the changes made without a GPU (one GPU, one device call, < 600 s):
 #   1. GPU tests of the shared graph memory pool (tests/test_timing.py), the routing metadata
-#      (both paths, tests/test_align.py) and the op;
+#      (both paths, tests/test_align.py), the fused activation + fp8 quantization and NaN kept
+#      through the fp8 quantization (tests/test_activation.py, tests/test_quant_kernel.py), the op;
 #   2. benchmarks/worker_contention.py (1 vs 4 processes when the host has 4 GPUs; the sweep's
 #      evaluate now captures into one pool per process: "shared", the old way "fresh");
-#   3. launch_overhead.py --static --align-step --quick: the one-program routing beside the
-#      three-launch one, both checked against the float64 reference, with the floor.
+#   3. launch_overhead.py --static --align-step --fuse-step --quick: the one-program routing and
+#      the fused activation + quantization beside the paths the op takes by default, each
+#      checked against the float64 reference, with the floor.
 # Usage: benchmarks/gpu_next.sh   (writes into $OUT)
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 mkdir -p $OUT/r
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee -a $OUT/r/summary.txt
-timeout 240 python3 -m pytest -q tests/test_timing.py tests/test_align.py tests/test_op.py \
+timeout 240 python3 -m pytest -q tests/test_timing.py tests/test_align.py tests/test_activation.py \
+  tests/test_quant_kernel.py tests/test_op.py \
   > $OUT/r/pytest-gpu.log 2>&1; echo "pytest rc=$?" | tee -a $OUT/r/summary.txt
 tail -3 $OUT/r/pytest-gpu.log | tee -a $OUT/r/summary.txt
 G=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
@@ -20,7 +23,7 @@ if [ "$G" -ge 4 ]; then
     --json $OUT/r/worker-contention.json 2>&1 | grep -v Warn | tee -a $OUT/r/summary.txt
 fi
 timeout 240 python3 benchmarks/launch_overhead.py $OUT/r/launch_overhead.json --quick --static \
-  --align-step > $OUT/r/launch_overhead.log 2>&1; echo "launch_overhead rc=$?" \
+  --align-step --fuse-step > $OUT/r/launch_overhead.log 2>&1; echo "launch_overhead rc=$?" \
   | tee -a $OUT/r/summary.txt
 cat $OUT/r/launch_overhead.log | tail -30
 cd $OUT && tar czf r.tgz r && rm -rf r

@@ -16,8 +16,11 @@ reference figures in issue 5 were measured (vLLM with static fp8 activation scal
 ``--align-step`` adds ``align-1-program``: the Triton kernels with the routing metadata in one
 program of one launch up to ONE_PROGRAM_SLOTS slots (three launches above, as ``kernels``).
 
+``--fuse-step`` adds ``static-fused`` (implies ``--static``): static scales with the activation
+and its re-quantization in one launch (``ops.FUSE_ACTIVATION_QUANT``).
+
 Usage: python benchmarks/launch_overhead.py OUT.json [--quick] [--quant-step] [--static]
-       [--align-step]
+       [--align-step] [--fuse-step]
 """
 
 from __future__ import annotations
@@ -62,6 +65,13 @@ if "--align-step" in sys.argv:  # the routing metadata in one program up to ONE_
                                    quantize_activation_fast)  # fmt: skip
 
 
+def _static_variants(argv: list[str]) -> list[str]:
+    """fp8 rows only: ``static`` (--static), ``static-fused`` (--fuse-step: the activation and
+    its static-scale quantization in one launch, ops.FUSE_ACTIVATION_QUANT)."""
+    out = ["static"] if "--static" in argv or "--fuse-step" in argv else []
+    return out + (["static-fused"] if "--fuse-step" in argv else [])
+
+
 def _use(variant: str) -> None:
     ops.moe_align_block_size, ops.apply_activation, ops.quantize_activation = VARIANTS[variant]
 
@@ -85,11 +95,12 @@ def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) 
         ref = fused_experts_reference(*ins[0][0], **ins[0][1])
         row = {"problem": name, "tp": tp, "quant": quant or "bf16", "M": M, "config": cfg,
                "sets": n}  # fmt: skip
-        variants = list(VARIANTS) + (["static"] if quant and "--static" in sys.argv else [])
+        variants = list(VARIANTS) + (_static_variants(sys.argv) if quant else [])
         for variant in variants:
-            _use("kernels" if variant == "static" else variant)
+            _use("kernels" if variant.startswith("static") else variant)
+            ops.FUSE_ACTIVATION_QUANT = variant == "static-fused"
             vins, vref = ins, ref
-            if variant == "static":  # the same inputs with calibrated static activation scales
+            if variant.startswith("static"):  # the same inputs with calibrated static scales
                 vins = [(a, {**k, **static_activation_scales(a, k)}) for a, k in ins]
                 vref = fused_experts_reference(*vins[0][0], **vins[0][1])
 
@@ -103,6 +114,7 @@ def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) 
             row[f"{variant}_us"] = (
                 time_op(run, len(ins), device="cuda", replays=20).median_us if chk.ok else None
             )
+        ops.FUSE_ACTIVATION_QUANT = False
         _use("kernels")
         routed = statistics.mean(float(torch.unique(s[0][4][:M]).numel()) for s in sets)
         fl = roofline(problem, M, ceilings, experts=routed)
@@ -123,6 +135,8 @@ def _line(r: dict) -> str:
     static = ""
     if r.get("align-1-program_us"):
         static += f" align in 1 program {fmt(r['align-1-program_us'])} µs |"
+    if r.get("static-fused_us"):
+        static += f" static fused act+quant {fmt(r['static-fused_us'])} µs |"
     if r.get("static_us"):
         static += f" static {fmt(r['static_us'])} µs = {r['static_us'] / f:.2f}× floor |"
     return (f"| {r['problem']} TP{r['tp']} | {r['quant']} | {r['M']} | {fmt(t)} | {fmt(k)} | "
@@ -146,7 +160,7 @@ def main(argv: list[str]) -> None:
                 print(f"{name} TP{tp} {quant}: {type(e).__name__}: {e}", flush=True)
                 torch.cuda.empty_cache()
     geo = {}
-    for v in list(VARIANTS) + (["static"] if "--static" in argv else []):
+    for v in list(VARIANTS) + _static_variants(argv):
         ratios = [r[f"{v}_us"] / r["floor_us"] for r in rows if r.get(f"{v}_us")]
         geo[v] = statistics.geometric_mean(ratios) if ratios else None  # static: fp8 rows only
     if "--static" in argv:  # the issue's conditions: bf16 as is, fp8 with static scales

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 
 from moetune.problem import ACTIVATIONS
+from moetune.quant import FP8_DTYPES, quant_max, static_scale
+from moetune.quant_kernel import _clamp_nan, _round_to_fp8
 
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
@@ -24,8 +26,9 @@ MAX_BLOCK = 1024
 
 @triton.jit
 def _activation_kernel(
-    x_ptr, out_ptr, N, stride_x, stride_out, alpha, limit,
-    SWIGLU: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, out_ptr, N, stride_x, stride_out, alpha, limit, scale_ptr, qmax,
+    SWIGLU: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
+    MIN_EXP: tl.constexpr, ROUND_TY: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -41,6 +44,13 @@ def _activation_kernel(
         gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_row + N + cols, mask=mask, other=0.0).to(tl.float32)
         out = gate * tl.sigmoid(gate) * up
+    if QUANT:  # the activation as the op's dtype holds it, then the static-scale fp8 step
+        if PER_ROW_SCALE:  # noqa: SIM108 (one branch compiled)
+            scale = tl.load(scale_ptr + row)
+        else:
+            scale = tl.load(scale_ptr)
+        h = out.to(ROUND_TY).to(tl.float32)
+        out = _round_to_fp8(_clamp_nan(tl.div_rn(h, scale), qmax), MIN_EXP)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -55,12 +65,47 @@ def apply_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)
     if T == 0 or n == 0:
         return out
+    _launch(gate_up, out, activation)
+    return out
+
+
+_ROUND_TY = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _launch(gate_up, out, activation, scale=None, qmax=0.0, min_exp=-6) -> None:
+    T, n = out.shape
     block = min(MAX_BLOCK, triton.next_power_of_2(n))
     _activation_kernel[(T, triton.cdiv(n, block))](
         gate_up, out, n, gate_up.stride(0), out.stride(0), SWIGLU_ALPHA, SWIGLU_LIMIT,
-        SWIGLU=activation == "swigluoai", BLOCK=block,
+        scale if scale is not None else gate_up, qmax,
+        SWIGLU=activation == "swigluoai", BLOCK=block, QUANT=scale is not None,
+        PER_ROW_SCALE=scale is not None and scale.dim() == 2, MIN_EXP=min_exp,
+        ROUND_TY=_ROUND_TY[gate_up.dtype],
     )  # fmt: skip
-    return out
+
+
+def apply_activation_quantized(
+    gate_up: torch.Tensor, activation: str, qdtype: torch.dtype, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation and its static-scale fp8 quantization in one launch: the same bits as
+    :func:`apply_activation` followed by ``quantize_activation(h, qdtype, scale=scale)`` (the
+    activation is rounded to the input dtype before it is divided by the scale), without
+    writing and reading the activation in between. Returns ``(q, scale as [1] or [T, 1])``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if qdtype not in FP8_DTYPES:
+        raise ValueError(f"fused quantization is fp8 only, got {qdtype}")
+    if gate_up.stride(-1) != 1:
+        gate_up = gate_up.contiguous()
+    T, two_n = gate_up.shape
+    n = two_n // 2
+    scale = static_scale(scale, T).contiguous()  # the kernel reads it at unit stride
+    q = torch.empty((T, n), dtype=qdtype, device=gate_up.device)
+    if T == 0 or n == 0:
+        return q, scale
+    min_exp = -6 if qdtype == torch.float8_e4m3fn else -7
+    _launch(gate_up, q, activation, scale, quant_max(qdtype), min_exp)
+    return q, scale
 
 
 def apply_activation_torch(gate_up: torch.Tensor, activation: str) -> torch.Tensor:

@@ -46,6 +46,13 @@ def _round_to_fp8(y, MIN_EXP: tl.constexpr):
 
 
 @triton.jit
+def _clamp_nan(y, qmax):
+    """``y`` clamped to ±qmax with NaN kept: an unwritten (NaN-poisoned) row must reach the
+    check as NaN, as PyTorch's clamp keeps it, not as ±qmax (min/max drop NaN on GPUs)."""
+    return tl.clamp(y, -qmax, qmax, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _amax_kernel(x_ptr, amax_ptr, T, K, stride, COLS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
@@ -73,7 +80,7 @@ def _quant_tensor_kernel(
     cols = col_block * COLS + tl.arange(0, COLS)
     mask = cols < K
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _round_to_fp8(tl.clamp(tl.div_rn(x, scale), -qmax, qmax), MIN_EXP)
+    y = _round_to_fp8(_clamp_nan(tl.div_rn(x, scale), qmax), MIN_EXP)
     tl.store(q_ptr + row * stride_q + cols, y.to(q_ptr.dtype.element_ty),
              mask=mask)  # fmt: skip
 
@@ -99,7 +106,7 @@ def _quant_group_kernel(
         cols = start + c + tl.arange(0, BLOCK)
         mask = (cols < K) & (c + tl.arange(0, BLOCK) < GROUP)
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        y = _round_to_fp8(tl.clamp(tl.div_rn(x, scale), -qmax, qmax), MIN_EXP)
+        y = _round_to_fp8(_clamp_nan(tl.div_rn(x, scale), qmax), MIN_EXP)
         tl.store(q_ptr + row * stride_q + cols,
                  y.to(q_ptr.dtype.element_ty), mask=mask)  # fmt: skip
 

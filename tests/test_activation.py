@@ -52,3 +52,41 @@ def test_the_kernel_does_not_fall_back_to_torch_ops(activation, monkeypatch, dev
     monkeypatch.setattr(torch.nn.functional, "silu", forbidden)
     monkeypatch.setattr(torch, "sigmoid", forbidden)
     torch.testing.assert_close(apply_activation(x, activation).float(), want.float())
+
+
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fused_quantization_gives_the_bits_of_the_two_steps(activation, per_row, dtype, device):
+    """Activation + static-scale fp8 in one launch = the activation kernel, then the fp8
+    quantization kernel, bit for bit (the activation rounded to its dtype first); a NaN row
+    stays NaN, and values past ±448 clamp."""
+    from moetune.activation import apply_activation_quantized
+    from moetune.quant_kernel import quantize_activation_fast
+
+    T, N = 37, 1500  # N past one block of columns
+    x = (torch.randn(T, 2 * N, device=device) * 6).to(dtype)
+    x[4] = float("nan")
+    scale = (
+        torch.rand(T, 1, device=device) * 0.05 + 1e-3
+        if per_row
+        else torch.tensor([0.004], device=device)
+    )
+    fp8 = torch.float8_e4m3fn
+    want, want_s = quantize_activation_fast(apply_activation(x, activation), fp8, scale=scale)
+    got, got_s = apply_activation_quantized(x, activation, fp8, scale)
+    assert got.dtype == fp8 and got.shape == (T, N)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(got_s, want_s)
+    assert not got[[0, 5]].float().isnan().any()
+    if device == "cuda":  # the interpreter casts NaN to fp8 as 384; Triton on a GPU keeps NaN
+        assert got[4].float().isnan().all()
+    assert got[[0, 5]].float().abs().max() == 448.0  # the small scale clamps some values
+
+
+def test_fused_quantization_refuses_int8(device):
+    from moetune.activation import apply_activation_quantized
+
+    with pytest.raises(ValueError, match="fp8 only"):
+        apply_activation_quantized(torch.zeros(2, 8, device=device), "silu", torch.int8,
+                                   torch.ones(1, device=device))  # fmt: skip

@@ -102,6 +102,28 @@ def test_static_activation_scales(device):
     assert not torch.equal(out, dynamic), "static scales were ignored"
 
 
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+def test_fused_activation_quantization_changes_no_bit(activation, monkeypatch, device):
+    """ops.FUSE_ACTIVATION_QUANT (activation + static fp8 scale in one launch) gives the op's
+    output bit for bit, passes the reference check, and really takes the fused path."""
+    from moetune import activation as act_mod
+    from moetune import ops
+
+    case = make_case(13, 4, 32, 64, 2, torch.float16, device, quant="fp8_w8a8", bias=True,
+                     activation=activation)  # fmt: skip
+    case.kwargs["a1_scale"] = torch.tensor([0.02], device=device)
+    case.kwargs["a2_scale"] = torch.tensor([0.01], device=device)
+    two_steps, _ = _run_and_check(case, torch.float16, SMALL)
+    calls = []
+    fused = act_mod.apply_activation_quantized
+    monkeypatch.setattr(ops, "apply_activation_quantized",
+                        lambda *a, **k: calls.append(1) or fused(*a, **k))  # fmt: skip
+    monkeypatch.setattr(ops, "FUSE_ACTIVATION_QUANT", True)
+    one_launch, _ = _run_and_check(case, torch.float16, SMALL)
+    assert calls, "the fused path was not taken"
+    assert torch.equal(one_launch, two_steps)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16])
 def test_skewed_routing(dtype, device):
     """Most slots on one expert: many M-blocks of one expert, most experts empty."""

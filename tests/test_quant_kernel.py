@@ -61,6 +61,26 @@ def test_rounding_ties_powers_of_two_and_subnormals(qdtype, device):
     assert torch.equal(got.float(), want.float())
 
 
+@pytest.mark.gpu  # the interpreter casts a NaN fp32 to fp8 as 384 (its own cast, not Triton's)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_nan_rows_stay_nan(mode, device):
+    """A NaN-poisoned (unwritten) row must stay NaN after quantization, as PyTorch's clamp
+    keeps it; ±qmax instead would hand the check finite garbage. Other rows keep their bits
+    (dynamic per tensor aside: there PyTorch's amax makes every value NaN)."""
+    T, K = 6, 256
+    x = (torch.randn(T, K, device=device) * 3).to(torch.float16)
+    x[2] = float("nan")
+    x[4, 17] = float("nan")
+    kw = _kw(mode, T, device)
+    got, _ = quantize_activation_fast(x, torch.float8_e4m3fn, **kw)
+    want, _ = quantize_activation(x, torch.float8_e4m3fn, **kw)
+    g, w = got.float(), want.float()
+    assert g[2].isnan().all() and g[4, 17].isnan()
+    if mode != "dynamic-tensor":
+        assert torch.equal(g.isnan(), w.isnan())
+        assert torch.equal(g.nan_to_num(), w.nan_to_num())
+
+
 def test_int8_takes_the_pytorch_path(device):
     x = torch.randn(4, 32, device=device)
     got, s = quantize_activation_fast(x, torch.int8, per_token=True)
