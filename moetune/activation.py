@@ -56,17 +56,23 @@ def _activation_kernel(
 
 def apply_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """``[T, 2N] → [T, N]`` in fp32, cast back to the input dtype once."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if gate_up.stride(-1) != 1:
-        gate_up = gate_up.contiguous()
-    T, two_n = gate_up.shape
-    n = two_n // 2
+    gate_up, T, n = _prepare(gate_up, activation)
     out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)
     if T == 0 or n == 0:
         return out
     _launch(gate_up, out, activation)
     return out
+
+
+def _prepare(gate_up: torch.Tensor, activation: str) -> tuple[torch.Tensor, int, int]:
+    """The input at unit column stride, its rows T and output columns N; refuses unknown
+    activations."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if gate_up.stride(-1) != 1:
+        gate_up = gate_up.contiguous()
+    T, two_n = gate_up.shape
+    return gate_up, T, two_n // 2
 
 
 _ROUND_TY = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -91,14 +97,9 @@ def apply_activation_quantized(
     :func:`apply_activation` followed by ``quantize_activation(h, qdtype, scale=scale)`` (the
     activation is rounded to the input dtype before it is divided by the scale), without
     writing and reading the activation in between. Returns ``(q, scale as [1] or [T, 1])``."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if qdtype not in FP8_DTYPES:
         raise ValueError(f"fused quantization is fp8 only, got {qdtype}")
-    if gate_up.stride(-1) != 1:
-        gate_up = gate_up.contiguous()
-    T, two_n = gate_up.shape
-    n = two_n // 2
+    gate_up, T, n = _prepare(gate_up, activation)
     scale = static_scale(scale, T).contiguous()  # the kernel reads it at unit stride
     q = torch.empty((T, n), dtype=qdtype, device=gate_up.device)
     if T == 0 or n == 0:
