@@ -17,7 +17,7 @@ import triton.language as tl
 
 from moetune.problem import ACTIVATIONS
 from moetune.quant import FP8_DTYPES, quant_max, static_scale
-from moetune.quant_kernel import _clamp_nan, _round_to_fp8
+from moetune.quant_kernel import _clamp_nan, _round_to_fp8, fp8_min_exp
 
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
@@ -28,7 +28,7 @@ MAX_BLOCK = 1024
 def _activation_kernel(
     x_ptr, out_ptr, N, stride_x, stride_out, alpha, limit, scale_ptr, qmax,
     SWIGLU: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
-    MIN_EXP: tl.constexpr, ROUND_TY: tl.constexpr,
+    MIN_EXP: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -49,7 +49,7 @@ def _activation_kernel(
             scale = tl.load(scale_ptr + row)
         else:
             scale = tl.load(scale_ptr)
-        h = out.to(ROUND_TY).to(tl.float32)
+        h = out.to(x_ptr.dtype.element_ty).to(tl.float32)  # as the unfused op stores it
         out = _round_to_fp8(_clamp_nan(tl.div_rn(h, scale), qmax), MIN_EXP)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -75,9 +75,6 @@ def _prepare(gate_up: torch.Tensor, activation: str) -> tuple[torch.Tensor, int,
     return gate_up, T, two_n // 2
 
 
-_ROUND_TY = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
 def _launch(gate_up, out, activation, scale=None, qmax=0.0, min_exp=-6) -> None:
     T, n = out.shape
     block = min(MAX_BLOCK, triton.next_power_of_2(n))
@@ -86,7 +83,6 @@ def _launch(gate_up, out, activation, scale=None, qmax=0.0, min_exp=-6) -> None:
         scale if scale is not None else gate_up, qmax,
         SWIGLU=activation == "swigluoai", BLOCK=block, QUANT=scale is not None,
         PER_ROW_SCALE=scale is not None and scale.dim() == 2, MIN_EXP=min_exp,
-        ROUND_TY=_ROUND_TY[gate_up.dtype],
     )  # fmt: skip
 
 
@@ -104,8 +100,7 @@ def apply_activation_quantized(
     q = torch.empty((T, n), dtype=qdtype, device=gate_up.device)
     if T == 0 or n == 0:
         return q, scale
-    min_exp = -6 if qdtype == torch.float8_e4m3fn else -7
-    _launch(gate_up, q, activation, scale, quant_max(qdtype), min_exp)
+    _launch(gate_up, q, activation, scale, quant_max(qdtype), fp8_min_exp(qdtype))
     return q, scale
 
 

@@ -45,6 +45,11 @@ def _round_to_fp8(y, MIN_EXP: tl.constexpr):
     return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
+def fp8_min_exp(qdtype: torch.dtype) -> int:
+    """The smallest normal exponent of an e4m3 dialect, for :func:`_round_to_fp8`."""
+    return -6 if qdtype == torch.float8_e4m3fn else -7
+
+
 @triton.jit
 def _clamp_nan(y, qmax):
     """``y`` clamped to ±qmax with NaN kept: an unwritten (NaN-poisoned) row must reach the
@@ -128,7 +133,7 @@ def quantize_activation_fast(
         x = x.contiguous()
     T, K = x.shape
     qmax = quant_max(qdtype)
-    min_exp = -6 if qdtype == torch.float8_e4m3fn else -7
+    min_exp = fp8_min_exp(qdtype)
     q = torch.empty((T, K), dtype=qdtype, device=x.device)
     if group_k is not None or (scale is None and per_token):
         group = group_k if group_k is not None else K
