@@ -57,7 +57,9 @@ def test_the_kernel_does_not_fall_back_to_torch_ops(activation, monkeypatch, dev
 @pytest.mark.parametrize("activation", ["silu", "swigluoai"])
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_fused_quantization_gives_the_bits_of_the_two_steps(activation, per_row, dtype, device):
+def test_fused_quantization_gives_the_bits_of_the_two_steps(
+    activation, per_row, dtype, monkeypatch, device
+):
     """Activation + static-scale fp8 in one launch = the activation kernel, then the fp8
     quantization kernel, bit for bit (the activation rounded to its dtype first); a NaN row
     stays NaN, and values past ±448 clamp."""
@@ -74,6 +76,15 @@ def test_fused_quantization_gives_the_bits_of_the_two_steps(activation, per_row,
     )
     fp8 = torch.float8_e4m3fn
     want, want_s = quantize_activation_fast(apply_activation(x, activation), fp8, scale=scale)
+    from moetune import activation as act_mod
+    from moetune import quant_kernel
+
+    def forbidden(*args, **kwargs):  # equal bits alone would also pass the two steps in a row
+        raise AssertionError("the fused path ran the two steps")
+
+    monkeypatch.setattr(act_mod, "apply_activation", forbidden)
+    monkeypatch.setattr(quant_kernel, "quantize_activation_fast", forbidden)
+    monkeypatch.setattr(quant_kernel, "_quant_tensor_kernel", None)
     got, got_s = apply_activation_quantized(x, activation, fp8, scale)
     assert got.dtype == fp8 and got.shape == (T, N)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))

@@ -120,7 +120,8 @@ def test_triton_and_torch_agree_on_blocks(M, E, topk, block_m, device):
     assert ops.moe_align_block_size is moe_align_block_size, "the op must use the kernel version"
 
 
-def test_kernel_version_does_not_fall_back_to_torch_ops(monkeypatch, device):
+@pytest.mark.parametrize("one_program", [False, True])
+def test_kernel_version_does_not_fall_back_to_torch_ops(one_program, monkeypatch, device):
     """Matching invariants alone would also pass a wrapper around the PyTorch version."""
     from moetune import align
 
@@ -133,7 +134,7 @@ def test_kernel_version_does_not_fall_back_to_torch_ops(monkeypatch, device):
     monkeypatch.setattr(align, "moe_align_block_size_torch", forbidden)
     for name in ("sort", "searchsorted", "cumsum"):
         monkeypatch.setattr(torch, name, forbidden)
-    got = moe_align_block_size(ids, 16, 16)
+    got = moe_align_block_size(ids, 16, 16, one_program=one_program)
     assert torch.equal(got.expert_ids, want.expert_ids)
     assert torch.equal(got.num_tokens_post_padded, want.num_tokens_post_padded)
 

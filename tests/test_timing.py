@@ -8,16 +8,25 @@ from moetune.timing import graph_pool, time_op
 
 
 def test_host_clock_off_the_gpu_makes_no_graph_pool():
+    pools = dict(timing._POOLS)  # GPU tests before this one may have made theirs
     calls = []
     t = time_op(lambda i: calls.append(i), 2, device="cpu", replays=5)
     assert t.method == "host-clock" and t.samples == 3 and calls[0] == 0
     assert t.p20_us <= t.median_us <= t.p80_us
-    assert not timing._POOLS
+    assert pools == timing._POOLS
 
 
 @pytest.mark.gpu
-def test_captures_share_one_pool_and_reserve_nothing_more():
+def test_captures_share_one_pool_and_reserve_nothing_more(monkeypatch):
     device = torch.device("cuda")
+    seen = []
+    real_graph = torch.cuda.graph
+
+    def graph(cuda_graph, pool=None, stream=None, **kw):
+        seen.append(pool)
+        return real_graph(cuda_graph, pool=pool, stream=stream, **kw)
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
     xs = [torch.randn(256, 256, device=device) for _ in range(2)]
 
     def fn(i):
@@ -29,4 +38,6 @@ def test_captures_share_one_pool_and_reserve_nothing_more():
         t = time_op(fn, 2, device=device, replays=3)
         assert t.method == "cuda-graph" and t.median_us > 0
     assert torch.cuda.memory_reserved(device) == reserved  # the shared pool is reused
-    assert graph_pool(device) is graph_pool(device)
+    assert len(seen) == 21 and seen[0] is not None
+    assert all(p == seen[0] for p in seen), "a capture got a pool of its own"
+    assert graph_pool(device) == seen[0]
