@@ -102,11 +102,12 @@ def graph_pool(device: torch.device) -> object:
     """One graph memory pool per device for every capture of this process.
 
     A capture in a pool of its own allocates new segments, and the guess is that those
-    allocations meet in the driver across processes: with one sweep worker per GPU on a 4x H200
-    host a pair took ~5.7 ms more than with one worker at every batch size, and with a shared
-    pool four workers at once were the fastest of the runs (one run each, so suggestive only:
-    benchmarks/worker_contention.py, results/full-space-0.5/). Sharing is safe here because
-    captures run one after another and each graph is deleted before the next capture."""
+    allocations meet in the driver across processes: in a full sweep on a 4x H200 host a pair
+    took ~5 ms more at small batch sizes on 4 GPUs than on 1, and in
+    benchmarks/worker_contention.py four processes at once took 19.8 and 22.2 ms a pair at M=1
+    (two runs) with a pool per capture, 16.8 ms (one run) with a shared one: suggestive only
+    (results/full-space-0.5/). Sharing is safe here because captures run one after another and
+    each graph is deleted before the next capture."""
     if device not in _POOLS:
         _POOLS[device] = torch.cuda.graph_pool_handle()
     return _POOLS[device]
