@@ -100,12 +100,17 @@ def _quant_group_kernel(
     g = tl.program_id(1)
     start = g * GROUP
     amax = tl.zeros((), dtype=tl.float32)
+    nans = tl.zeros((), dtype=tl.int32)
     for c in range(0, GROUP, BLOCK):
         cols = start + c + tl.arange(0, BLOCK)
         mask = (cols < K) & (c + tl.arange(0, BLOCK) < GROUP)
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(x), 0))
-    scale = tl.div_rn(tl.maximum(amax, min_amax), qmax)
+        nans += tl.sum((x != x).to(tl.int32), 0)
+    # A NaN makes PyTorch's amax NaN, so the group's scale and every value in it; a GPU's max
+    # drops NaN instead, so it is carried beside it.
+    amax = tl.where(nans > 0, float("nan"), amax)
+    scale = tl.div_rn(tl.maximum(amax, min_amax, propagate_nan=tl.PropagateNan.ALL), qmax)
     tl.store(scale_ptr + row * stride_s + g, scale)
     for c in range(0, GROUP, BLOCK):
         cols = start + c + tl.arange(0, BLOCK)

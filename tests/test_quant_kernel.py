@@ -81,6 +81,23 @@ def test_nan_rows_stay_nan(mode, device):
         assert torch.equal(g.nan_to_num(), w.nan_to_num())
 
 
+@pytest.mark.parametrize("mode", ["dynamic-token", "dynamic-group"])
+def test_a_nan_makes_its_dynamic_scale_nan(mode, device):
+    """As PyTorch's amax: a NaN anywhere in a row (group) makes that row's (group's) scale NaN,
+    and only that one. This part runs in the interpreter too (the fp8 values need a GPU)."""
+    T, K = 6, 256
+    x = (torch.randn(T, K, device=device) * 3).to(torch.float16)
+    x[2] = float("nan")
+    x[4, 17] = float("nan")
+    kw = _kw(mode, T, device)
+    _, got = quantize_activation_fast(x, torch.float8_e4m3fn, **kw)
+    _, want = quantize_activation(x, torch.float8_e4m3fn, **kw)
+    got = got.reshape(want.shape)
+    assert want.isnan().any()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def test_int8_takes_the_pytorch_path(device):
     x = torch.randn(4, 32, device=device)
     got, s = quantize_activation_fast(x, torch.int8, per_token=True)
