@@ -69,7 +69,7 @@ def time_op(
     for i in range(num_sets):
         fn(i)  # compile and autotune-free warm-up outside the capture
     torch.cuda.synchronize(device)
-    stream = torch.cuda.Stream(device)
+    stream = side_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
@@ -96,21 +96,50 @@ def time_op(
 
 
 _POOLS: dict[torch.device, object] = {}
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` and ``cuda:0`` are one device: one pool and one stream for both."""
+    if device.index is None:
+        return torch.device(device.type, torch.cuda.current_device())
+    return device
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One capture stream per device for the whole process. The caching allocator keeps blocks
+    (and PyTorch a cuBLAS workspace) per stream, so a new stream for every capture would
+    reserve memory that no later capture reuses."""
+    device = _indexed(torch.device(device))
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
 
 
 def graph_pool(device: torch.device) -> object:
-    """One graph memory pool per device for every capture of this process.
+    """The id of one graph memory pool per device, kept alive for the whole process.
 
-    A capture in a pool of its own allocates new segments, and the guess is that those
-    allocations meet in the driver across processes: in a full sweep on a 4x H200 host a pair
-    took ~5 ms more at small batch sizes on 4 GPUs than on 1, and in
-    benchmarks/worker_contention.py four processes at once took 19.8 and 22.2 ms a pair at M=1
-    (two runs) with a pool per capture, 16.8 ms (one run) with a shared one: suggestive only
-    (results/full-space-0.5/). Sharing is safe here because captures run one after another and
-    each graph is deleted before the next capture."""
+    Every capture of this process allocates in it. A pool named only by
+    ``torch.cuda.graph_pool_handle()`` dies with the last graph that used it, and its segments
+    stay reserved until the allocator empties its cache; a ``torch.cuda.MemPool`` holds the pool
+    itself, so the blocks a deleted graph leaves are reused by the next capture. With it and one
+    capture stream (:func:`side_stream`), 20 captures in a row reserved no more memory on an
+    NVIDIA H200 (without: 73 MB → 744 MB; results/kernels/NOTES.md §11). Sharing is safe because
+    captures run one after another and each graph is deleted before the next capture.
+
+    One pool did not make a pair cheaper with 4 processes at once: benchmarks/worker_contention.py
+    drifted between 16.8 and 22.8 ms a pair at M=1 with either (results/full-space-0.6/).
+    """
+    device = _indexed(torch.device(device))
     if device not in _POOLS:
-        _POOLS[device] = torch.cuda.graph_pool_handle()
-    return _POOLS[device]
+        mempool = getattr(torch.cuda, "MemPool", None)
+        if mempool is None:  # older PyTorch: a handle (reused only while a graph holds it)
+            _POOLS[device] = torch.cuda.graph_pool_handle()
+        else:
+            with torch.cuda.device(device):
+                _POOLS[device] = mempool()
+    pool = _POOLS[device]
+    return getattr(pool, "id", pool)
 
 
 SET_MEMORY_BYTES = 16 * 2**30  # at most this much weight copies for rotation
