@@ -11,13 +11,15 @@ GPU is printed beside them.
 
 ``--static`` adds ``static`` for the fp8 problems: the Triton kernels with calibrated static
 per-tensor activation scales (one quantization launch per GEMM instead of three), as the
-reference figures in issue 5 were measured (vLLM with static fp8 activation scales).
+reference figures in issue 5 were measured (vLLM with static fp8 activation scales); the
+activation and its re-quantization run as two launches there.
 
-``--align-step`` adds ``align-1-program``: the Triton kernels with the routing metadata in one
-program of one launch up to ONE_PROGRAM_SLOTS slots (three launches above, as ``kernels``).
+``--align-step`` adds the routing metadata the other way than the op's default
+(``align_kernel.ONE_PROGRAM_DEFAULT``): ``align-3-launches`` while the default is one program of
+one launch up to ONE_PROGRAM_SLOTS slots, ``align-1-program`` otherwise.
 
 ``--fuse-step`` adds ``static-fused`` (implies ``--static``): static scales with the activation
-and its re-quantization in one launch (``ops.FUSE_ACTIVATION_QUANT``).
+and its re-quantization in one launch (``ops.FUSE_ACTIVATION_QUANT``, the op's default).
 
 Usage: python benchmarks/launch_overhead.py OUT.json [--quick] [--quant-step] [--static]
        [--align-step] [--fuse-step]
@@ -35,7 +37,7 @@ import torch
 from moetune import ops
 from moetune.activation import apply_activation, apply_activation_torch
 from moetune.align import moe_align_block_size_torch
-from moetune.align_kernel import moe_align_block_size
+from moetune.align_kernel import ONE_PROGRAM_DEFAULT, moe_align_block_size
 from moetune.check import check_close
 from moetune.inputs import random_moe_inputs, static_activation_scales
 from moetune.lookup import config_for
@@ -47,6 +49,8 @@ from moetune.reference import fused_experts_reference
 from moetune.roofline import measure_ceilings, roofline
 from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_count
 
+FUSE_DEFAULT = ops.FUSE_ACTIVATION_QUANT
+
 PROBLEMS = [("Mixtral-8x7B", 2), ("Qwen3-30B-A3B", 2), ("gpt-oss-120b", 1)]
 QUANTS = [None, "fp8_w8a8"]
 BATCH_SIZES = [1, 8, 32, 128, 512, 2048, 4096]
@@ -56,13 +60,13 @@ VARIANTS = {
 }
 if "--quant-step" in sys.argv:  # also time align + activation kernels with PyTorch quantization
     VARIANTS["no-quant-kernel"] = (moe_align_block_size, apply_activation, quantize_activation)
-if "--align-step" in sys.argv:  # the routing metadata in one program up to ONE_PROGRAM_SLOTS
+if "--align-step" in sys.argv:  # the routing metadata the other way than the op's default
 
-    def _align_one_program(*args, **kwargs):
-        return moe_align_block_size(*args, one_program=True, **kwargs)
+    def _align_other_way(*args, **kwargs):
+        return moe_align_block_size(*args, one_program=not ONE_PROGRAM_DEFAULT, **kwargs)
 
-    VARIANTS["align-1-program"] = (_align_one_program, apply_activation,
-                                   quantize_activation_fast)  # fmt: skip
+    VARIANTS["align-3-launches" if ONE_PROGRAM_DEFAULT else "align-1-program"] = (
+        _align_other_way, apply_activation, quantize_activation_fast)  # fmt: skip
 
 
 def _static_variants(argv: list[str]) -> list[str]:
@@ -114,7 +118,7 @@ def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) 
             row[f"{variant}_us"] = (
                 time_op(run, len(ins), device="cuda", replays=20).median_us if chk.ok else None
             )
-        ops.FUSE_ACTIVATION_QUANT = False
+        ops.FUSE_ACTIVATION_QUANT = FUSE_DEFAULT
         _use("kernels")
         routed = statistics.mean(float(torch.unique(s[0][4][:M]).numel()) for s in sets)
         fl = roofline(problem, M, ceilings, experts=routed)

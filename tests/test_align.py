@@ -13,11 +13,15 @@ def _one_program(*args, **kwargs):
     return moe_align_block_size(*args, one_program=True, **kwargs)
 
 
-# The op's implementation (Triton kernels: three launches, or one program up to
-# ONE_PROGRAM_SLOTS slots when asked) and the PyTorch one kept as a cross-check.
+def _three_launches(*args, **kwargs):
+    return moe_align_block_size(*args, one_program=False, **kwargs)
+
+
+# The op's implementation (Triton kernels: one program up to ONE_PROGRAM_SLOTS slots, the
+# default, or three launches) and the PyTorch one kept as a cross-check.
 IMPLS = pytest.mark.parametrize(
     "align",
-    [moe_align_block_size, _one_program, moe_align_block_size_torch],
+    [_three_launches, _one_program, moe_align_block_size_torch],
     ids=["triton", "triton-1", "torch"],
 )
 

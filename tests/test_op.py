@@ -104,8 +104,9 @@ def test_static_activation_scales(device):
 
 @pytest.mark.parametrize("activation", ["silu", "swigluoai"])
 def test_fused_activation_quantization_changes_no_bit(activation, monkeypatch, device):
-    """ops.FUSE_ACTIVATION_QUANT (activation + static fp8 scale in one launch) gives the op's
-    output bit for bit, passes the reference check, and really takes the fused path."""
+    """ops.FUSE_ACTIVATION_QUANT (activation + static fp8 scale in one launch, the default)
+    gives the two steps' output bit for bit, passes the reference check, and really takes the
+    fused path."""
     from moetune import activation as act_mod
     from moetune import ops
 
@@ -113,6 +114,7 @@ def test_fused_activation_quantization_changes_no_bit(activation, monkeypatch, d
                      activation=activation)  # fmt: skip
     case.kwargs["a1_scale"] = torch.tensor([0.02], device=device)
     case.kwargs["a2_scale"] = torch.tensor([0.01], device=device)
+    monkeypatch.setattr(ops, "FUSE_ACTIVATION_QUANT", False)
     two_steps, _ = _run_and_check(case, torch.float16, SMALL)
     calls = []
     fused = act_mod.apply_activation_quantized
