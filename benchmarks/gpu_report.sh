@@ -5,14 +5,15 @@
 # with the shipped table for this GPU where there is one, the default config and the floor;
 # then benchmarks/report_table.py writes REPORT.md (per batch size, and geomean against vLLM).
 # Usage: benchmarks/gpu_report.sh   (JSON, PNG, logs in $OUT/report.tgz; REPORT.md in $OUT)
+#        SPECS="Qwen3-30B-A3B:2" QUANTS="fp8_w8a8" ... runs a subset (default: all six).
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 COLUMNS=150
 R="$OUT/report"
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$R/gpu.txt"
-for spec in Mixtral-8x7B:2 Qwen3-30B-A3B:2 gpt-oss-120b:1; do
+for spec in ${SPECS:-Mixtral-8x7B:2 Qwen3-30B-A3B:2 gpt-oss-120b:1}; do
   IFS=: read -r model tp <<< "$spec"
-  for q in bf16 fp8_w8a8; do
+  for q in ${QUANTS:-bf16 fp8_w8a8}; do
     args=(--batch-sizes 1,8,32,128,512,2048,4096)
     [ $q = fp8_w8a8 ] && args+=(--quant fp8_w8a8 --static-scales)
     timeout 200 python3 -m moetune.cli bench --model "$model" --tp "$tp" "${args[@]}" \
