@@ -59,10 +59,15 @@ def _clamp_nan(y, qmax):
 
 @triton.jit
 def _amax_kernel(x_ptr, amax_ptr, T, K, stride, COLS: tl.constexpr):
+    """``amax_ptr[0]``: max |x| over the tensor; ``amax_ptr[1]``: 1 if any x is NaN (a GPU's max
+    and atomic max drop NaN, where PyTorch's amax returns it)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
     x = tl.load(x_ptr + row * stride + cols, mask=cols < K, other=0.0).to(tl.float32)
     tl.atomic_max(amax_ptr, tl.max(tl.abs(x), 0))
+    nans = tl.sum((x != x).to(tl.int32), 0)
+    if nans > 0:
+        tl.atomic_max(amax_ptr + 1, 1.0)
 
 
 @triton.jit
@@ -75,7 +80,8 @@ def _quant_tensor_kernel(
     row = tl.program_id(0).to(tl.int64)
     col_block = tl.program_id(1)
     if DYNAMIC:
-        scale = tl.div_rn(tl.maximum(tl.load(amax_ptr), min_amax), qmax)
+        amax = tl.where(tl.load(amax_ptr + 1) > 0, float("nan"), tl.load(amax_ptr))
+        scale = tl.div_rn(tl.maximum(amax, min_amax, propagate_nan=tl.PropagateNan.ALL), qmax)
         if (row == 0) & (col_block == 0):
             tl.store(scale_ptr, scale)
     elif PER_ROW_SCALE:
@@ -152,7 +158,7 @@ def quantize_activation_fast(
         return q, s
     grid = (T, triton.cdiv(K, COLS))
     if scale is None:  # dynamic per tensor
-        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+        amax = torch.zeros(2, dtype=torch.float32, device=x.device)  # max |x|, NaN seen
         out_scale = torch.empty(1, dtype=torch.float32, device=x.device)
         _amax_kernel[grid](x, amax, T, K, x.stride(0), COLS=COLS)
         _quant_tensor_kernel[grid](

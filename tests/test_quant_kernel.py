@@ -65,8 +65,8 @@ def test_rounding_ties_powers_of_two_and_subnormals(qdtype, device):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_nan_rows_stay_nan(mode, device):
     """A NaN-poisoned (unwritten) row must stay NaN after quantization, as PyTorch's clamp
-    keeps it; ±qmax instead would hand the check finite garbage. Other rows keep their bits
-    (dynamic per tensor aside: there PyTorch's amax makes every value NaN)."""
+    keeps it; ±qmax instead would hand the check finite garbage. NaN exactly where PyTorch has it
+    (with a dynamic per-tensor scale that is every value) and the same bits elsewhere."""
     T, K = 6, 256
     x = (torch.randn(T, K, device=device) * 3).to(torch.float16)
     x[2] = float("nan")
@@ -76,15 +76,15 @@ def test_nan_rows_stay_nan(mode, device):
     want, _ = quantize_activation(x, torch.float8_e4m3fn, **kw)
     g, w = got.float(), want.float()
     assert g[2].isnan().all() and g[4, 17].isnan()
-    if mode != "dynamic-tensor":
-        assert torch.equal(g.isnan(), w.isnan())
-        assert torch.equal(g.nan_to_num(), w.nan_to_num())
+    assert torch.equal(g.isnan(), w.isnan())
+    assert torch.equal(g.nan_to_num(), w.nan_to_num())
 
 
-@pytest.mark.parametrize("mode", ["dynamic-token", "dynamic-group"])
+@pytest.mark.parametrize("mode", ["dynamic-tensor", "dynamic-token", "dynamic-group"])
 def test_a_nan_makes_its_dynamic_scale_nan(mode, device):
-    """As PyTorch's amax: a NaN anywhere in a row (group) makes that row's (group's) scale NaN,
-    and only that one. This part runs in the interpreter too (the fp8 values need a GPU)."""
+    """As PyTorch's amax: a NaN anywhere in a row (group; the tensor) makes that row's (group's;
+    the tensor's) scale NaN, and only that one. This part runs in the interpreter too (the fp8
+    values need a GPU)."""
     T, K = 6, 256
     x = (torch.randn(T, K, device=device) * 3).to(torch.float16)
     x[2] = float("nan")
