@@ -127,17 +127,21 @@ def graph_pool(device: torch.device) -> object:
     NVIDIA H200 (without: 73 MB → 744 MB; results/kernels/NOTES.md §11). Sharing is safe because
     captures run one after another and each graph is deleted before the next capture.
 
+    The pool's segments stay reserved for the process (``empty_cache`` does not free them): the
+    largest capture's working memory stays held. Not ``use_on_oom``: that would let ordinary
+    tensors take blocks a live graph writes on replay.
+    PyTorch without ``MemPool`` gets a plain handle.
+
     One pool did not make a pair cheaper with 4 processes at once: benchmarks/worker_contention.py
     drifted between 16.8 and 22.8 ms a pair at M=1 with either (results/full-space-0.6/).
     """
     device = _indexed(torch.device(device))
     if device not in _POOLS:
-        mempool = getattr(torch.cuda, "MemPool", None)
-        if mempool is None:  # older PyTorch: a handle (reused only while a graph holds it)
-            _POOLS[device] = torch.cuda.graph_pool_handle()
-        else:
+        if hasattr(torch.cuda, "MemPool"):
             with torch.cuda.device(device):
-                _POOLS[device] = mempool()
+                _POOLS[device] = torch.cuda.MemPool()
+        else:  # older PyTorch: a handle, reused only while a graph holds it
+            _POOLS[device] = torch.cuda.graph_pool_handle()
     pool = _POOLS[device]
     return getattr(pool, "id", pool)
 
