@@ -47,6 +47,8 @@ def _arg(flag: str, default: str) -> str:
 def main(out_path: str) -> None:
     problem, configs = PROBLEM, CONFIGS
     if "--model" in sys.argv:
+        if "--configs" not in sys.argv:
+            sys.exit("Error: --model needs --configs (candidate names: M64-N128-K128-G16-w8-s4)")
         problem = preset_problem(_arg("--model", ""), int(_arg("--tp", "1")), quant="fp8_w8a8")
         configs = {c: _cfg(c) for c in _arg("--configs", "").split(",")}
     batch_sizes = [int(m) for m in _arg("--batch-sizes", "64,512,4096").split(",")]

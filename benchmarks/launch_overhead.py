@@ -50,6 +50,7 @@ from moetune.roofline import measure_ceilings, roofline
 from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_count
 
 FUSE_DEFAULT = ops.FUSE_ACTIVATION_QUANT
+ALIGN_OTHER = "align-3-launches" if ONE_PROGRAM_DEFAULT else "align-1-program"  # --align-step
 
 PROBLEMS = [("Mixtral-8x7B", 2), ("Qwen3-30B-A3B", 2), ("gpt-oss-120b", 1)]
 QUANTS = [None, "fp8_w8a8"]
@@ -65,7 +66,7 @@ if "--align-step" in sys.argv:  # the routing metadata the other way than the op
     def _align_other_way(*args, **kwargs):
         return moe_align_block_size(*args, one_program=not ONE_PROGRAM_DEFAULT, **kwargs)
 
-    VARIANTS["align-3-launches" if ONE_PROGRAM_DEFAULT else "align-1-program"] = (
+    VARIANTS[ALIGN_OTHER] = (
         _align_other_way, apply_activation, quantize_activation_fast)  # fmt: skip
 
 
@@ -137,8 +138,8 @@ def _line(r: dict) -> str:
     speed = f"{t / k:.2f}x" if t and k else "-"
     ratio = f"{k / f:.2f}" if k else "-"
     static = ""
-    if r.get("align-1-program_us"):
-        static += f" align in 1 program {fmt(r['align-1-program_us'])} µs |"
+    if r.get(f"{ALIGN_OTHER}_us"):
+        static += f" {ALIGN_OTHER} {fmt(r[f'{ALIGN_OTHER}_us'])} µs |"
     if r.get("static-fused_us"):
         static += f" static fused act+quant {fmt(r['static-fused_us'])} µs |"
     if r.get("static_us"):

@@ -1,4 +1,5 @@
-"""Routing metadata in two Triton kernels instead of ~30 small PyTorch launches.
+"""Routing metadata in Triton (one launch at decode sizes, two kernels beyond) instead of ~30
+small PyTorch launches.
 
 At decode batch sizes the GEMMs read a few MB of weights in ~10 µs, so every extra launch in the
 op shows up in its time: the PyTorch version of ``moe_align_block_size`` (bincount, two cumsums,

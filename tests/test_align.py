@@ -22,7 +22,7 @@ def _three_launches(*args, **kwargs):
 IMPLS = pytest.mark.parametrize(
     "align",
     [_three_launches, _one_program, moe_align_block_size_torch],
-    ids=["triton", "triton-1", "torch"],
+    ids=["triton-3", "triton-1", "torch"],
 )
 
 
