@@ -5,9 +5,10 @@
 #      through the fp8 quantization (tests/test_activation.py, tests/test_quant_kernel.py), the op;
 #   2. benchmarks/worker_contention.py (1 vs 4 processes when the host has 4 GPUs; the sweep's
 #      evaluate now captures into one pool per process: "shared", the old way "fresh");
-#   3. launch_overhead.py --static --align-step --fuse-step --quick: the one-program routing and
-#      the fused activation + quantization beside the paths the op takes by default, each
-#      checked against the float64 reference, with the floor.
+#   3. launch_overhead.py --static --align-step --fuse-step --quick: the routing metadata the
+#      other way than the op's default (align_kernel.ONE_PROGRAM_DEFAULT) and the activation +
+#      static fp8 quantization as two steps and as one, each checked against the float64
+#      reference, with the floor.
 # Usage: benchmarks/gpu_next.sh   (writes into $OUT)
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
