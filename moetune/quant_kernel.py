@@ -58,6 +58,15 @@ def _clamp_nan(y, qmax):
 
 
 @triton.jit
+def _scale_from_amax(amax, has_nan, min_amax, qmax):
+    """``max(amax, min_amax) / qmax``, NaN when the values held a NaN: PyTorch's amax returns
+    NaN there (so the scale and every value quantized with it), while a GPU's max and atomic
+    max drop NaN, so the kernels carry it beside the max."""
+    amax = tl.where(has_nan, float("nan"), amax)
+    return tl.div_rn(tl.maximum(amax, min_amax, propagate_nan=tl.PropagateNan.ALL), qmax)
+
+
+@triton.jit
 def _amax_kernel(x_ptr, amax_ptr, T, K, stride, COLS: tl.constexpr):
     """``amax_ptr[0]``: max |x| over the tensor; ``amax_ptr[1]``: 1 if any x is NaN (a GPU's max
     and atomic max drop NaN, where PyTorch's amax returns it)."""
@@ -80,8 +89,7 @@ def _quant_tensor_kernel(
     row = tl.program_id(0).to(tl.int64)
     col_block = tl.program_id(1)
     if DYNAMIC:
-        amax = tl.where(tl.load(amax_ptr + 1) > 0, float("nan"), tl.load(amax_ptr))
-        scale = tl.div_rn(tl.maximum(amax, min_amax, propagate_nan=tl.PropagateNan.ALL), qmax)
+        scale = _scale_from_amax(tl.load(amax_ptr), tl.load(amax_ptr + 1) > 0, min_amax, qmax)
         if (row == 0) & (col_block == 0):
             tl.store(scale_ptr, scale)
     elif PER_ROW_SCALE:
@@ -113,10 +121,7 @@ def _quant_group_kernel(
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(x), 0))
         nans += tl.sum((x != x).to(tl.int32), 0)
-    # A NaN makes PyTorch's amax NaN, so the group's scale and every value in it; a GPU's max
-    # drops NaN instead, so it is carried beside it.
-    amax = tl.where(nans > 0, float("nan"), amax)
-    scale = tl.div_rn(tl.maximum(amax, min_amax, propagate_nan=tl.PropagateNan.ALL), qmax)
+    scale = _scale_from_amax(amax, nans > 0, min_amax, qmax)
     tl.store(scale_ptr + row * stride_s + g, scale)
     for c in range(0, GROUP, BLOCK):
         cols = start + c + tl.arange(0, BLOCK)

@@ -61,19 +61,25 @@ def test_rounding_ties_powers_of_two_and_subnormals(qdtype, device):
     assert torch.equal(got.float(), want.float())
 
 
+def _both_with_nans(mode: str, device: str) -> tuple[tuple, tuple]:
+    """The kernel's and PyTorch's ``(q, scale)`` of fp16 rows where row 2 is all NaN and row 4
+    has one NaN (column 17)."""
+    T, K = 6, 256
+    x = (torch.randn(T, K, device=device) * 3).to(torch.float16)
+    x[2] = float("nan")
+    x[4, 17] = float("nan")
+    kw = _kw(mode, T, device)
+    return (quantize_activation_fast(x, torch.float8_e4m3fn, **kw),
+            quantize_activation(x, torch.float8_e4m3fn, **kw))  # fmt: skip
+
+
 @pytest.mark.gpu  # the interpreter casts a NaN fp32 to fp8 as 384 (its own cast, not Triton's)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_nan_rows_stay_nan(mode, device):
     """A NaN-poisoned (unwritten) row must stay NaN after quantization, as PyTorch's clamp
     keeps it; ±qmax instead would hand the check finite garbage. NaN exactly where PyTorch has it
     (with a dynamic per-tensor scale that is every value) and the same bits elsewhere."""
-    T, K = 6, 256
-    x = (torch.randn(T, K, device=device) * 3).to(torch.float16)
-    x[2] = float("nan")
-    x[4, 17] = float("nan")
-    kw = _kw(mode, T, device)
-    got, _ = quantize_activation_fast(x, torch.float8_e4m3fn, **kw)
-    want, _ = quantize_activation(x, torch.float8_e4m3fn, **kw)
+    (got, _), (want, _) = _both_with_nans(mode, device)
     g, w = got.float(), want.float()
     assert g[2].isnan().all() and g[4, 17].isnan()
     assert torch.equal(g.isnan(), w.isnan())
@@ -85,13 +91,7 @@ def test_a_nan_makes_its_dynamic_scale_nan(mode, device):
     """As PyTorch's amax: a NaN anywhere in a row (group; the tensor) makes that row's (group's;
     the tensor's) scale NaN, and only that one. This part runs in the interpreter too (the fp8
     values need a GPU)."""
-    T, K = 6, 256
-    x = (torch.randn(T, K, device=device) * 3).to(torch.float16)
-    x[2] = float("nan")
-    x[4, 17] = float("nan")
-    kw = _kw(mode, T, device)
-    _, got = quantize_activation_fast(x, torch.float8_e4m3fn, **kw)
-    _, want = quantize_activation(x, torch.float8_e4m3fn, **kw)
+    (_, got), (_, want) = _both_with_nans(mode, device)
     got = got.reshape(want.shape)
     assert want.isnan().any()
     assert torch.equal(got.isnan(), want.isnan())
