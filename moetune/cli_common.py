@@ -157,7 +157,10 @@ def _raise_terminated(signum: int, frame: object) -> None:
     # Once: `timeout` signals the process group too, and a second SIGTERM must not cut short
     # the stopping of workers and the closing of the journal this one starts.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated()
+    from moetune import procs  # stdlib only
+
+    if not procs.defer_while_starting(Terminated()):  # raised once the helper has started
+        raise Terminated()
 
 
 @contextlib.contextmanager

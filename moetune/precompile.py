@@ -29,7 +29,7 @@ from typing import Any
 
 from moetune.cores import calm, compile_cpus, compile_nice, usable_cpus
 from moetune.problem import Problem
-from moetune.procs import context, with_env
+from moetune.procs import context, start_helper, with_env
 from moetune.workers import visible_device
 
 _WAYS = {"target": "without CUDA", "cpu": "from CPU tensors", "cuda": "from GPU inputs"}
@@ -212,7 +212,7 @@ class Compiler:
                 p = ctx.Process(target=with_env, daemon=True,
                                 args=(dict(os.environ), _compile_loop, problem, fp8_dtype,
                                       capability, nice, self.tasks, self.results))  # fmt: skip
-                p.start()
+                start_helper(p)
                 self.confined += calm(p.pid, self.cpus, nice)  # before its imports, not after
                 self.procs.append(p)
         except OSError:  # no processes to be had: the sweep compiles as it goes

@@ -87,6 +87,35 @@ def context() -> Any:
     return mp.get_context("forkserver" if _started else "spawn")
 
 
+_starting = 0  # helper processes in the middle of ``start_helper``
+_deferred: BaseException | None = None
+
+
+def start_helper(proc: Any) -> None:
+    """``proc.start()`` with a stop signal held back until the child has its start-up data.
+    Raised in between, the signal closes the pipe the child reads that data from, and the child
+    dies with a traceback on the sweep's stderr; held, it is raised as soon as the start ends."""
+    global _starting, _deferred
+    _starting += 1
+    try:
+        proc.start()
+    finally:
+        _starting -= 1
+        if _starting == 0 and _deferred is not None:
+            exc, _deferred = _deferred, None
+            raise exc
+
+
+def defer_while_starting(exc: BaseException) -> bool:
+    """For a signal handler: keep ``exc`` for :func:`start_helper` to raise once the helper it is
+    starting has started; False (nothing kept) when no helper is being started."""
+    global _deferred
+    if _starting:
+        _deferred = exc
+        return True
+    return False
+
+
 def with_env(env: dict[str, str], target: Callable[..., Any], *args: Any) -> Any:
     """Run ``target(*args)`` under ``env``: a forked child would otherwise keep the fork
     server's environment from when it started, not the sweep's at the child's start."""

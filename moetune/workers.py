@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from moetune.procs import context, with_env
+from moetune.procs import context, start_helper, with_env
 
 Pair = tuple[str, dict[str, Any], int, int]  # (candidate key, config, batch size, replays)
 OnRecord = Callable[[dict[str, Any]], None]
@@ -203,7 +203,7 @@ class WorkerPool:
                 args=(dict(os.environ), worker_main, wid, *self.args, slot.tasks, self.results),
                 daemon=True,
             )
-            slot.proc.start()
+            start_helper(slot.proc)
         finally:
             if saved is None:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)

@@ -87,3 +87,34 @@ def test_forked_helpers_take_the_sweeps_environment_and_run_a_worker(tmp_path):
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
     assert lines["probe"] == "('3', 'set after the server started', True, True)"
     assert lines["pool"] == "['ok', 'ok'] 0"
+
+
+def test_a_sigterm_during_a_helper_start_is_raised_once_the_helper_has_started(monkeypatch):
+    """A SIGTERM that lands inside ``Process.start`` would close the pipe the child reads its
+    start-up data from (the child then dies with a traceback on the user's stderr): it must
+    wait for the start to end, then stop the command as usual."""
+    import signal
+
+    from moetune import cli_common
+
+    monkeypatch.setattr(cli_common.signal, "signal", lambda *a: None)  # keep this process's
+
+    class Helper:
+        started = False
+
+        def start(self):
+            cli_common._raise_terminated(signal.SIGTERM, None)  # arrives mid-start
+            self.started = True
+
+    helper = Helper()
+    with pytest.raises(cli_common.Terminated):
+        procs.start_helper(helper)
+    assert helper.started
+    with pytest.raises(cli_common.Terminated):  # outside a start it is raised at once
+        cli_common._raise_terminated(signal.SIGTERM, None)
+
+    class Quiet:
+        def start(self):
+            pass
+
+    procs.start_helper(Quiet())  # nothing is kept from the signal before
