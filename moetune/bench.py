@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
-from moetune.check import check_close, tolerance
+from moetune.check import check_op, tolerance
 from moetune.defaults import default_config
 from moetune.inputs import random_moe_inputs, static_activation_scales
 from moetune.naive import dequantized_for_naive, naive_moe
-from moetune.ops import fused_experts, poisoned_workspace
+from moetune.ops import fused_experts
 from moetune.problem import Problem
+from moetune.reference import Reference
 from moetune.roofline import Ceilings, Floor, floor_us, measure_ceilings, roofline
 from moetune.timing import (
     Timing,
@@ -197,7 +198,7 @@ def _run_variant(
     config: dict[str, Any] | None,
     run: Callable[[int], object],
     first: Callable[[], torch.Tensor],
-    ref: torch.Tensor,
+    ref: Reference,
     problem: Problem,
     *,
     tol: float | None,
@@ -205,11 +206,12 @@ def _run_variant(
     device: str,
     replays: int,
 ) -> Variant:
-    """Check ``first()`` against ``ref``, then time ``run``; a failure is recorded, never raised."""
+    """Check ``first()`` against ``ref`` (:func:`moetune.check.check_op`), then time ``run``; a
+    failure is recorded, never raised."""
     cuda = torch.device(device).type == "cuda"
     try:
         dt, quant = problem.torch_dtype, problem.quant
-        check = check_close(first(), ref, dtype=dt, quant=quant, tol=tol)
+        _, check = check_op(first, ref, dtype=dt, quant=quant, tol=tol)
         if not check.ok:
             return Variant(name, config, False, check=check.as_dict(),
                            reason=f"check failed: {check.reason}")  # fmt: skip
@@ -260,22 +262,16 @@ def _bench_one(
     table_config_down: Callable[[int], dict[str, Any]] | None = None,
     **kw: Any,
 ) -> tuple[Variant, Variant, Variant]:
-    from moetune.reference import fused_experts_reference
-
     ins = [_slice(s, M) for s in sets]
     naive_ins = [_slice(s, M) for s in naive_sets]
-    ref = fused_experts_reference(*ins[0][0], **ins[0][1])
+    ref = Reference(*ins[0][0], **ins[0][1])
 
     def fused(config: dict[str, Any], name: str, down: dict[str, Any] | None = None) -> Variant:
         def run(i: int) -> torch.Tensor:
             return fused_experts(*ins[i][0], config=config, config_down=down, **ins[i][1])
 
-        def first() -> torch.Tensor:
-            with poisoned_workspace():
-                return run(0)
-
-        v = _run_variant(name, config, run, first, ref, problem, tol=None, num_sets=len(ins),
-                         **kw)  # fmt: skip
+        v = _run_variant(name, config, run, lambda: run(0), ref, problem, tol=None,
+                         num_sets=len(ins), **kw)  # fmt: skip
         return dataclasses.replace(v, config_down=down)
 
     p = problem

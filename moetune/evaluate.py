@@ -13,12 +13,13 @@ from typing import Any
 import torch
 
 from moetune import faults
-from moetune.check import check_close
+from moetune.check import check_op
 from moetune.gemms import FINAL_PREFIX, gemm_configs
 from moetune.inputs import random_moe_inputs
-from moetune.ops import fused_experts, poisoned_workspace
+from moetune.ops import fused_experts
 from moetune.platform import Platform
 from moetune.problem import Problem
+from moetune.reference import Reference
 from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_count
 
 # A CUDA error of this kind leaves the context unusable: the worker must be replaced.
@@ -61,7 +62,7 @@ class Workload:
     ):  # fmt: skip
         self.problem, self.device, self.skew = problem, device, skew
         self.fp8 = getattr(torch, platform.fp8_dtype)
-        self.refs: dict[int, torch.Tensor] = {}
+        self.refs: dict[int, Reference] = {}
         self.sets: list[tuple[tuple, dict]] = []
         self.num_sets = 0
         if not timing:  # re-checks only: they draw their own inputs
@@ -83,12 +84,10 @@ class Workload:
         (x, w1, w2, tw, ti), kw = inputs
         return (x[:M], w1, w2, tw[:M], ti[:M]), kw
 
-    def reference(self, M: int) -> torch.Tensor:
+    def reference(self, M: int) -> Reference:
         if M not in self.refs:
-            from moetune.reference import fused_experts_reference
-
             args, kw = self.slice(self.check, M)
-            self.refs[M] = fused_experts_reference(*args, **kw)
+            self.refs[M] = Reference(*args, **kw)
         return self.refs[M]
 
 
@@ -117,11 +116,14 @@ def _evaluate(
         faults.before_run(key)
         up, down = gemm_configs(problem, key, config, M)
         args, kw = workload.slice(workload.check, M)
-        with poisoned_workspace():
+
+        def first() -> torch.Tensor:
             out = fused_experts(*args, config=up, config_down=down, **kw)
-        faults.corrupt_output(key, out)
-        result = check_close(
-            out, workload.reference(M), dtype=problem.torch_dtype, quant=problem.quant
+            faults.corrupt_output(key, out)
+            return out
+
+        _, result = check_op(
+            first, workload.reference(M), dtype=problem.torch_dtype, quant=problem.quant
         )
         if not result.ok:
             return {"status": "rejected", "reason": f"check failed: {result.reason}",
@@ -149,13 +151,12 @@ def recheck(
 ) -> dict:  # fmt: skip
     """A winner's check on fresh inputs (new weights, tokens and routing); ``config_down``
     (default: ``config``) runs the down GEMM."""
-    from moetune.reference import fused_experts_reference
-
     fresh = workload.slice(workload._draw(M, seed=seed), M)
     try:
-        with poisoned_workspace():
-            out = fused_experts(*fresh[0], config=config, config_down=config_down, **fresh[1])
-        ref = fused_experts_reference(*fresh[0], **fresh[1])
-        return check_close(out, ref, dtype=problem.torch_dtype, quant=problem.quant).as_dict()
+        _, result = check_op(
+            lambda: fused_experts(*fresh[0], config=config, config_down=config_down, **fresh[1]),
+            Reference(*fresh[0], **fresh[1]), dtype=problem.torch_dtype, quant=problem.quant,
+        )  # fmt: skip
+        return result.as_dict()
     except Exception as e:
         return {"ok": False, "reason": _first_line(e)}

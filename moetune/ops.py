@@ -37,6 +37,24 @@ def poisoned_workspace() -> Iterator[None]:
         _POISON.reset(token)
 
 
+_CAPTURE: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "moetune_capture", default=None
+)
+
+
+@contextlib.contextmanager
+def capture_requantized() -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Collect ``(a2, a2_scale)``, the activation each w8a8 call re-quantized for GEMM2, so a
+    check can judge the op against the reference given that operand
+    (:meth:`moetune.reference.Reference.matching`). Never active while timing."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    token = _CAPTURE.set(seen)
+    try:
+        yield seen
+    finally:
+        _CAPTURE.reset(token)
+
+
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if _POISON.get():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -157,6 +175,9 @@ def fused_experts(
             a2, a2s = quantize(
                 h, qdtype, scale=a2_scale, per_token=per_channel_quant, group_k=group_k
             )
+    seen = _CAPTURE.get()
+    if seen is not None and a2s is not None:
+        seen.append((a2, a2s))
     cache3 = _empty((num_slots, K), dtype, device)
     invoke_moe_gemm(a2, w2, cache3, routing_down, config=config_down, top_k=1, a_scale=a2s,
                     b_scale=w2_scale, bias=w2_bias, topk_weights=topk_weights.reshape(-1).float(),
@@ -194,6 +215,7 @@ def softmax_topk(
 
 
 __all__ = [
+    "capture_requantized",
     "fused_experts",
     "fused_moe",
     "poisoned_workspace",

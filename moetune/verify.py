@@ -37,8 +37,9 @@ Rules, in the order they are applied:
   status stays ``ok`` when the numerics pass.
 - **GPU run.** Every entry at its own batch size M on the table's real shape, fresh random inputs
   per entry (:func:`moetune.inputs.random_moe_inputs`, seeded from the file name and M so a rerun
-  reproduces), a NaN-poisoned workspace, and :func:`moetune.check.check_close` against the
-  float64 reference. Tables for another device run here too: numerics only, and ``note`` says so.
+  reproduces), a NaN-poisoned workspace, and :func:`moetune.check.check_op` against the
+  float64 reference (following the op's re-quantization where it was a valid rounding). Tables
+  for another device run here too: numerics only, and ``note`` says so.
 - **Interpreter run (no GPU).** A tiny stand-in: E' = min(E, 4), N' = 32, K' = 64,
   topk' = min(topk, E'), M' = min(M, 8), block shape [32, 32] when the table has one (BLOCK_SIZE_K
   clamped to it as above). The entry's BLOCK sizes are what is being verified and are kept, but
@@ -65,7 +66,7 @@ from typing import Any
 
 import torch
 
-from moetune.check import check_close
+from moetune.check import check_op
 from moetune.platform import device_name_aliases
 from moetune.tables import Table, TableError, load_table, parse_table_filename
 from moetune.verify_plan import (
@@ -190,18 +191,18 @@ def _run_entry(
     """``(ok, reason, rel_err, worst_row_err)`` of one entry (a ``_down`` entry runs on w2 with
     ``cfg_up`` on w1); exceptions propagate."""
     from moetune.inputs import random_moe_inputs
-    from moetune.ops import fused_experts, poisoned_workspace
-    from moetune.reference import fused_experts_reference
+    from moetune.ops import fused_experts
+    from moetune.reference import Reference
 
     p = plan.problem
     args, kwargs = random_moe_inputs(p, M, target.device, seed=seed, fp8_dtype=target.fp8_dtype)
     up, down = (cfg, None) if cfg_up is None else (cfg_up, cfg)
-    with poisoned_workspace():
-        out = fused_experts(*args, **kwargs, config=up, config_down=down)
-    ref = fused_experts_reference(*args, **kwargs)
+    _, res = check_op(
+        lambda: fused_experts(*args, **kwargs, config=up, config_down=down),
+        Reference(*args, **kwargs), dtype=p.torch_dtype, quant=p.quant,
+    )  # fmt: skip
     if target.device.startswith("cuda"):
         torch.cuda.synchronize(target.device)
-    res = check_close(out, ref, dtype=p.torch_dtype, quant=p.quant)
     return res.ok, res.reason, res.rel_err, res.worst_row_err
 
 
