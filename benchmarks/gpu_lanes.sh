@@ -9,6 +9,7 @@
 # resumes every cut sweep; copies come back in each spec's folder.
 # Usage: LANE0="Qwen3-30B-A3B:2:fp8_w8a8" LANE1="Mixtral-8x7B:2" LANE2=... CHECKS=1 \
 #          VERIFY_TABLES="configs/" bash benchmarks/gpu_lanes.sh      (results in $OUT/lanes.tgz)
+# ONLY_ON="H200" skips the tuning lanes on any other GPU (tables are per device name).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 COLUMNS=150
 J=$PWD/results/tmp/journals
@@ -50,6 +51,10 @@ lane() {  # lane GPU SPEC...
   done
 }
 
+if [ -n "${ONLY_ON:-}" ] && ! grep -q "$ONLY_ON" "$L/gpus.txt"; then
+  echo "not a $ONLY_ON: tuning lanes skipped" | tee -a "$L/summary.txt"
+  for g in 0 1 2 3 4 5 6 7; do unset "LANE$g"; done
+fi
 for g in 0 1 2 3 4 5 6 7; do
   v=LANE$g
   [ -n "${!v:-}" ] || { [ $g = 0 ] && [ -n "${CHECKS:-}" ]; } || continue
