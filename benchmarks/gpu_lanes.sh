@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One device call on a host of several GPUs, one lane per GPU, all lanes done within BUDGET_S
-# (default 540 s). Lane 0 runs CHECKS first when set: the GPU tests of the checker, the op and the
-# fp8 quantization, the fp8 accumulation study (benchmarks/fp8_accum.py, Qwen3 at M=2048,4096, 5
-# input draws) and `verify` of the tables named in VERIFY_TABLES. Then every lane tunes its specs
-# one after the other with benchmarks/gpu_tables.sh (halving, full space), each sweep cut at the
-# lane's remaining time, and verifies each table it finishes. Journals live in
-# results/tmp/journals (ignored by git), so the same command run again on the still-warm machine
-# resumes every cut sweep; copies come back in each spec's folder.
-# Usage: LANE0="Qwen3-30B-A3B:2:fp8_w8a8" LANE1="Mixtral-8x7B:2" LANE2=... CHECKS=1 \
-#          VERIFY_TABLES="configs/" bash benchmarks/gpu_lanes.sh      (results in $OUT/lanes.tgz)
-# ONLY_ON="H200" skips the tuning lanes on any other GPU (tables are per device name).
+# (default 540 s). Lane 0 first runs the steps named in CHECKS, in order:
+#   pytest  the GPU tests in PYTEST_FILES (default: checker, op, fp8 quantization, timing, procs);
+#   fp8     benchmarks/fp8_accum.py with FP8_ARGS (default: Qwen3 TP2 at M=2048,4096, 5 draws);
+#   verify  `moetune verify` of each path in VERIFY_TABLES;
+#   report  benchmarks/gpu_report.sh for REPORT_SPECS (e.g. "Mixtral-8x7B:2").
+# Then every lane tunes its specs (LANE0, LANE1, ...) one after the other with
+# benchmarks/gpu_tables.sh (halving, full space), each sweep cut at the lane's remaining time, and
+# verifies each table it finishes. Journals live in results/tmp/journals (ignored by git), so the
+# same command run again on the still-warm machine resumes every cut sweep; copies come back in
+# each spec's folder. With ONLY_ON="H200", a host of other GPUs runs ALT_LANE0, ALT_LANE1, ...
+# and ALT_CHECKS instead (tables are per device name).
+# Usage: CHECKS="pytest fp8" LANE1="Mixtral-8x7B:2" ... bash benchmarks/gpu_lanes.sh
+#        (everything in $OUT/lanes.tgz; REPORT.md beside it when a report ran)
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 COLUMNS=150
 J=$PWD/results/tmp/journals
@@ -22,17 +25,29 @@ nvidia-smi --query-gpu=index,name,clocks.max.sm --format=csv,noheader | tee "$L/
 checks() {
   local c=$L/checks
   mkdir -p "$c"
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_requant.py tests/test_check.py \
-    tests/test_quant_kernel.py tests/test_timing.py tests/test_procs.py tests/test_op.py \
-    > "$c/pytest-gpu.log" 2>&1
-  echo "pytest rc=$? $(tail -1 "$c/pytest-gpu.log")" | tee -a "$c/summary.txt"
-  timeout 200 python3 benchmarks/fp8_accum.py "$c/fp8_accum_qwen3.json" --model Qwen3-30B-A3B \
-    --tp 2 --configs M64-N128-K128-G16-w8-s4,M128-N128-K64-G16-w4-s4 --batch-sizes 2048,4096 \
-    --seeds 5 > "$c/fp8_accum_qwen3.txt" 2>&1
-  echo "fp8_accum rc=$?" | tee -a "$c/summary.txt"
-  for t in ${VERIFY_TABLES:-}; do
-    timeout 150 python3 -m moetune.cli verify "$t" > "$c/verify-$(basename "$t").txt" 2>&1
-    echo "verify $t rc=$?" | tee -a "$c/summary.txt"
+  local steps=${alt}CHECKS
+  for step in ${!steps:-}; do
+    case $step in
+      pytest)
+        timeout 240 python3 -m pytest -q -p no:cacheprovider ${PYTEST_FILES:-tests/test_requant.py \
+          tests/test_check.py tests/test_quant_kernel.py tests/test_timing.py tests/test_procs.py \
+          tests/test_op.py} > "$c/pytest-gpu.log" 2>&1
+        echo "pytest rc=$? $(tail -1 "$c/pytest-gpu.log")" | tee -a "$c/summary.txt" ;;
+      fp8)
+        # shellcheck disable=SC2086
+        timeout 200 python3 benchmarks/fp8_accum.py "$c/fp8_accum.json" ${FP8_ARGS:---model \
+          Qwen3-30B-A3B --tp 2 --configs M64-N128-K128-G16-w8-s4,M128-N128-K64-G16-w4-s4 \
+          --batch-sizes 2048,4096 --seeds 5} > "$c/fp8_accum.txt" 2>&1
+        echo "fp8_accum rc=$?" | tee -a "$c/summary.txt" ;;
+      verify)
+        for t in ${VERIFY_TABLES:-}; do
+          timeout 150 python3 -m moetune.cli verify "$t" > "$c/verify-$(basename "$t").txt" 2>&1
+          echo "verify $t rc=$?" | tee -a "$c/summary.txt"
+        done ;;
+      report)
+        SPECS=$REPORT_SPECS bash benchmarks/gpu_report.sh > "$c/report.log" 2>&1
+        echo "report rc=$?" | tee -a "$c/summary.txt" ;;
+    esac
   done
 }
 
@@ -40,7 +55,7 @@ lane() {  # lane GPU SPEC...
   local gpu=$1
   shift
   export CUDA_VISIBLE_DEVICES=$gpu
-  [ "$gpu" = 0 ] && [ -n "${CHECKS:-}" ] && checks
+  [ "$gpu" = 0 ] && checks
   for spec in "$@"; do
     local left=$((END - $(date +%s) - VERIFY_S - 10))
     [ $left -lt 30 ] && { echo "$spec: no time left" >> "$L/summary.txt"; continue; }
@@ -51,16 +66,17 @@ lane() {  # lane GPU SPEC...
   done
 }
 
+alt=
 if [ -n "${ONLY_ON:-}" ] && ! grep -q "$ONLY_ON" "$L/gpus.txt"; then
-  echo "not a $ONLY_ON: tuning lanes skipped" | tee -a "$L/summary.txt"
-  for g in 0 1 2 3 4 5 6 7; do unset "LANE$g"; done
+  echo "not a $ONLY_ON: the ALT_LANE specs run" | tee -a "$L/summary.txt"
+  alt=ALT_
 fi
 for g in 0 1 2 3 4 5 6 7; do
-  v=LANE$g
-  [ -n "${!v:-}" ] || { [ $g = 0 ] && [ -n "${CHECKS:-}" ]; } || continue
+  v=${alt}LANE$g
+  [ -n "${!v:-}" ] || [ $g = 0 ] || continue
   lane $g ${!v:-} &
 done
 wait
 cat "$L"/checks/summary.txt "$L/summary.txt" 2>/dev/null
-tail -n 8 "$L"/checks/fp8_accum_qwen3.txt 2>/dev/null
+tail -n 12 "$L"/checks/fp8_accum.txt 2>/dev/null
 cd "$OUT" && tar czf lanes.tgz lanes && rm -rf lanes

@@ -52,6 +52,7 @@ try:
 finally:
     pool.close()
 print("pool", [r["status"] for r in seen], pool.restarts)
+print("reasons", [r.get("reason", "") for r in seen])
 """
 
 
@@ -86,7 +87,7 @@ def test_forked_helpers_take_the_sweeps_environment_and_run_a_worker(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
     assert lines["probe"] == "('3', 'set after the server started', True, True)"
-    assert lines["pool"] == "['ok', 'ok'] 0"
+    assert lines["pool"] == "['ok', 'ok'] 0", lines["reasons"]
 
 
 def test_a_sigterm_during_a_helper_start_is_raised_once_the_helper_has_started(monkeypatch):
