@@ -10,7 +10,9 @@
 # verifies each table it finishes. Journals live in results/tmp/journals (ignored by git), so the
 # same command run again on the still-warm machine resumes every cut sweep; copies come back in
 # each spec's folder. With ONLY_ON="H200", a host of other GPUs runs ALT_LANE0, ALT_LANE1, ...
-# and ALT_CHECKS instead (tables are per device name).
+# and ALT_CHECKS instead (tables are per device name). A lane spec "compare:MODEL:TP[:QUANT]" runs
+# `moetune bench` (static scales for a quant) with the tables of COMPARE_OLD, then with configs/,
+# on that lane's GPU, each with its own default-config and floor rows.
 # Usage: CHECKS="pytest fp8" LANE1="Mixtral-8x7B:2" ... bash benchmarks/gpu_lanes.sh
 #        (everything in $OUT/lanes.tgz; REPORT.md beside it when a report ran)
 set -u
@@ -51,12 +53,30 @@ checks() {
   done
 }
 
+compare() {  # compare MODEL:TP[:QUANT]
+  local model tp quant d
+  IFS=: read -r model tp quant <<< "$1"
+  d=$L/compare/$model-${quant:-bf16}
+  mkdir -p "$d"
+  local args=(--model "$model" --tp "$tp" --batch-sizes 1,8,32,128,512,2048,4096)
+  [ -n "$quant" ] && args+=(--quant "$quant" --static-scales)
+  for which in old new; do
+    local dir=configs
+    [ $which = old ] && dir=$COMPARE_OLD
+    MOETUNE_CONFIG_DIR=$dir timeout 230 python3 -m moetune.cli bench "${args[@]}" \
+      --out "$d/$which" > "$d/$which.txt" 2>&1
+    echo "compare $1 $which rc=$?" >> "$L/summary.txt"
+    python3 benchmarks/report_table.py "$d/$which"/*.json > "$d/$which.md" 2>&1
+  done
+}
+
 lane() {  # lane GPU SPEC...
   local gpu=$1
   shift
   export CUDA_VISIBLE_DEVICES=$gpu
   [ "$gpu" = 0 ] && checks
   for spec in "$@"; do
+    [ "${spec%%:*}" = compare ] && { compare "${spec#compare:}"; continue; }
     local left=$((END - $(date +%s) - VERIFY_S - 10))
     [ $left -lt 30 ] && { echo "$spec: no time left" >> "$L/summary.txt"; continue; }
     R=$L/${spec//:/-} JOURNALS=$J SWEEP_S=$left VERIFY_S=$VERIFY_S \
@@ -79,4 +99,5 @@ done
 wait
 cat "$L"/checks/summary.txt "$L/summary.txt" 2>/dev/null
 tail -n 12 "$L"/checks/fp8_accum.txt 2>/dev/null
+grep -h "^| [A-Za-z].*TP" "$L"/compare/*/*.md 2>/dev/null
 cd "$OUT" && tar czf lanes.tgz lanes && rm -rf lanes

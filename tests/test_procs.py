@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from moetune import procs
 
@@ -24,7 +25,7 @@ SCRIPT = """
 import os, sys
 import probe
 from moetune import procs
-from moetune.platform import get_platform
+from moetune.platform import detect_platform, get_platform
 from moetune.problem import Problem
 from moetune.space import search_space
 from moetune.sweep import problem_dict
@@ -41,10 +42,13 @@ p.start()
 print("probe", q.get(timeout=120))
 p.join(timeout=30)
 
+# The worker runs where the sweep's would: on the GPU when there is one, else the interpreter.
+gpu = os.environ.get("TRITON_INTERPRET") != "1"
+plat = detect_platform() if gpu else get_platform("interpreter")
 problem = Problem(4, 32, 64, 2, "float16")
-cand = search_space(get_platform("interpreter"), problem, "tiny")[0]
-pool = WorkerPool(problem_dict(problem), "interpreter", "cpu", [1, 2], "uniform", None,
-                  timeout_s=120)
+cand = search_space(plat, problem, "tiny")[0]
+pool = WorkerPool(problem_dict(problem), plat.key, "cuda" if gpu else "cpu", [1, 2], "uniform",
+                  None, timeout_s=120)
 seen = []
 try:
     pool.run(chunk_pairs([(cand.key(), cand.as_config(), M, 1) for M in (1, 2)], 2),
@@ -79,8 +83,9 @@ def test_forked_helpers_take_the_sweeps_environment_and_run_a_worker(tmp_path):
     """A child forked after the server started sees the environment the sweep gives it (its
     GPU), finds torch already imported, can watch its parent, and a worker pool runs on it."""
     (tmp_path / "probe.py").write_text(PROBE)
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    if not torch.cuda.is_available():  # a GPU machine runs its worker on the GPU, as a sweep does
+        env["TRITON_INTERPRET"] = "1"
     env.pop("CUDA_VISIBLE_DEVICES", None)
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT)], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
