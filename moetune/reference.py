@@ -199,6 +199,8 @@ class Reference:
         self._cache3 = torch.zeros(M * topk, K, dtype=dtype, device=hidden_states.device)
         self._gemm2(self._cache3, a2, a2s, torch.ones_like(self._slot_expert, dtype=torch.bool))
         self.output = self._sum(self._cache3)
+        if not self.w8a8:  # matching() needs them only after a re-quantization
+            self.h = self.a2 = self._cache3 = None
 
     def _expert_slots(self, wanted: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """``(expert, slot ids)`` for each local expert holding a wanted slot."""
