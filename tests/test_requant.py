@@ -111,7 +111,7 @@ def test_a_flip_outside_the_band_is_not_followed():
     q = ref.h.double() / ref.a2s.double()
     code = ref.a2.double()
     # |q - code| small relative to the code spacing: far from the midpoints on either side
-    central = ((q - code).abs() < 0.01 * code.abs()) & (code.abs() > 16)
+    central = ((q - code).abs() < 0.01 * code.abs()) & (code.abs() > 16) & (code.abs() < 256)
     assert central.any()
     r, c = [int(i) for i in central.nonzero()[0]]
     a2 = ref.a2.clone()
@@ -159,3 +159,31 @@ def test_check_op_sees_what_gemm2_consumed(fuse, monkeypatch, device):
     monkeypatch.setattr(ops, "invoke_moe_gemm", corrupt_gemm2)
     _, bad = check_op(run, ref, dtype=DT, quant="fp8_w8a8")
     assert not bad.ok
+
+
+def test_an_int8_code_two_steps_away_is_not_a_flip():
+    """On int8's uniform grid the relative band spans several codes for large values; only the
+    next code across the rounding boundary is a flip."""
+    case = _case("int8_w8a8", False, None, False)
+    ref = Reference(*case.args(), **case.kwargs)
+    q = ref.h.double() / ref.a2s.double()
+    code = ref.a2.double()
+    big = (code.abs() > 80) & (code.abs() < 120)
+    assert big.any()
+    r, c = [int(i) for i in big.nonzero()[0]]
+    assert REQUANT_ETA * abs(float(q[r, c])) > 2, "two steps must lie inside the band here"
+    a2 = ref.a2.clone()
+    a2[r, c] = int(code[r, c] + 2 * code[r, c].sign())
+    assert torch.equal(ref.matching((a2, ref.a2s)), ref.output)
+
+
+@pytest.mark.parametrize("quant,factor", [("int8_w8a8", 1.03), ("fp8_w8a8", 1.1)])
+def test_a_scale_off_by_more_than_a_rounding_is_not_adopted(quant, factor):
+    """The op quantizes with one scale and hands GEMM2 another: the codes are right, the scale is
+    not, and the check must see it."""
+    case = _case(quant, False, None, False)
+    ref = Reference(*case.args(), **case.kwargs)
+    wrong = ref.a2s * factor
+    result = check_close(_gemm2(case, ref.a2, wrong), ref.matching((ref.a2, wrong)), dtype=DT,
+                         quant=quant)  # fmt: skip
+    assert not result.ok
