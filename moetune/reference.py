@@ -255,7 +255,10 @@ class Reference:
         a2_op, s_op = requantized
         s_ref = self.a2s
         if a2_op.shape != self.a2.shape or s_op.numel() != s_ref.numel():
-            return self.output  # not the op's re-quantization: nothing to adopt
+            raise ValueError(
+                f"re-quantized activation {list(a2_op.shape)} with {s_op.numel()} scale(s) does "
+                f"not match the reference's {list(self.a2.shape)} with {s_ref.numel()}"
+            )
         s_op = s_op.to(s_ref.device, torch.float32).reshape(s_ref.shape)
         s_used = torch.where((s_op - s_ref).abs() <= SCALE_ETA * s_ref.abs(), s_op, s_ref)
         s_elem = self._per_element(s_used)

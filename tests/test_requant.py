@@ -128,6 +128,30 @@ def test_no_requantization_means_the_plain_output():
     assert ref.matching(None) is ref.output
 
 
+def test_a_requantization_of_another_shape_is_an_error():
+    case = _case("fp8_w8a8", False, None, False)
+    ref = Reference(*case.args(), **case.kwargs)
+    with pytest.raises(ValueError, match="does not match"):
+        ref.matching((ref.a2[1:], ref.a2s))
+
+
+def test_check_op_wants_exactly_one_requantization(device):
+    """A run that calls the op twice (or not at all) for a w8a8 reference is a harness error, not
+    a reason to fall back to the plain reference quietly."""
+    case = make_case(8, 4, 32, 64, 2, DT, device, quant="fp8_w8a8")
+    ref = Reference(*case.args(), **case.kwargs)
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1}
+
+    def twice():
+        fused_experts(*case.args(), config=cfg, **case.kwargs)
+        return fused_experts(*case.args(), config=cfg, **case.kwargs)
+
+    with pytest.raises(ValueError, match="saw 2"):
+        check_op(twice, ref, dtype=DT, quant="fp8_w8a8")
+    with pytest.raises(ValueError, match="saw 0"):
+        check_op(lambda: ref.output.clone(), ref, dtype=DT, quant="fp8_w8a8")
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_check_op_sees_what_gemm2_consumed(fuse, monkeypatch, device):
     """The real op passes check_op; the same op with a corrupted re-quantized activation (two
