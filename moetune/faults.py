@@ -2,8 +2,10 @@
 
 ``MOETUNE_FAULTS`` holds a JSON object mapping candidate keys to a fault: ``compile`` and
 ``resources`` raise as a failed compilation would, ``nan``, ``wrong`` and ``unwritten`` corrupt
-the op's output after it ran (the checker must reject them), ``hang`` never returns and ``crash``
-kills the process. Worker processes inherit the variable, so every backend sees the same faults.
+the op's output after it ran (the checker must reject them), ``hang`` never returns, ``crash``
+kills the process, and ``torn`` kills a worker process in the middle of sending a result (half a
+message on its pipe, as a worker killed while it reports leaves). Worker processes inherit the
+variable, so every backend sees the same faults.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import struct
 import time
 
 import torch
 
 FAULTS_ENV = "MOETUNE_FAULTS"
-KINDS = ("compile", "resources", "nan", "wrong", "unwritten", "hang", "crash")
+KINDS = ("compile", "resources", "nan", "wrong", "unwritten", "hang", "crash", "torn")
 
 
 @functools.lru_cache(maxsize=4)
@@ -44,6 +47,13 @@ def before_run(key: str) -> None:
     if fault == "hang":
         time.sleep(10**6)
     if fault == "crash":
+        os._exit(139)
+    if fault == "torn":
+        from moetune.workers import results_pipe
+
+        pipe = results_pipe()
+        if pipe is not None:  # a length header promising 1 MiB, then 7 bytes of it
+            os.write(pipe.fileno(), struct.pack("!i", 1 << 20) + b"partial")
         os._exit(139)
 
 

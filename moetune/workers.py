@@ -8,12 +8,20 @@ and starts a fresh worker on the same GPU; the sweep goes on.
 
 Chunks hold consecutive pairs of one candidate, so a worker reuses its compiled kernel, and the
 shared queue of chunks balances the GPUs (not one whole batch size per GPU).
+
+Each worker sends its results back on a pipe of its own, never on one queue shared by all: a
+process that dies while writing to a shared ``multiprocessing.Queue`` can leave the queue's lock
+held and half a message in its pipe, and every later worker then blocks behind it (a crashed
+candidate once froze a whole sweep that way). A dead worker's pipe is read to its last complete
+message and dropped with it.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import pickle
 import queue
 import time
 from collections import deque
@@ -78,7 +86,8 @@ def worker_main(
         torch.cuda.synchronize()
     phases = {"entered": entered, "imports_s": imported - entered,
               "cuda_s": context_at - imported, "inputs_s": time.time() - context_at}  # fmt: skip
-    results.put(("ready", wid, phases))
+    results.send(("ready", wid, phases))
+    _RESULTS[0] = results  # for the "torn" fault of moetune.faults
     parent = mp.parent_process()  # the driver, watched from the start (not a later getppid)
     while True:
         if parent is not None and not parent.is_alive():  # killed: do not linger on the GPU
@@ -91,12 +100,19 @@ def worker_main(
             return
         for key, config, M, replays in chunk:
             rec = evaluate(workload, config, M, replays=replays, key=key)
-            results.put(("done", wid, (key, M, rec)))
+            results.send(("done", wid, (key, M, rec)))  # written when send returns
             if is_fatal(rec):  # a finalist's re-check too: it runs after the timing
-                # The context is gone: report, flush, and let the driver start a new worker.
-                results.close()
-                results.join_thread()
+                # The context is gone: let the driver start a new worker.
                 os._exit(EXIT_CUDA_FATAL)
+
+
+# The running worker's result pipe (a one-element list, set in worker_main).
+_RESULTS: list[Any] = [None]
+
+
+def results_pipe() -> Any:
+    """The result pipe of the worker this runs in (None elsewhere): moetune.faults uses it."""
+    return _RESULTS[0]
 
 
 def _chunks_left(slot: _Slot) -> int:
@@ -145,6 +161,7 @@ class _Slot:
     gpu: str | None
     proc: Any = None
     tasks: Any = None
+    results: Any = None  # the driver's end of this worker's result pipe; None once it broke
     chunk: list[Pair] = field(default_factory=list)  # the chunks it holds, back to back
     ends: list[int] = field(default_factory=list)  # where each held chunk ends in ``chunk``
     next_index: int = 0  # first pair of the chunk without a result
@@ -165,7 +182,6 @@ class WorkerPool:
         self.args = (problem_d, platform_key, device, batch_sizes, skew)
         self.timeout_s = timeout_s
         self.ctx = context()
-        self.results = self.ctx.Queue()
         self.slots = [_Slot(str(g) if g is not None else None) for g in (gpus or [None])]
         self.restarts = 0
         self.start_failures = 0
@@ -193,6 +209,9 @@ class WorkerPool:
     def _start(self, wid: int) -> None:
         slot = self.slots[wid]
         slot.tasks = self.ctx.Queue()
+        if slot.results is not None:
+            slot.results.close()
+        slot.results, child_end = self.ctx.Pipe(duplex=False)
         slot.started = time.time()
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
         if slot.gpu is not None:  # the child inherits it at spawn
@@ -200,11 +219,12 @@ class WorkerPool:
         try:
             slot.proc = self.ctx.Process(
                 target=with_env,
-                args=(dict(os.environ), worker_main, wid, *self.args, slot.tasks, self.results),
+                args=(dict(os.environ), worker_main, wid, *self.args, slot.tasks, child_end),
                 daemon=True,
             )
             start_helper(slot.proc)
         finally:
+            child_end.close()  # the child holds its own copy: EOF once it exits
             if saved is None:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             else:
@@ -245,34 +265,42 @@ class WorkerPool:
             self._drain(on_record, wait=0.05 if todo else 0.2)
 
     def _drain(self, on_record: OnRecord, wait: float) -> None:
-        try:
-            msg = self.results.get(timeout=wait)
-        except queue.Empty:
+        """Take in every message waiting on the workers' pipes, waiting up to ``wait`` s for one."""
+        conns = {id(s.results): s for s in self.slots if s.results is not None}
+        if not conns:
+            time.sleep(wait)
             return
-        while True:
-            kind, wid, payload = msg
-            slot = self.slots[wid]
-            if kind == "ready":
-                slot.ready = True
-                if not slot.was_ready:
-                    self.ready_after.append(round(time.time() - self.t0, 1))
-                    if isinstance(payload, dict):
-                        self.phases.append({"start_s": payload["entered"] - slot.started,
-                                            **{k: v for k, v in payload.items()
-                                               if k.endswith("_s")}})  # fmt: skip
-                slot.was_ready = True
-            elif kind == "done" and slot.chunk:
-                key, M, rec = payload
-                on_record({"candidate": key, "M": M, "config": slot.chunk[slot.next_index][1],
-                           "worker": wid, "gpu": slot.gpu, **rec})  # fmt: skip
-                slot.next_index += 1
-                slot.since = time.time()
-                if slot.next_index >= len(slot.chunk):
-                    slot.chunk, slot.ends = [], []
+        for conn in mp.connection.wait([s.results for s in conns.values()], timeout=wait):
+            slot = conns[id(conn)]
             try:
-                msg = self.results.get_nowait()
-            except queue.Empty:
-                return
+                while conn.poll():
+                    self._take(slot, conn.recv(), on_record)
+            except (EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError,
+                    AttributeError, ImportError, IndexError, MemoryError):  # fmt: skip
+                # The worker exited, or died in the middle of a message: nothing more comes on
+                # this pipe; the police below replace the worker.
+                conn.close()
+                slot.results = None
+
+    def _take(self, slot: _Slot, msg: tuple, on_record: OnRecord) -> None:
+        kind, wid, payload = msg
+        if kind == "ready":
+            slot.ready = True
+            if not slot.was_ready:
+                self.ready_after.append(round(time.time() - self.t0, 1))
+                if isinstance(payload, dict):
+                    self.phases.append({"start_s": payload["entered"] - slot.started,
+                                        **{k: v for k, v in payload.items()
+                                           if k.endswith("_s")}})  # fmt: skip
+            slot.was_ready = True
+        elif kind == "done" and slot.chunk:
+            key, M, rec = payload
+            on_record({"candidate": key, "M": M, "config": slot.chunk[slot.next_index][1],
+                       "worker": wid, "gpu": slot.gpu, **rec})  # fmt: skip
+            slot.next_index += 1
+            slot.since = time.time()
+            if slot.next_index >= len(slot.chunk):
+                slot.chunk, slot.ends = [], []
 
     def _police(self, wid: int, slot: _Slot, todo: deque, on_record: OnRecord) -> None:
         dead = not slot.proc.is_alive()

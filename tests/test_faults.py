@@ -50,11 +50,14 @@ def test_in_process_faults_are_recorded_with_reasons(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_worker_crash_and_hang_are_isolated(tmp_path, monkeypatch):
-    """A crashing and a hanging candidate each cost one failed record and a new worker."""
-    faults = ["crash", "hang", "nan"]
+    """A crashing and a hanging candidate each cost one failed record and a new worker; so does
+    one that dies in the middle of sending a result (on a result queue shared by all workers, its
+    half message and held lock froze the whole sweep)."""
+    faults = ["crash", "torn", "hang", "nan"]
     got = _sweep(tmp_path, faults, monkeypatch, Execution(isolate=True, timeout_s=20))
-    assert got["crash"]["status"] == "failed"
-    assert "worker crashed (exit code 139)" in got["crash"]["reason"]
+    for fault in ("crash", "torn"):
+        assert got[fault]["status"] == "failed"
+        assert "worker crashed (exit code 139)" in got[fault]["reason"]
     assert got["hang"]["status"] == "failed" and got["hang"]["reason"].startswith("timeout")
     assert got["nan"]["status"] == "rejected"
 
