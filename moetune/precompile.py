@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import pickle
 import queue
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from moetune.cores import calm, compile_cpus, compile_nice, usable_cpus
@@ -176,7 +178,7 @@ def _compile_loop(
             return
         key, config = item
         kind, way = ladder.compile(lambda w: run(w, config))  # noqa: B023
-        results.put((kind, key, way))
+        results.send((kind, key, way))  # on this process's own pipe (see Compiler)
 
 
 class Compiler:
@@ -194,7 +196,11 @@ class Compiler:
         self.ways: Counter[str] = Counter()  # how candidates were compiled (see _compile_loop)
         self.procs: list[Any] = []
         ctx = context()
-        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.tasks = ctx.Queue()
+        # One result pipe per process, never a queue shared by all: a process that dies while
+        # writing to a shared queue can leave its lock held, and every other process's reports
+        # then wait behind it (as moetune.workers found with its workers).
+        self.pipes: list[Any] = []
         for item in items:
             self.tasks.put(item)
         n = min(workers, len(items))
@@ -209,10 +215,15 @@ class Compiler:
         try:
             for i in range(n):
                 os.environ["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]  # at spawn
+                mine, theirs = ctx.Pipe(duplex=False)
                 p = ctx.Process(target=with_env, daemon=True,
                                 args=(dict(os.environ), _compile_loop, problem, fp8_dtype,
-                                      capability, nice, self.tasks, self.results))  # fmt: skip
-                start_helper(p)
+                                      capability, nice, self.tasks, theirs))  # fmt: skip
+                try:
+                    start_helper(p)
+                finally:
+                    theirs.close()  # the child holds its own copy: EOF once it exits
+                self.pipes.append(mine)
                 self.confined += calm(p.pid, self.cpus, nice)  # before its imports, not after
                 self.procs.append(p)
         except OSError:  # no processes to be had: the sweep compiles as it goes
@@ -230,12 +241,20 @@ class Compiler:
             return True
         return key.rsplit(":", 1)[-1] not in self.pending  # "up:<key>" waits for "<key>"
 
-    def poll(self) -> None:
-        while True:
+    def _reports(self) -> Iterator[tuple[str, str, str]]:
+        """Every report waiting on the processes' pipes; a pipe that broke (its process exited,
+        or died in the middle of a report) is dropped."""
+        for conn in mp.connection.wait(self.pipes, timeout=0) if self.pipes else []:
             try:
-                kind, key, where = self.results.get_nowait()
-            except (queue.Empty, OSError, ValueError):
-                break
+                while conn.poll():
+                    yield conn.recv()
+            except (EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError,
+                    AttributeError, ImportError, IndexError, MemoryError):  # fmt: skip
+                conn.close()
+                self.pipes.remove(conn)
+
+    def poll(self) -> None:
+        for kind, key, where in self._reports():
             self.pending.discard(key)
             self.last = time.time()
             if self.first_s is None:
@@ -270,7 +289,9 @@ class Compiler:
         # Tasks never read stay in the queue's pipe; without this the interpreter would wait at
         # exit for a feeder thread blocked on a full pipe.
         self.tasks.cancel_join_thread()
-        self.results.cancel_join_thread()
+        for conn in self.pipes:
+            conn.close()
+        self.pipes = []
         for p in self.procs:
             if p.is_alive():
                 p.kill()

@@ -1,7 +1,7 @@
 """Compile-only mode (what the compile processes run): GEMMs go to Triton's warmup, the other
 steps run in PyTorch, so CPU tensors suffice and nothing is launched on a GPU."""
 
-import time
+import multiprocessing
 
 import pytest
 import torch
@@ -56,16 +56,17 @@ def test_compiler_reports_first_and_gpu_compiled_candidates():
     compiler = Compiler(Problem(4, 32, 64, 2, "float16"), [("a", {}), ("b", {}), ("c", {})],
                         "float8_e4m3fn", workers=0)  # fmt: skip
     assert not compiler.ready("a") and not compiler.ready("up:b")
-    compiler.results.put(("compiled", "a", "target"))
-    compiler.results.put(("compiled", "b", "cuda"))
-    deadline = time.time() + 30  # the queue's feeder thread delivers them when it runs
-    while compiler.compiled < 2 and time.time() < deadline:
-        compiler.poll()
-        time.sleep(0.05)
+    mine, theirs = multiprocessing.Pipe(duplex=False)  # as a compile process's own pipe
+    compiler.pipes.append(mine)
+    theirs.send(("compiled", "a", "target"))
+    theirs.send(("compiled", "b", "cuda"))
+    theirs.send_bytes(b"not a whole report")  # then the process dies in the middle of one
+    theirs.close()
+    compiler.poll()
+    assert compiler.pipes == [], "a broken pipe is dropped, after the reports before it"
     assert (compiler.compiled, compiler.failed) == (2, 0)
     assert compiler.ways == {"target": 1, "cuda": 1}
     assert compiler.ready("a") and compiler.ready("up:b")
-    compiler.poll()
     assert compiler.ready("c")  # no compile process alive: the sweep compiles it itself
     text = compiler.timeline()
     assert text.startswith("first after")
@@ -218,12 +219,15 @@ def test_compile_loop_reports_each_candidate_with_the_way_that_compiled_it(monke
     monkeypatch.setattr(ops, "fused_experts", fake_fused)
     monkeypatch.setattr(precompile.os, "nice", lambda inc: 0)  # leave this process's priority
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    tasks, results = queue.Queue(), queue.Queue()
+    tasks = queue.Queue()
+    mine, theirs = multiprocessing.Pipe(duplex=False)
     for item in [("a", {}), ("b", {"bad": 1}), ("c", {}), None]:
         tasks.put(item)
     precompile._compile_loop(Problem(4, 32, 64, 2, "float16"), "float8_e4m3fn", 90, 10, tasks,
-                             results)  # fmt: skip
-    reports = [results.get_nowait() for _ in range(results.qsize())]
+                             theirs)  # fmt: skip
+    reports = []
+    while mine.poll():
+        reports.append(mine.recv())
     assert reports == [("compiled", "a", "cpu"), ("failed", "b", "cpu"), ("compiled", "c", "cpu")]
     assert pinned[:2] == [True, False] and not any(pinned[2:]), "pinned after leaving target"
 
