@@ -20,18 +20,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing as mp
-import multiprocessing.connection
 import os
-import pickle
 import queue
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from moetune.cores import calm, compile_cpus, compile_nice, usable_cpus
 from moetune.problem import Problem
-from moetune.procs import context, start_helper, with_env
+from moetune.procs import context, messages, start_helper, with_env
 from moetune.workers import visible_device
 
 _WAYS = {"target": "without CUDA", "cpu": "from CPU tensors", "cuda": "from GPU inputs"}
@@ -241,20 +239,12 @@ class Compiler:
             return True
         return key.rsplit(":", 1)[-1] not in self.pending  # "up:<key>" waits for "<key>"
 
-    def _reports(self) -> Iterator[tuple[str, str, str]]:
-        """Every report waiting on the processes' pipes; a pipe that broke (its process exited,
-        or died in the middle of a report) is dropped."""
-        for conn in mp.connection.wait(self.pipes, timeout=0) if self.pipes else []:
-            try:
-                while conn.poll():
-                    yield conn.recv()
-            except (EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError,
-                    AttributeError, ImportError, IndexError, MemoryError):  # fmt: skip
-                conn.close()
-                self.pipes.remove(conn)
-
     def poll(self) -> None:
-        for kind, key, where in self._reports():
+        for conn, msg in messages(self.pipes, 0):
+            if msg is None:  # its process exited or died mid-report
+                self.pipes.remove(conn)
+                continue
+            kind, key, where = msg
             self.pending.discard(key)
             self.last = time.time()
             if self.first_s is None:

@@ -16,9 +16,11 @@ Library callers and tests get "spawn" unless they call ``prestart`` first.
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import pickle
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +124,24 @@ def with_env(env: dict[str, str], target: Callable[..., Any], *args: Any) -> Any
     os.environ.clear()
     os.environ.update(env)
     return target(*args)
+
+
+# What reading a helper's pipe raises once the helper has exited, or died in the middle of a
+# message (a length header with too few bytes behind it, a truncated pickle).
+_BROKEN = (EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
+           ImportError, IndexError, MemoryError)  # fmt: skip
+
+
+def messages(pipes: list[Any], timeout: float) -> Iterator[tuple[Any, Any]]:
+    """``(pipe, message)`` for every message waiting on ``pipes`` (read ends of one-way pipes,
+    one per helper process), waiting up to ``timeout`` s for the first. A pipe that broke is
+    closed after its last whole message and yielded once with message None, so the caller can
+    drop it: a helper that dies can cost only its own pipe, never another's messages."""
+    for conn in mp.connection.wait(pipes, timeout=timeout) if pipes else []:
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                yield conn, msg
+        except _BROKEN:
+            conn.close()
+            yield conn, None

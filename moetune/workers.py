@@ -19,9 +19,7 @@ message and dropped with it.
 from __future__ import annotations
 
 import multiprocessing as mp
-import multiprocessing.connection
 import os
-import pickle
 import queue
 import time
 from collections import deque
@@ -29,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from moetune.procs import context, start_helper, with_env
+from moetune.procs import context, messages, start_helper, with_env
 
 Pair = tuple[str, dict[str, Any], int, int]  # (candidate key, config, batch size, replays)
 OnRecord = Callable[[dict[str, Any]], None]
@@ -266,21 +264,16 @@ class WorkerPool:
 
     def _drain(self, on_record: OnRecord, wait: float) -> None:
         """Take in every message waiting on the workers' pipes, waiting up to ``wait`` s for one."""
-        conns = {id(s.results): s for s in self.slots if s.results is not None}
-        if not conns:
+        slots = {id(s.results): s for s in self.slots if s.results is not None}
+        if not slots:
             time.sleep(wait)
             return
-        for conn in mp.connection.wait([s.results for s in conns.values()], timeout=wait):
-            slot = conns[id(conn)]
-            try:
-                while conn.poll():
-                    self._take(slot, conn.recv(), on_record)
-            except (EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError,
-                    AttributeError, ImportError, IndexError, MemoryError):  # fmt: skip
-                # The worker exited, or died in the middle of a message: nothing more comes on
-                # this pipe; the police below replace the worker.
-                conn.close()
+        for conn, msg in messages([s.results for s in slots.values()], wait):
+            slot = slots[id(conn)]
+            if msg is None:  # its worker exited or died mid-message: the police replace it
                 slot.results = None
+            else:
+                self._take(slot, msg, on_record)
 
     def _take(self, slot: _Slot, msg: tuple, on_record: OnRecord) -> None:
         kind, wid, payload = msg

@@ -124,3 +124,23 @@ def test_a_sigterm_during_a_helper_start_is_raised_once_the_helper_has_started(m
             pass
 
     procs.start_helper(Quiet())  # nothing is kept from the signal before
+
+
+def test_messages_reads_each_pipe_to_its_last_whole_message():
+    """A helper that dies in the middle of a message costs only its own pipe: the messages
+    before the torn one count, the pipe is reported broken once, and another pipe's messages
+    still arrive."""
+    import multiprocessing
+
+    torn_r, torn_w = multiprocessing.Pipe(duplex=False)
+    ok_r, ok_w = multiprocessing.Pipe(duplex=False)
+    torn_w.send(("done", 1))
+    # A length header promising 1 MiB and 7 bytes of it, then the writer is gone.
+    os.write(torn_w.fileno(), (1 << 20).to_bytes(4, "big") + b"partial")
+    torn_w.close()
+    ok_w.send(("ready", 2))
+    got = list(procs.messages([torn_r, ok_r], timeout=1))
+    assert (torn_r, ("done", 1)) in got and (torn_r, None) in got
+    assert (ok_r, ("ready", 2)) in got
+    assert got.index((torn_r, ("done", 1))) < got.index((torn_r, None))
+    assert torn_r.closed and not ok_r.closed
