@@ -64,6 +64,7 @@ REQUANT_ETA = 2.0**-5
 # How far (relative) the op's dynamic re-quantization scale may sit from the reference's: its
 # amax is one element of the activation, within a few bf16 ulps of the reference's.
 SCALE_ETA = 2.0**-6
+MATCH_BLOCK = 1 << 22  # elements per block of rows in matching()
 
 
 def _activation64(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
@@ -262,26 +263,38 @@ class Reference:
         s_op = s_op.to(s_ref.device, torch.float32).reshape(s_ref.shape)
         s_used = torch.where((s_op - s_ref).abs() <= SCALE_ETA * s_ref.abs(), s_op, s_ref)
         s_elem = self._per_element(s_used)
-        own = _round_to(self.h.float() / s_elem, self.qdtype)  # as the quantizers divide: fp32
-        exact = self.h.double() / s_elem.double()
-        v = a2_op.to(exact.device)
-        # A flip: the code next to the reference's own, across the rounding boundary between the
-        # two (their midpoint), with the exact value within eta of that boundary.
-        adjacent = (_ordinal(v) - _ordinal(own.to(self.qdtype))).abs() == 1
-        v = v.double()
-        near = ((v + own) / 2 - exact).abs() <= eta * exact.abs()
-        valid = adjacent & near
-        used = torch.where(valid, v, own)
-        changed = (used != self.a2.double()).any(dim=1) | (
+        rows, n = self.a2.shape
+        used = torch.empty_like(self.a2)
+        # In blocks of rows: the float64 temporaries of a whole large batch would take GBs.
+        step = max(1, MATCH_BLOCK // max(n, 1))
+        for r in range(0, rows, step):
+            block = slice(r, r + step)
+            used[block] = self._codes(block, a2_op, s_elem, eta)
+        changed = (used.view(torch.uint8) != self.a2.view(torch.uint8)).any(dim=1) | (
             (s_used != s_ref).reshape(s_ref.shape[0], -1).any(dim=1)
             if s_ref.numel() > 1
-            else (s_used != s_ref).expand(used.shape[0])
+            else (s_used != s_ref).expand(rows)
         )
         if not bool(changed.any()):
             return self.output
         cache3 = self._cache3.clone()
-        self._gemm2(cache3, used.to(self.qdtype), s_used, changed)
+        self._gemm2(cache3, used, s_used, changed)
         return self._sum(cache3)
+
+    def _codes(
+        self, rows: slice, a2_op: torch.Tensor, s_elem: torch.Tensor, eta: float
+    ) -> torch.Tensor:
+        """The codes GEMM2 is judged with, for ``rows``: the op's where it flipped a rounding
+        (the code next to the reference's own, across the boundary between the two, with the
+        exact value within ``eta`` of that boundary), else the reference's own."""
+        h, s = self.h[rows], s_elem[rows]
+        own = _round_to(h.float() / s, self.qdtype)  # as the quantizers divide: fp32
+        exact = h.double() / s.double()
+        v = a2_op[rows].to(exact.device)
+        adjacent = (_ordinal(v) - _ordinal(own.to(self.qdtype))).abs() == 1
+        v = v.double()
+        near = ((v + own) / 2 - exact).abs() <= eta * exact.abs()
+        return torch.where(adjacent & near, v, own).to(self.qdtype)
 
     def _per_element(self, s: torch.Tensor) -> torch.Tensor:
         """A re-quantization scale ``[1]``, ``[S, 1]`` or ``[S, G]`` spread over ``[S, N]``."""

@@ -211,3 +211,17 @@ def test_a_scale_off_by_more_than_a_rounding_is_not_adopted(quant, factor):
     result = check_close(_gemm2(case, ref.a2, wrong), ref.matching((ref.a2, wrong)), dtype=DT,
                          quant=quant)  # fmt: skip
     assert not result.ok
+
+
+def test_matching_in_blocks_of_rows_gives_the_same_output(monkeypatch):
+    """matching() works through large batches a block of rows at a time; the blocks must not
+    change which codes are followed."""
+    from moetune import reference
+
+    case = _case("fp8_w8a8", True, None, False)
+    ref = Reference(*case.args(), **case.kwargs)
+    a2, a2s = _requantize(case, ref, _nudged(ref.h, 2.0**-7))
+    whole = ref.matching((a2, a2s))
+    monkeypatch.setattr(reference, "MATCH_BLOCK", 3 * ref.a2.shape[1])  # 3 rows a block
+    assert torch.equal(ref.matching((a2, a2s)), whole)
+    assert not torch.equal(whole, ref.output), "nothing was followed: the test shows nothing"
