@@ -29,7 +29,7 @@ from typing import Any
 
 from moetune.cores import calm, compile_cpus, compile_nice, usable_cpus
 from moetune.problem import Problem
-from moetune.procs import context, messages, start_helper, with_env
+from moetune.procs import context, keep_to_self, messages, start_helper, with_env
 from moetune.workers import visible_device
 
 _WAYS = {"target": "without CUDA", "cpu": "from CPU tensors", "cuda": "from GPU inputs"}
@@ -122,6 +122,7 @@ class Ladder:
 def _compile_loop(
     problem: Problem, fp8_dtype: str, capability: int | None, nice: int, tasks: Any, results: Any
 ) -> None:
+    keep_to_self(results)
     import torch
 
     from moetune.inputs import random_moe_inputs
@@ -217,11 +218,11 @@ class Compiler:
                 p = ctx.Process(target=with_env, daemon=True,
                                 args=(dict(os.environ), _compile_loop, problem, fp8_dtype,
                                       capability, nice, self.tasks, theirs))  # fmt: skip
+                self.pipes.append(mine)  # closed by close(), also when the start fails
                 try:
                     start_helper(p)
                 finally:
                     theirs.close()  # the child holds its own copy: EOF once it exits
-                self.pipes.append(mine)
                 self.confined += calm(p.pid, self.cpus, nice)  # before its imports, not after
                 self.procs.append(p)
         except OSError:  # no processes to be had: the sweep compiles as it goes

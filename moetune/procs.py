@@ -145,3 +145,11 @@ def messages(pipes: list[Any], timeout: float) -> Iterator[tuple[Any, Any]]:
         except _BROKEN:
             conn.close()
             yield conn, None
+
+
+def keep_to_self(pipe: Any) -> None:
+    """Keep a helper's end of its pipe out of any process the helper starts: a grandchild
+    holding it would keep the pipe open after the helper died, and the driver waiting for the
+    rest of a torn message would wait for the grandchild."""
+    if isinstance(pipe, mp.connection.Connection):  # (tests pass other sinks)
+        os.set_inheritable(pipe.fileno(), False)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from moetune.procs import context, messages, start_helper, with_env
+from moetune.procs import context, keep_to_self, messages, start_helper, with_env
 
 Pair = tuple[str, dict[str, Any], int, int]  # (candidate key, config, batch size, replays)
 OnRecord = Callable[[dict[str, Any]], None]
@@ -66,6 +66,7 @@ def worker_main(
 ) -> None:  # fmt: skip
     """Worker process: build the inputs once, then evaluate chunks until told to stop."""
     entered = time.time()
+    keep_to_self(results)
     import torch
 
     from moetune.evaluate import Workload, evaluate, is_fatal
@@ -272,6 +273,8 @@ class WorkerPool:
             slot = slots[id(conn)]
             if msg is None:  # its worker exited or died mid-message: the police replace it
                 slot.results = None
+                if slot.proc.is_alive():  # an unreadable message from a live worker: same
+                    slot.proc.kill()
             else:
                 self._take(slot, msg, on_record)
 
@@ -340,3 +343,6 @@ class WorkerPool:
                 slot.proc.join(timeout=max(0.1, deadline - time.time()))
                 if slot.proc.is_alive():
                     slot.proc.kill()
+            if slot.results is not None:
+                slot.results.close()
+                slot.results = None

@@ -51,8 +51,8 @@ def test_in_process_faults_are_recorded_with_reasons(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_worker_crash_and_hang_are_isolated(tmp_path, monkeypatch):
     """A crashing and a hanging candidate each cost one failed record and a new worker; so does
-    one that dies in the middle of sending a result (on a result queue shared by all workers, its
-    half message and held lock froze the whole sweep)."""
+    one whose worker dies in the middle of writing a result (half a message on its pipe: the
+    driver must take it as a crash, neither raise nor wait for the rest)."""
     faults = ["crash", "torn", "hang", "nan"]
     got = _sweep(tmp_path, faults, monkeypatch, Execution(isolate=True, timeout_s=20))
     for fault in ("crash", "torn"):

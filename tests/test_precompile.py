@@ -60,7 +60,7 @@ def test_compiler_reports_first_and_gpu_compiled_candidates():
     compiler.pipes.append(mine)
     theirs.send(("compiled", "a", "target"))
     theirs.send(("compiled", "b", "cuda"))
-    theirs.send_bytes(b"not a whole report")  # then the process dies in the middle of one
+    theirs.send_bytes(b"not a report")  # then garbage (a report torn in the middle: test_procs)
     theirs.close()
     compiler.poll()
     assert compiler.pipes == [], "a broken pipe is dropped, after the reports before it"
