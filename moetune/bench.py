@@ -198,7 +198,6 @@ def _run_variant(
     name: str,
     config: dict[str, Any] | None,
     run: Callable[[int], object],
-    first: Callable[[], torch.Tensor],
     ref: Reference,
     problem: Problem,
     *,
@@ -207,12 +206,12 @@ def _run_variant(
     device: str,
     replays: int,
 ) -> Variant:
-    """Check ``first()`` against ``ref`` (:func:`moetune.check.check_op`), then time ``run``; a
+    """Check ``run(0)`` against ``ref`` (:func:`moetune.check.check_op`), then time ``run``; a
     failure is recorded, never raised."""
     cuda = torch.device(device).type == "cuda"
     try:
         dt, quant = problem.torch_dtype, problem.quant
-        _, check = check_op(first, ref, dtype=dt, quant=quant, tol=tol)
+        check = check_op(lambda: run(0), ref, dtype=dt, quant=quant, tol=tol)
         if not check.ok:
             return Variant(name, config, False, check=check.as_dict(),
                            reason=f"check failed: {check.reason}")  # fmt: skip
@@ -271,8 +270,7 @@ def _bench_one(
         def run(i: int) -> torch.Tensor:
             return fused_experts(*ins[i][0], config=config, config_down=down, **ins[i][1])
 
-        v = _run_variant(name, config, run, lambda: run(0), ref, problem, tol=None,
-                         num_sets=len(ins), **kw)  # fmt: skip
+        v = _run_variant(name, config, run, ref, problem, tol=None, num_sets=len(ins), **kw)
         return dataclasses.replace(v, config_down=down)
 
     p = problem
@@ -293,8 +291,8 @@ def _bench_one(
 
     naive_ref = ref if p.quant is None else Reference(*naive_ins[0][0], **naive_ins[0][1])
     tol = NAIVE_TOL_FACTOR * tolerance(p.torch_dtype)
-    naive = _run_variant("naive", None, naive_run, lambda: naive_run(0), naive_ref, problem,
-                         tol=tol, num_sets=len(naive_ins), **kw)  # fmt: skip
+    naive = _run_variant("naive", None, naive_run, naive_ref, problem, tol=tol,
+                         num_sets=len(naive_ins), **kw)  # fmt: skip
     return default, tuned, naive
 
 

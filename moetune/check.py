@@ -137,10 +137,10 @@ def check_op(
     dtype: torch.dtype,
     quant: str | None = None,
     tol: float | None = None,
-) -> tuple[torch.Tensor, CheckResult]:
+) -> CheckResult:
     """Run the op (``run()``) on a NaN-poisoned workspace and check its output against
     ``reference``, following the op's re-quantization between the GEMMs where it was a valid
-    rounding; returns ``(output, result)``."""
+    rounding."""
     from moetune.ops import capture_requantized, poisoned_workspace
 
     with poisoned_workspace(), capture_requantized() as seen:
@@ -149,4 +149,4 @@ def check_op(
         # Falling back to the plain reference would bring back false rejections unnoticed.
         raise ValueError(f"expected one re-quantization from the op, saw {len(seen)}")
     ref = reference.matching(seen[0] if seen else None)
-    return out, check_close(out, ref, dtype=dtype, quant=quant, tol=tol)
+    return check_close(out, ref, dtype=dtype, quant=quant, tol=tol)

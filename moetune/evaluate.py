@@ -122,7 +122,7 @@ def _evaluate(
             faults.corrupt_output(key, out)
             return out
 
-        _, result = check_op(
+        result = check_op(
             first, workload.reference(M), dtype=problem.torch_dtype, quant=problem.quant
         )
         if not result.ok:
@@ -153,7 +153,7 @@ def recheck(
     (default: ``config``) runs the down GEMM."""
     fresh = workload.slice(workload._draw(M, seed=seed), M)
     try:
-        _, result = check_op(
+        result = check_op(
             lambda: fused_experts(*fresh[0], config=config, config_down=config_down, **fresh[1]),
             Reference(*fresh[0], **fresh[1]), dtype=problem.torch_dtype, quant=problem.quant,
         )  # fmt: skip

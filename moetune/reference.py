@@ -334,11 +334,7 @@ def _expert_scale(s: torch.Tensor | None, e: int) -> torch.Tensor | None:
     return None if s is None else s[e]
 
 
-def fused_experts_reference(
-    *args: Any,
-    requantized: tuple[torch.Tensor, torch.Tensor] | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
+def fused_experts_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
     """Same signature and meaning as :func:`moetune.fused_experts` (``config`` is ignored), plus
-    ``epilogue`` (see the module doc) and ``requantized`` (:meth:`Reference.matching`)."""
-    return Reference(*args, **kwargs).matching(requantized)
+    ``epilogue`` (see the module doc): :class:`Reference`'s ``output``."""
+    return Reference(*args, **kwargs).output

@@ -197,7 +197,7 @@ def _run_entry(
     p = plan.problem
     args, kwargs = random_moe_inputs(p, M, target.device, seed=seed, fp8_dtype=target.fp8_dtype)
     up, down = (cfg, None) if cfg_up is None else (cfg_up, cfg)
-    _, res = check_op(
+    res = check_op(
         lambda: fused_experts(*args, **kwargs, config=up, config_down=down),
         Reference(*args, **kwargs), dtype=p.torch_dtype, quant=p.quant,
     )  # fmt: skip
