@@ -4,6 +4,7 @@
 #   pytest  the GPU tests in PYTEST_FILES (default: checker, op, fp8 quantization, timing, procs);
 #   fp8     benchmarks/fp8_accum.py with FP8_ARGS (default: Qwen3 TP2 at M=2048,4096, 5 draws);
 #   verify  `moetune verify` of each path in VERIFY_TABLES;
+#   faults  a GPU sweep of 16 candidates, 8 of them given one injected fault each (every kind);
 #   report  benchmarks/gpu_report.sh for REPORT_SPECS (e.g. "Mixtral-8x7B:2").
 # Then every lane tunes its specs (LANE0, LANE1, ...) one after the other with
 # benchmarks/gpu_tables.sh (halving, full space), each sweep cut at the lane's remaining time, and
@@ -11,8 +12,10 @@
 # same command run again on the still-warm machine resumes every cut sweep; copies come back in
 # each spec's folder. With ONLY_ON="H200", a host of other GPUs runs ALT_LANE0, ALT_LANE1, ...
 # and ALT_CHECKS instead (tables are per device name). A lane spec "compare:MODEL:TP[:QUANT]" runs
-# `moetune bench` (static scales for a quant) with the tables of COMPARE_OLD, then with configs/,
-# on that lane's GPU, each with its own default-config and floor rows.
+# `moetune bench` (static scales for a quant) with the tables of COMPARE_OLD under the environment
+# COMPARE_OLD_ENV (e.g. MOETUNE_FP8_ACCUM=tile), then with COMPARE_NEW (default: the tables this
+# host's lanes exported, results/tmp/configs, else configs/), on that lane's GPU, each with its
+# own default-config and floor rows; it is skipped when under 300 s are left.
 # Usage: CHECKS="pytest fp8" LANE1="Mixtral-8x7B:2" ... bash benchmarks/gpu_lanes.sh
 #        (everything in $OUT/lanes.tgz; REPORT.md beside it when a report ran)
 set -u
@@ -46,6 +49,29 @@ checks() {
           timeout 150 python3 -m moetune.cli verify "$t" > "$c/verify-$(basename "$t").txt" 2>&1
           echo "verify $t rc=$?" | tee -a "$c/summary.txt"
         done ;;
+      faults)
+        local f=M16-N32-K64 faults={} i=0
+        for k in compile resources nan wrong unwritten hang crash torn; do
+          local key=$f-G$([ $i -lt 4 ] && echo 1 || echo 16)-w4-s$((2 + i % 4))
+          faults=$(python3 -c "import json,sys; d=json.loads(sys.argv[1]); d[sys.argv[2]]=sys.argv[3]; print(json.dumps(d))" "$faults" "$key" "$k")
+          i=$((i + 1))
+        done
+        rm -f "$J/faults-gpu.jsonl"
+        MOETUNE_FAULTS=$faults timeout 240 python3 -m moetune.cli sweep --model Qwen3-30B-A3B \
+          --tp 2 --space fast --batch-sizes 64 --restrict BLOCK_SIZE_M=16 \
+          --restrict BLOCK_SIZE_N=32,64 --restrict BLOCK_SIZE_K=64 --restrict num_warps=4 \
+          --timeout 30 --journal "$J/faults-gpu.jsonl" --out "$c/faults-tables" --json \
+          > "$c/faults.json" 2> "$c/faults.stderr.txt"
+        echo "faults rc=$? (faults: $faults)" | tee -a "$c/summary.txt"
+        cp "$J/faults-gpu.jsonl" "$c/"
+        python3 - "$J/faults-gpu.jsonl" <<'PY' | tee -a "$c/summary.txt"
+import json, sys
+for line in open(sys.argv[1]).readlines()[1:]:
+    r = json.loads(line)
+    if "candidate" in r:
+        print(r["candidate"], r["status"], (r.get("reason") or "")[:70])
+PY
+        ;;
       report)
         SPECS=$REPORT_SPECS bash benchmarks/gpu_report.sh > "$c/report.log" 2>&1
         echo "report rc=$?" | tee -a "$c/summary.txt" ;;
@@ -60,10 +86,16 @@ compare() {  # compare MODEL:TP[:QUANT]
   mkdir -p "$d"
   local args=(--model "$model" --tp "$tp" --batch-sizes 1,8,32,128,512,2048,4096)
   [ -n "$quant" ] && args+=(--quant "$quant" --static-scales)
+  if [ $((END - $(date +%s))) -lt 300 ]; then echo "compare $1: no time left" >> "$L/summary.txt"; return; fi
+  local new=${COMPARE_NEW:-configs} jf=$J/$model-tp$tp-${quant:-bf16}.jsonl
+  if [ -z "${COMPARE_NEW:-}" ] && [ -f "$jf" ]; then  # this host tunes it: wait for all 18 winners
+    [ "$(grep -c '"kind": "winner"' "$jf")" -lt 18 ] && { echo "compare $1: its sweep has not finished" >> "$L/summary.txt"; return; }
+    new=$J/../configs
+  fi
   for which in old new; do
-    local dir=configs
-    [ $which = old ] && dir=$COMPARE_OLD
-    MOETUNE_CONFIG_DIR=$dir timeout 230 python3 -m moetune.cli bench "${args[@]}" \
+    local dir=$new envs=()
+    [ $which = old ] && { dir=$COMPARE_OLD; envs=(${COMPARE_OLD_ENV:-}); }
+    env "${envs[@]}" MOETUNE_CONFIG_DIR=$dir timeout 230 python3 -m moetune.cli bench "${args[@]}" \
       --out "$d/$which" > "$d/$which.txt" 2>&1
     echo "compare $1 $which rc=$?" >> "$L/summary.txt"
     python3 benchmarks/report_table.py "$d/$which"/*.json > "$d/$which.md" 2>&1
@@ -81,6 +113,7 @@ lane() {  # lane GPU SPEC...
     [ $left -lt 30 ] && { echo "$spec: no time left" >> "$L/summary.txt"; continue; }
     R=$L/${spec//:/-} JOURNALS=$J SWEEP_S=$left VERIFY_S=$VERIFY_S \
       bash benchmarks/gpu_tables.sh "$spec" > "$L/${spec//:/-}.log" 2>&1
+    mkdir -p "$J/../configs" && cp "$L/${spec//:/-}"/configs/*.json "$J/../configs/" 2>/dev/null
     echo "gpu$gpu $spec: $(grep -h 'sweep wall\|verify rc' "$L/${spec//:/-}/summary.txt" | tr '\n' ' ')" \
       >> "$L/summary.txt"
   done

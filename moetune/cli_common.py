@@ -176,6 +176,16 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def _check_environment() -> None:
+    """A misspelt MOETUNE_FP8_ACCUM would fail every fp8 launch one by one: refuse it up front."""
+    from moetune.accum import fp8_accum_mode
+
+    try:
+        fp8_accum_mode()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def guard(fn):
     """Turn library errors into one ``Error:`` line: usage mistakes exit 2, failures exit 1,
     Ctrl-C 130 and SIGTERM 143 (both after stopping the sweep's processes)."""
@@ -187,6 +197,7 @@ def guard(fn):
         from moetune.tables import TableError
 
         try:
+            _check_environment()
             with _sigterm_raises():
                 return fn(*args, **kwargs)
         except UsageError as e:

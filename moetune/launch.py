@@ -6,7 +6,6 @@ import moetune._interpret  # noqa: F401  (must run before triton is imported)
 
 # isort: split
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,27 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moetune.accum import fp8_max_imprecise_acc
 from moetune.align import RoutingBlocks
 from moetune.kernel import fused_moe_kernel
-
-# Hopper's fp8 wgmma accumulates in reduced precision unless the compiler adds partial sums into
-# an fp32 accumulator every ``max_num_imprecise_acc`` products; Triton's sm90 default never does.
-# MOETUNE_FP8_ACCUM picks the mode: "precise" (promote after every instruction), "tile" (after
-# every BLOCK_SIZE_K products, as DeepSeek-V3 promotes every 128) or "fast" (never: what vLLM's
-# kernel does). Measurements on an H100 are in results/fp8-accum/.
-FP8_ACCUM_ENV = "MOETUNE_FP8_ACCUM"
-FP8_ACCUM_MODES = ("precise", "tile", "fast")
-FP8_ACCUM_DEFAULT = "tile"
-
-
-def fp8_max_imprecise_acc(block_k: int) -> int | None:
-    mode = os.environ.get(FP8_ACCUM_ENV, FP8_ACCUM_DEFAULT)
-    if mode not in FP8_ACCUM_MODES:
-        raise ValueError(
-            f"{FP8_ACCUM_ENV} must be one of {', '.join(FP8_ACCUM_MODES)}, got {mode!r}"
-        )
-    return {"precise": 0, "tile": block_k, "fast": None}[mode]
-
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 META_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
@@ -193,7 +174,7 @@ def invoke_moe_gemm(
         compute_type=_TL_DTYPES[compute_dtype],
         DOT_PRECISION="ieee" if compute_dtype == torch.float32 else "tf32",
         FP8_MAX_IMPRECISE_ACC=(
-            fp8_max_imprecise_acc(config["BLOCK_SIZE_K"]) if quant == "fp8_w8a8" else 0
+            fp8_max_imprecise_acc(bm, config["BLOCK_SIZE_K"]) if quant == "fp8_w8a8" else 0
         ),
         **launch,
     )

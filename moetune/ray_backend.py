@@ -14,8 +14,8 @@ import time
 from collections import deque
 from typing import Any
 
+from moetune.accum import FP8_ACCUM_ENV
 from moetune.faults import FAULTS_ENV
-from moetune.launch import FP8_ACCUM_ENV
 
 _FORWARDED_ENV = ("TRITON_INTERPRET", FAULTS_ENV, FP8_ACCUM_ENV)
 

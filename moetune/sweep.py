@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moetune.accum import fp8_accum_mode
 from moetune.evaluate import RECHECK_SEED, Workload, recheck
 from moetune.gemms import FINAL_PREFIX, GEMMS, gemm_configs, gemm_of, heuristic, split_key
 from moetune.halving import FINAL_COST, anchors, ranked_ok, survivors, survivors_within
 from moetune.journal import Journal, open_journal, provenance
-from moetune.launch import FP8_ACCUM_DEFAULT, FP8_ACCUM_ENV
 from moetune.platform import Platform
 from moetune.precompile import Compiler
 from moetune.problem import Problem
@@ -121,7 +120,7 @@ def run_sweep(
         "strategy": execution.strategy,
         "gemms": execution.gemms,
         # fp8 accumulation changes fp8 results and timings only, so only fp8 sweeps record it.
-        "fp8_accum": os.environ.get(FP8_ACCUM_ENV, FP8_ACCUM_DEFAULT)
+        "fp8_accum": fp8_accum_mode()
         if problem.quant == "fp8_w8a8"
         else None,
         **provenance(platform.device_name, platform.is_interpreter),

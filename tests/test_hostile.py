@@ -607,3 +607,13 @@ def test_table_loader_raises_only_table_error(data, tmp_path):
         assert TABLE_NAME in str(e)
     else:
         assert loaded.entries and all(k > 0 for k in loaded.entries)
+
+
+@pytest.mark.parametrize("command", [["space", *SHAPE], ["sweep", *TINY_RUN],
+                                     ["verify", "missing.json"], ["bench", *SHAPE]])  # fmt: skip
+def test_unknown_fp8_accumulation_mode(command, cwd, monkeypatch, no_sweep):
+    """A misspelt MOETUNE_FP8_ACCUM is one usage error before any work, for every command."""
+    monkeypatch.setenv("MOETUNE_FP8_ACCUM", "tiles")
+    line = _invoke(command, 2)
+    assert "MOETUNE_FP8_ACCUM must be one of auto, precise, tile, fast, got 'tiles'" in line
+    assert not any(cwd.iterdir())
