@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from moetune.accum import fp8_accum_mode
 from moetune.check import check_op, tolerance
 from moetune.defaults import default_config
 from moetune.inputs import random_moe_inputs, static_activation_scales
@@ -357,9 +358,12 @@ def run_bench(
         if progress:
             times = (default.us, tuned.us, naive.us, floor.us if floor else None)
             progress(f"M={M}: default, tuned, naive, floor µs: {', '.join(map(_fmt, times))}")
+    prov = provenance(plat.device_name, interpreter)
+    if problem.quant == "fp8_w8a8":
+        prov["fp8_accum"] = fp8_accum_mode()  # the op's mode for every timing above
     return BenchResult(problem, rows, ceilings, source, table_path, skew, interpreter,
-                       bench_note(interpreter), provenance(plat.device_name, interpreter),
-                       time.time() - t0, static_scales)  # fmt: skip
+                       bench_note(interpreter), prov, time.time() - t0,
+                       static_scales)  # fmt: skip
 
 
 def _fmt(us: float | None) -> str:

@@ -66,6 +66,7 @@ from typing import Any
 
 import torch
 
+from moetune.accum import FP8_ACCUM_ENV, fp8_accum_mode
 from moetune.check import check_op
 from moetune.platform import device_name_aliases
 from moetune.tables import Table, TableError, load_table, parse_table_filename
@@ -244,6 +245,8 @@ def _verify_file(
     )
     if foreign:
         notes.foreign.add(name.device_name)
+    if target.run and not target.interpreter and name.dtype == "fp8_w8a8":
+        notes.fp8_ran = True
     for bs, entry in table.entries.items():
         if batch_sizes is not None and bs not in batch_sizes:
             continue
@@ -308,6 +311,8 @@ def _note(target: Target, notes: Notes, batch_sizes: set[int] | None) -> str:
             f"Tables for other devices ({', '.join(sorted(notes.foreign))}) ran on "
             f"{target.device_name}: their numerics are checked here, not their tuning."
         )
+    if notes.fp8_ran:
+        parts.append(f"fp8 entries ran with {FP8_ACCUM_ENV}={fp8_accum_mode()}.")
     if batch_sizes is not None:
         parts.append(f"Only batch sizes {sorted(batch_sizes)} were checked.")
     return " ".join(parts)

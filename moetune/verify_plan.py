@@ -59,6 +59,7 @@ class Notes:
     rocm_dropped: set[str] = field(default_factory=set)
     foreign: set[str] = field(default_factory=set)
     capped: bool = False
+    fp8_ran: bool = False  # an fp8_w8a8 entry ran on a GPU (its accumulation mode matters)
 
 
 @dataclass(frozen=True)

@@ -246,6 +246,7 @@ def test_cli_static_scales_runs_every_variant_with_them(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "fused_experts", op)
     monkeypatch.setattr(reference, "fused_experts_reference", ref)
+    monkeypatch.delenv("MOETUNE_FP8_ACCUM", raising=False)
     args = ["bench", "--E", "4", "--N", "32", "--K", "64", "--topk", "2", "--dtype", "float16",
             "--quant", "fp8_w8a8", "--static-scales", "--batch-sizes", "2", "--replays", "1",
             "--json"]  # fmt: skip
@@ -256,6 +257,7 @@ def test_cli_static_scales_runs_every_variant_with_them(tmp_path, monkeypatch):
     )
     saved = json.loads(stem.with_suffix(".json").read_text())
     assert saved["static_scales"] is True
+    assert saved["provenance"]["fp8_accum"] == "auto"  # the op's fp8 accumulation mode
     row = saved["rows"][0]
     assert all(row[v]["ok"] for v in ("default", "tuned", "naive")), row
     assert scales_seen and all(scales_seen)

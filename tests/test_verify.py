@@ -281,3 +281,4 @@ def test_h100_table_at_its_real_shape():
     assert report.ok, report.results
     assert not report.interpreter and "stand-in" not in report.results[0].problem
     assert all("E=8 N=14336 K=4096 topk=2 bfloat16 fp8_w8a8" in r.problem for r in report.results)
+    assert "fp8 entries ran with MOETUNE_FP8_ACCUM=" in report.note  # the mode the GPU ran
