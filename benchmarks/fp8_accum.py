@@ -2,12 +2,12 @@
 
 Mixtral-8x7B TP2 shape (E=8, N=7168, K=4096, top-2), fp8_w8a8 per tensor, bf16 output. For each
 batch size and config: the checker's worst-row error against the float64 reference and the
-CUDA-graph median time, under each MOETUNE_FP8_ACCUM mode named (default: precise, tile, fast; ``auto`` picks tile or
-fast by the config's BLOCK_SIZE_M). The error is
-given twice: against the plain reference (``worst_row_err_plain``) and against the reference that
-follows the op's re-quantization where it was a valid rounding (``worst_row_err``, what the
-checker uses: ``moetune.check.check_op``), with the share of re-quantized elements the op rounded
-differently (``flipped``).
+CUDA-graph median time, under each MOETUNE_FP8_ACCUM mode named (default: precise, tile, fast;
+``auto`` picks tile or fast by the config's BLOCK_SIZE_M). The error is given twice: against
+the plain reference (``worst_row_err_plain``) and against the reference that follows the op's
+re-quantization where it was a valid rounding (``worst_row_err``, what the checker uses:
+``moetune.check.check_op``), with the share of re-quantized elements the op rounded differently
+(``flipped``).
 Run on a GPU: PYTHONPATH=. python3 benchmarks/fp8_accum.py OUT.json
   [--model Qwen3-30B-A3B --tp 2 --configs M64-N128-K128-G16-w8-s4,...] [--batch-sizes 64,512]
   [--modes precise,tile,fast,auto] [--seeds 5]   (worst row error over that many input draws)
