@@ -60,6 +60,16 @@ def test_report_compares_with_vllm_only_under_its_conditions(tmp_path):
     assert "vLLM 1." not in text
 
 
+def test_report_compares_with_vllm_only_on_an_h100(tmp_path):
+    """vLLM's figures are H100 ratios: an H200 run (a lower floor) gets none."""
+    rows = [_row(M, 40.0, 36.0, 12.0) for M in SEVEN]
+    h200 = _bench(tmp_path, "h.json", QWEN3, rows, tuned_source="table",
+                  provenance={"gpu": "NVIDIA H200"})  # fmt: skip
+    text = report_table.report([h200])
+    assert "| Qwen3-30B-A3B TP2 bf16 | 3.00 | 3.00 | 1.11× |  |" in text
+    assert "vLLM 1." not in text and "GPU: NVIDIA H200." in text
+
+
 def test_report_skips_failed_rows_and_names_unknown_problems(tmp_path):
     bad = _row(1, 40.0, 36.0, 12.0)
     bad["tuned"]["ok"] = False
