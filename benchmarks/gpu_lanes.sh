@@ -15,7 +15,8 @@
 # `moetune bench` (static scales for a quant) with the tables of COMPARE_OLD under the environment
 # COMPARE_OLD_ENV (e.g. MOETUNE_FP8_ACCUM=tile), then with COMPARE_NEW (default: the tables this
 # host's lanes exported, results/tmp/configs, else configs/), on that lane's GPU, each with its
-# own default-config and floor rows; it is skipped when under 300 s are left.
+# own default-config and floor rows. When a lane of this host tunes that problem, the compare
+# waits (polling) for its sweep to finish; it is skipped when under 300 s are left.
 # Usage: CHECKS="pytest fp8" LANE1="Mixtral-8x7B:2" ... bash benchmarks/gpu_lanes.sh
 #        (everything in $OUT/lanes.tgz; REPORT.md beside it when a report ran)
 set -u
@@ -63,11 +64,19 @@ checks() {
           --timeout 30 --journal "$J/faults-gpu.jsonl" --out "$c/faults-tables" --json \
           > "$c/faults.json" 2> "$c/faults.stderr.txt"
         echo "faults rc=$? (faults: $faults)" | tee -a "$c/summary.txt"
-        cp "$J/faults-gpu.jsonl" "$c/"
+        cp "$J/faults-gpu.jsonl" "$c/" 2>/dev/null
         python3 - "$J/faults-gpu.jsonl" <<'PY' | tee -a "$c/summary.txt"
 import json, sys
-for line in open(sys.argv[1]).readlines()[1:]:
-    r = json.loads(line)
+try:
+    lines = open(sys.argv[1]).readlines()[1:]
+except OSError as e:
+    sys.exit(f"no fault journal: {e}")
+for line in lines:
+    try:
+        r = json.loads(line)
+    except ValueError:
+        print("(a torn last line)")
+        continue
     if "candidate" in r:
         print(r["candidate"], r["status"], (r.get("reason") or "")[:70])
 PY
@@ -87,11 +96,13 @@ compare() {  # compare MODEL:TP[:QUANT]
   local args=(--model "$model" --tp "$tp" --batch-sizes 1,8,32,128,512,2048,4096)
   [ -n "$quant" ] && args+=(--quant "$quant" --static-scales)
   if [ $((END - $(date +%s))) -lt 300 ]; then echo "compare $1: no time left" >> "$L/summary.txt"; return; fi
-  local new=${COMPARE_NEW:-configs} jf=$J/$model-tp$tp-${quant:-bf16}.jsonl
-  if [ -z "${COMPARE_NEW:-}" ] && [ -f "$jf" ]; then  # this host tunes it: wait for all 18 winners
-    [ "$(grep -c '"kind": "winner"' "$jf")" -lt 18 ] && { echo "compare $1: its sweep has not finished" >> "$L/summary.txt"; return; }
+  local new=${COMPARE_NEW:-configs} name=$model-tp$tp-${quant:-bf16}
+  if [ -z "${COMPARE_NEW:-}" ] && [ -f "$J/$name.jsonl" ]; then  # this host tunes it: wait for it
+    while [ ! -f "$J/$name.done" ] && [ $((END - $(date +%s))) -ge 300 ]; do sleep 10; done
+    [ -f "$J/$name.done" ] || { echo "compare $1: its sweep has not finished" >> "$L/summary.txt"; return; }
     new=$J/../configs
   fi
+  echo "compare $1: new tables from $new" >> "$L/summary.txt"
   for which in old new; do
     local dir=$new envs=()
     [ $which = old ] && { dir=$COMPARE_OLD; envs=(${COMPARE_OLD_ENV:-}); }
@@ -113,7 +124,6 @@ lane() {  # lane GPU SPEC...
     [ $left -lt 30 ] && { echo "$spec: no time left" >> "$L/summary.txt"; continue; }
     R=$L/${spec//:/-} JOURNALS=$J SWEEP_S=$left VERIFY_S=$VERIFY_S \
       bash benchmarks/gpu_tables.sh "$spec" > "$L/${spec//:/-}.log" 2>&1
-    mkdir -p "$J/../configs" && cp "$L/${spec//:/-}"/configs/*.json "$J/../configs/" 2>/dev/null
     echo "gpu$gpu $spec: $(grep -h 'sweep wall\|verify rc' "$L/${spec//:/-}/summary.txt" | tr '\n' ' ')" \
       >> "$L/summary.txt"
   done

@@ -8,7 +8,8 @@
 # SKEW=1 also benches uniform vs zipf routing for each argument (tuned table vs default);
 # GPUS=all (or 0,1,...) spreads each sweep over those GPUs (default: the current one).
 # R=dir writes there instead of $OUT/r and leaves it unpacked (lanes of benchmarks/gpu_lanes.sh);
-# VERIFY_S bounds the final verify (default 200 s).
+# VERIFY_S bounds the final verify (default 200 s). With JOURNALS set, a finished sweep's tables are
+# also copied to $JOURNALS/../configs and $JOURNALS/NAME.done is touched (compare lanes wait on it).
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 R=${R:-$OUT/r}
@@ -23,7 +24,12 @@ for spec in "$@"; do
     --model "$model" --tp "$tp" "${q[@]}" --space full --strategy halving --keep 0.05 --json \
     ${GPUS:+--gpus "$GPUS"} \
     --journal "$J/$name.jsonl" --out $R/configs > $R/$name.json 2>> $R/$name.stderr.txt
+  rc=$?
   tail -1 $R/$name.stderr.txt | tee -a $R/summary.txt
+  echo "$name sweep rc=$rc" >> $R/summary.txt
+  if [ $rc = 0 ] && [ "$J" != $R/journals ]; then  # lanes: publish the table for compare lanes
+    mkdir -p "$J/../configs" && cp $R/configs/*.json "$J/../configs/" && touch "$J/$name.done"
+  fi
   if [ "${SKEW:-0}" = 1 ]; then
     for skew in uniform zipf; do
       MOETUNE_CONFIG_DIR=$R/configs timeout 240 python3 -m moetune.cli bench --model "$model" \

@@ -20,7 +20,7 @@ AUTO_TILE_MAX_BLOCK_M = 64
 
 def fp8_accum_mode() -> str:
     """The fp8 accumulation mode named by MOETUNE_FP8_ACCUM (default ``auto``)."""
-    mode = os.environ.get(FP8_ACCUM_ENV, FP8_ACCUM_DEFAULT)
+    mode = os.environ.get(FP8_ACCUM_ENV) or FP8_ACCUM_DEFAULT  # set but empty: the default
     if mode not in FP8_ACCUM_MODES:
         raise ValueError(
             f"{FP8_ACCUM_ENV} must be one of {', '.join(FP8_ACCUM_MODES)}, got {mode!r}"

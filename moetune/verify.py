@@ -245,8 +245,6 @@ def _verify_file(
     )
     if foreign:
         notes.foreign.add(name.device_name)
-    if target.run and not target.interpreter and name.dtype == "fp8_w8a8":
-        notes.fp8_ran = True
     for bs, entry in table.entries.items():
         if batch_sizes is not None and bs not in batch_sizes:
             continue
@@ -265,6 +263,8 @@ def _verify_file(
             emit(EntryResult(fname, bs, "ok", "; ".join(["not run", *changes]), cfg, problem))
             continue
         entry_seed = (zlib.crc32(f"{path.name}:{bs}".encode()) + seed) % 2**63
+        if not target.interpreter and name.dtype == "fp8_w8a8":
+            notes.fp8_ran = True  # this entry runs on the GPU: its accumulation mode matters
         try:
             ok, why, rel, worst = _run_entry(plan, M, cfg, target, entry_seed, cfg_up)
         except Exception as e:  # a fault in one entry never stops the run

@@ -35,3 +35,85 @@ def test_unknown_mode_is_refused(monkeypatch):
     monkeypatch.setenv(FP8_ACCUM_ENV, "Fast")
     with pytest.raises(ValueError, match="MOETUNE_FP8_ACCUM must be one of auto, precise"):
         fp8_max_imprecise_acc(64, 64)
+
+
+def test_empty_value_means_the_default(monkeypatch):
+    monkeypatch.setenv(FP8_ACCUM_ENV, "")  # as `VAR= cmd` and env files set it
+    assert fp8_accum_mode() == "auto"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the recorder leaves buffers unwritten
+@pytest.mark.parametrize("block_m, expected", [(16, 32), (64, 32), (128, None)])
+def test_the_kernel_gets_the_mode_of_its_own_tile(monkeypatch, block_m, expected):
+    """Both GEMMs' launches carry max_num_imprecise_acc for the config's BLOCK_SIZE_M and
+    BLOCK_SIZE_K (the interpreter ignores the value, so the launch itself is recorded)."""
+    from moetune import launch
+    from moetune.inputs import random_moe_inputs
+    from moetune.ops import fused_experts
+    from moetune.problem import Problem
+
+    seen: list[dict] = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs)
+
+    monkeypatch.setattr(launch, "fused_moe_kernel", Recorder())
+    monkeypatch.delenv(FP8_ACCUM_ENV, raising=False)
+    problem = Problem(4, 32, 64, 2, "float16", quant="fp8_w8a8")
+    args, kw = random_moe_inputs(problem, 8, "cpu", seed=0)
+    config = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
+              "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 2}  # fmt: skip
+    fused_experts(*args, config=config, **kw)
+    assert len(seen) == 2  # up and down GEMM
+    assert [s["FP8_MAX_IMPRECISE_ACC"] for s in seen] == [expected, expected]
+    assert [s["BLOCK_SIZE_M"] for s in seen] == [block_m, block_m]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_bf16_and_int8_never_take_the_fp8_mode(monkeypatch):
+    from moetune import launch
+    from moetune.inputs import random_moe_inputs
+    from moetune.ops import fused_experts
+    from moetune.problem import Problem
+
+    seen: list[dict] = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs)
+
+    monkeypatch.setattr(launch, "fused_moe_kernel", Recorder())
+    monkeypatch.setenv(FP8_ACCUM_ENV, "fast")
+    for quant in (None, "int8_w8a8"):
+        problem = Problem(4, 32, 64, 2, "float16", quant=quant)
+        args, kw = random_moe_inputs(problem, 8, "cpu", seed=0)
+        fused_experts(*args, config={"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
+                                     "GROUP_SIZE_M": 1}, **kw)  # fmt: skip
+    assert [s["FP8_MAX_IMPRECISE_ACC"] for s in seen] == [0, 0, 0, 0]
+
+
+def test_an_fp8_journal_records_its_mode_and_no_other_mode_resumes_it(tmp_path, monkeypatch):
+    from moetune.journal import JournalError, read_journal
+    from moetune.platform import get_platform
+    from moetune.problem import Problem
+    from moetune.space import search_space
+    from moetune.sweep import Execution, run_sweep
+
+    problem = Problem(4, 32, 64, 2, "float16", quant="fp8_w8a8")
+    platform = get_platform("interpreter")
+    cands = search_space(platform, problem, "tiny")[:1]
+    journal = tmp_path / "j.jsonl"
+
+    def sweep():
+        return run_sweep(problem, platform, cands, batch_sizes=[1], journal_path=journal,
+                         space_name="tiny", execution=Execution())  # fmt: skip
+
+    monkeypatch.delenv(FP8_ACCUM_ENV, raising=False)
+    assert sweep().batches[0].best is not None
+    assert read_journal(journal).header["fp8_accum"] == "auto"
+    before = journal.read_bytes()
+    monkeypatch.setenv(FP8_ACCUM_ENV, "tile")
+    with pytest.raises(JournalError, match="fp8_accum"):
+        sweep()
+    assert journal.read_bytes() == before

@@ -282,3 +282,23 @@ def test_h100_table_at_its_real_shape():
     assert not report.interpreter and "stand-in" not in report.results[0].problem
     assert all("E=8 N=14336 K=4096 topk=2 bfloat16 fp8_w8a8" in r.problem for r in report.results)
     assert "fp8 entries ran with MOETUNE_FP8_ACCUM=" in report.note  # the mode the GPU ran
+
+
+def test_note_names_the_fp8_mode_only_when_fp8_entries_ran_on_a_gpu(monkeypatch):
+    """A verify under tile and one under auto read alike otherwise; the interpreter and
+    schema-only runs have no accumulation mode to name."""
+    from moetune.verify import _note
+    from moetune.verify_plan import Notes, Target
+
+    monkeypatch.setenv("MOETUNE_FP8_ACCUM", "tile")
+    gpu = Target(True, False, False, "cuda:0", H100, torch.float8_e4m3fn)
+    assert "fp8 entries ran with MOETUNE_FP8_ACCUM=tile." in _note(gpu, Notes(fp8_ran=True), None)
+    assert "MOETUNE_FP8_ACCUM" not in _note(gpu, Notes(), None)
+
+
+def test_interpreter_verify_of_an_fp8_table_names_no_mode(tmp_path):
+    path = write_table(tmp_path, "E=4,N=32,device_name=cpu_interpreter,dtype=fp8_w8a8.json",
+                       {1: SMALL})  # fmt: skip
+    report = verify_tables([path], K=64, topk=2)
+    assert report.ok, report.results
+    assert "MOETUNE_FP8_ACCUM" not in report.note
