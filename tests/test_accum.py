@@ -37,6 +37,21 @@ def test_unknown_mode_is_refused(monkeypatch):
         fp8_max_imprecise_acc(64, 64)
 
 
+@pytest.fixture
+def launches(monkeypatch) -> list[dict]:
+    """The keyword arguments of every fused-MoE kernel launch, which is recorded, not run."""
+    from moetune import launch
+
+    recorded: list[dict] = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: recorded.append(kwargs)
+
+    monkeypatch.setattr(launch, "fused_moe_kernel", Recorder())
+    return recorded
+
+
 def test_empty_value_means_the_default(monkeypatch):
     monkeypatch.setenv(FP8_ACCUM_ENV, "")  # as `VAR= cmd` and env files set it
     assert fp8_accum_mode() == "auto"
@@ -44,53 +59,37 @@ def test_empty_value_means_the_default(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the recorder leaves buffers unwritten
 @pytest.mark.parametrize("block_m, expected", [(16, 32), (64, 32), (128, None)])
-def test_the_kernel_gets_the_mode_of_its_own_tile(monkeypatch, block_m, expected):
+def test_the_kernel_gets_the_mode_of_its_own_tile(monkeypatch, launches, block_m, expected):
     """Both GEMMs' launches carry max_num_imprecise_acc for the config's BLOCK_SIZE_M and
     BLOCK_SIZE_K (the interpreter ignores the value, so the launch itself is recorded)."""
-    from moetune import launch
     from moetune.inputs import random_moe_inputs
     from moetune.ops import fused_experts
     from moetune.problem import Problem
 
-    seen: list[dict] = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.append(kwargs)
-
-    monkeypatch.setattr(launch, "fused_moe_kernel", Recorder())
     monkeypatch.delenv(FP8_ACCUM_ENV, raising=False)
     problem = Problem(4, 32, 64, 2, "float16", quant="fp8_w8a8")
     args, kw = random_moe_inputs(problem, 8, "cpu", seed=0)
     config = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
               "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 2}  # fmt: skip
     fused_experts(*args, config=config, **kw)
-    assert len(seen) == 2  # up and down GEMM
-    assert [s["FP8_MAX_IMPRECISE_ACC"] for s in seen] == [expected, expected]
-    assert [s["BLOCK_SIZE_M"] for s in seen] == [block_m, block_m]
+    assert len(launches) == 2  # up and down GEMM
+    assert [s["FP8_MAX_IMPRECISE_ACC"] for s in launches] == [expected, expected]
+    assert [s["BLOCK_SIZE_M"] for s in launches] == [block_m, block_m]
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_bf16_and_int8_never_take_the_fp8_mode(monkeypatch):
-    from moetune import launch
+def test_bf16_and_int8_never_take_the_fp8_mode(monkeypatch, launches):
     from moetune.inputs import random_moe_inputs
     from moetune.ops import fused_experts
     from moetune.problem import Problem
 
-    seen: list[dict] = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.append(kwargs)
-
-    monkeypatch.setattr(launch, "fused_moe_kernel", Recorder())
     monkeypatch.setenv(FP8_ACCUM_ENV, "fast")
     for quant in (None, "int8_w8a8"):
         problem = Problem(4, 32, 64, 2, "float16", quant=quant)
         args, kw = random_moe_inputs(problem, 8, "cpu", seed=0)
         fused_experts(*args, config={"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
                                      "GROUP_SIZE_M": 1}, **kw)  # fmt: skip
-    assert [s["FP8_MAX_IMPRECISE_ACC"] for s in seen] == [0, 0, 0, 0]
+    assert [s["FP8_MAX_IMPRECISE_ACC"] for s in launches] == [0, 0, 0, 0]
 
 
 def test_an_fp8_journal_records_its_mode_and_no_other_mode_resumes_it(tmp_path, monkeypatch):
