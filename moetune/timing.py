@@ -4,8 +4,9 @@ A graph holds ``calls`` launches of the op, each on the next of several input se
 problem is not timed from L2 and launch gaps shrink to what a serving engine's graphs see. Each
 replay is timed with CUDA events; the per-call time is the replay time over ``calls``. Compile
 time never counts: the first call happens before the capture. Without a GPU (the interpreter)
-there are no graphs: the host clock times a few plain calls, and those times only say how the
-interpreter behaves, never how a GPU would.
+there are no graphs: the host clock times two plain calls (no warm-up: the interpreter compiles
+nothing, and every caller has already run the op once to check it), and those times only say how
+the interpreter behaves, never how a GPU would.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+INTERPRETER_SAMPLES = 2
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,9 @@ def time_op(
 ) -> Timing:
     """Time ``fn(i)``, which runs the op on input set ``i`` (0 ≤ i < num_sets)."""
     device = torch.device(device)
-    if device.type != "cuda":
-        fn(0)  # compile
+    if device.type != "cuda":  # Triton's interpreter: each call costs ~0.5 s even for tiny shapes
         samples = []
-        for r in range(max(1, min(replays, 3))):
+        for r in range(max(1, min(replays, INTERPRETER_SAMPLES))):
             t0 = time.perf_counter()
             fn(r % num_sets)
             samples.append((time.perf_counter() - t0) * 1e6)
