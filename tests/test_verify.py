@@ -302,3 +302,20 @@ def test_interpreter_verify_of_an_fp8_table_names_no_mode(tmp_path):
     report = verify_tables([path], K=64, topk=2)
     assert report.ok, report.results
     assert "MOETUNE_FP8_ACCUM" not in report.note
+
+
+@pytest.mark.parametrize("dtype, named", [(",dtype=fp8_w8a8", True), (",dtype=float32", False)])
+def test_a_gpu_verify_names_the_mode_of_the_fp8_entries_it_ran(tmp_path, monkeypatch, dtype,
+                                                               named):  # fmt: skip
+    """The entries run in the interpreter here, but verify is told it has a GPU: the note names
+    the mode exactly when an fp8 entry ran."""
+    from moetune import verify
+    from moetune.verify_plan import Target
+
+    gpu = Target(True, False, False, "cpu", "cpu", torch.float8_e4m3fn)
+    monkeypatch.setattr(verify, "plan_target", lambda device, schema_only: gpu)
+    monkeypatch.setenv("MOETUNE_FP8_ACCUM", "fast")
+    path = write_table(tmp_path, f"E=4,N=32,device_name=cpu{dtype}.json", {1: SMALL})
+    report = verify_tables([path], K=64, topk=2)
+    assert report.ok, report.results
+    assert ("fp8 entries ran with MOETUNE_FP8_ACCUM=fast." in report.note) is named
