@@ -51,12 +51,11 @@ checks() {
           echo "verify $t rc=$?" | tee -a "$c/summary.txt"
         done ;;
       faults)
-        local f=M16-N32-K64 faults={} i=0
-        for k in compile resources nan wrong unwritten hang crash torn; do
-          local key=$f-G$([ $i -lt 4 ] && echo 1 || echo 16)-w4-s$((2 + i % 4))
-          faults=$(python3 -c "import json,sys; d=json.loads(sys.argv[1]); d[sys.argv[2]]=sys.argv[3]; print(json.dumps(d))" "$faults" "$key" "$k")
-          i=$((i + 1))
-        done
+        # Every N=32 candidate of the restricted space gets one fault kind; the N=64 ones none.
+        local faults
+        faults=$(python3 -c 'import json; print(json.dumps({
+          f"M16-N32-K64-G{1 if i < 4 else 16}-w4-s{2 + i % 4}": kind for i, kind in enumerate(
+          ["compile", "resources", "nan", "wrong", "unwritten", "hang", "crash", "torn"])}))')
         rm -f "$J/faults-gpu.jsonl"
         MOETUNE_FAULTS=$faults timeout 240 python3 -m moetune.cli sweep --model Qwen3-30B-A3B \
           --tp 2 --space fast --batch-sizes 64 --restrict BLOCK_SIZE_M=16 \
