@@ -25,6 +25,21 @@ MAX_BLOCK = 1024
 
 
 @triton.jit
+def silu_mul(gate, up):
+    """``silu(gate) · up`` in fp32 (shared by the activation kernel and the GEMM1 epilogue, so
+    both compute the same bits)."""
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
+def swiglu_oai(gate, up, alpha, limit):
+    """gpt-oss's clamped swiglu in fp32, NaN kept through the clamps (shared as above)."""
+    gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
+    up = tl.clamp(up, -limit, limit, propagate_nan=tl.PropagateNan.ALL)
+    return gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+
+
+@triton.jit
 def _activation_kernel(
     x_ptr, out_ptr, N, stride_x, stride_out, alpha, limit, scale_ptr, qmax,
     SWIGLU: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
@@ -37,13 +52,11 @@ def _activation_kernel(
     if SWIGLU:  # gate and up interleaved
         gate = tl.load(x_row + 2 * cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_row + 2 * cols + 1, mask=mask, other=0.0).to(tl.float32)
-        gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
-        up = tl.clamp(up, -limit, limit, propagate_nan=tl.PropagateNan.ALL)
-        out = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+        out = swiglu_oai(gate, up, alpha, limit)
     else:  # gate | up halves
         gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_row + N + cols, mask=mask, other=0.0).to(tl.float32)
-        out = gate * tl.sigmoid(gate) * up
+        out = silu_mul(gate, up)
     if QUANT:  # the activation as the op's dtype holds it, then the static-scale fp8 step
         if PER_ROW_SCALE:  # noqa: SIM108 (one branch compiled)
             scale = tl.load(scale_ptr + row)

@@ -3,6 +3,13 @@
 Each program computes a ``BLOCK_SIZE_M × BLOCK_SIZE_N`` tile of ``C[token] = A[token // top_k] ·
 B[expert]ᵀ`` over a block of expert-sorted token slots (see ``moetune.align``), then applies the
 epilogue in DESIGN §1's order: fp32 dequantization → + bias → × router weight → one cast.
+
+For the up projection the epilogue can go on (``ACTIVATION``): the tile's B rows are chosen so
+that it holds the gate and up columns of ``BLOCK_SIZE_N / 2`` outputs (the first half of the
+tile gate, the second up, for ``silu``'s stacked halves; interleaved pairs for ``swigluoai``),
+the cast value is taken back to fp32, the activation applied, cast again, and optionally
+quantized to fp8 with a static scale (``QUANT_OUT``). Those are the bits of GEMM1 → activation
+kernel → quantization, without the ``[slots, 2N]`` intermediate in memory or its launch.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ import moetune._interpret  # noqa: F401  (must run before triton is imported)
 import triton
 import triton.language as tl
 
+from moetune.activation import silu_mul, swiglu_oai
+from moetune.quant_kernel import _clamp_nan, _round_to_fp8
+
 
 # EM and num_valid_tokens change with the batch size: not specializing on them lets one compiled
 # kernel serve every batch size of a sweep (and of a server).
@@ -22,7 +32,8 @@ def fused_moe_kernel(
     # Pointers
     a_ptr,  # [T_a, K]        activations: compute dtype, or fp8/int8 for w8a8
     b_ptr,  # [E, N, K]       weights: compute dtype, fp8 or int8
-    c_ptr,  # [T_c, N]        output rows, one per routed slot (compute dtype)
+    c_ptr,  # [T_c, N] output rows, one per routed slot (compute dtype); [T_c, N / 2] after
+    # ACTIVATION (compute dtype, or fp8 with QUANT_OUT)
     bias_ptr,  # [E, N]       optional, any float dtype
     a_scale_ptr,  # [1] per tensor | [T_a, 1] per token | [T_a, ceil(K/group_k)] per block
     b_scale_ptr,  # [E] per tensor | [E, N] per channel | [E, ceil(N/group_n), ceil(K/group_k)]
@@ -30,6 +41,10 @@ def fused_moe_kernel(
     sorted_token_ids_ptr,  # [EM] int32: slot ids grouped by expert, padded with num_valid_tokens
     expert_ids_ptr,  # [EM / BLOCK_SIZE_M] int32: expert of each M-block, -1 = not on this rank
     num_tokens_post_padded_ptr,  # [1] int32: used length of sorted_token_ids
+    out_scale_ptr,  # QUANT_OUT: static scale of the activation, [1], or [T_c] per row
+    alpha,  # swigluoai's constants
+    limit,
+    qmax,  # QUANT_OUT: the fp8 format's largest value
     # Sizes
     N,
     K,
@@ -67,6 +82,10 @@ def fused_moe_kernel(
     compute_type: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8_MAX_IMPRECISE_ACC: tl.constexpr,  # 0: fp32 accumulation; None: Hopper's fast fp8 mode
+    ACTIVATION: tl.constexpr = 0,  # 0: none; 1: silu (gate | up halves); 2: swigluoai (pairs)
+    QUANT_OUT: tl.constexpr = False,
+    PER_ROW_SCALE: tl.constexpr = False,
+    MIN_EXP: tl.constexpr = -6,  # QUANT_OUT: the fp8 format's smallest normal exponent
 ):
     """Grid: ``(cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N),)``.
 
@@ -91,18 +110,34 @@ def fused_moe_kernel(
     offs_token_id = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
     offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
     token_mask = offs_token < num_valid_tokens
-    offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N).to(tl.int64)
+    if ACTIVATION == 0:
+        offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N).to(tl.int64)
+        c_mask = token_mask[:, None] & (offs_cn[None, :] < N)
+        # Columns wrap modulo N so the loads need no N mask; the store masks them.
+        offs_bn = offs_cn % N
+    else:
+        # BLOCK_SIZE_N / 2 outputs; the tile's columns are their gate and up rows of B.
+        offs_cn = pid_n * (BLOCK_SIZE_N // 2) + tl.arange(0, BLOCK_SIZE_N // 2).to(tl.int64)
+        c_mask = token_mask[:, None] & (offs_cn[None, :] < N // 2)
+        cols = tl.arange(0, BLOCK_SIZE_N).to(tl.int64)
+        if ACTIVATION == 1:  # gate rows [0, N/2), up rows [N/2, N)
+            half = cols // (BLOCK_SIZE_N // 2)
+            out_col = pid_n * (BLOCK_SIZE_N // 2) + cols % (BLOCK_SIZE_N // 2)
+            offs_bn = out_col % (N // 2) + half * (N // 2)
+        else:  # gate and up interleaved: the tile's columns are contiguous rows of B
+            offs_bn = (pid_n * BLOCK_SIZE_N + cols) % N
     c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_cn[None, :] * stride_cn
-    c_mask = token_mask[:, None] & (offs_cn[None, :] < N)
 
     off_expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if off_expert == -1:
-        # The expert lives on another rank: its slots contribute zero here.
-        tl.store(c_ptrs, tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=compute_type), mask=c_mask)
+        # The expert lives on another rank: its slots contribute zero here (as does the
+        # activation of zero).
+        if ACTIVATION == 0:
+            zero = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+        else:
+            zero = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N // 2), dtype=tl.float32)
+        tl.store(c_ptrs, zero.to(c_ptr.dtype.element_ty), mask=c_mask)
         return
-
-    # Columns wrap modulo N so the loads need no N mask; the store masks them.
-    offs_bn = offs_cn % N
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     a_rows = offs_token // top_k
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -169,4 +204,24 @@ def fused_moe_kernel(
     if MUL_ROUTED_WEIGHT:
         route_w = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
         acc = acc * route_w.to(tl.float32)[:, None]
-    tl.store(c_ptrs, acc.to(compute_type), mask=c_mask)
+    if ACTIVATION == 0:
+        tl.store(c_ptrs, acc.to(compute_type), mask=c_mask)
+    else:
+        # GEMM1's output as the unfused op stores it, then the activation kernel's arithmetic.
+        h = acc.to(compute_type).to(tl.float32)
+        if ACTIVATION == 1:
+            h = tl.permute(tl.reshape(h, (BLOCK_SIZE_M, 2, BLOCK_SIZE_N // 2)), (0, 2, 1))
+            gate, up = tl.split(h)
+            out = silu_mul(gate, up)
+        else:
+            gate, up = tl.split(tl.reshape(h, (BLOCK_SIZE_M, BLOCK_SIZE_N // 2, 2)))
+            out = swiglu_oai(gate, up, alpha, limit)
+        if QUANT_OUT:  # the activation as the op's dtype holds it, then the static fp8 step
+            if PER_ROW_SCALE:
+                scale = tl.load(out_scale_ptr + offs_token, mask=token_mask, other=1.0)
+                scale = tl.broadcast_to(scale[:, None], (BLOCK_SIZE_M, BLOCK_SIZE_N // 2))
+            else:
+                scale = tl.load(out_scale_ptr)
+            out = out.to(compute_type).to(tl.float32)
+            out = _round_to_fp8(_clamp_nan(tl.div_rn(out, scale), qmax), MIN_EXP)
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)

@@ -15,10 +15,15 @@ import triton
 import triton.language as tl
 
 from moetune.accum import fp8_max_imprecise_acc
+from moetune.activation import SWIGLU_ALPHA, SWIGLU_LIMIT
 from moetune.align import RoutingBlocks
 from moetune.kernel import fused_moe_kernel
+from moetune.quant import FP8_DTYPES, quant_max
+from moetune.quant_kernel import fp8_min_exp
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+# The kernel's ACTIVATION codes (0: the plain GEMM).
+ACTIVATION_CODES = {"silu": 1, "swigluoai": 2}
 META_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
 LAUNCH_KEYS = ("num_warps", "num_stages")
 _compile_only = False
@@ -103,15 +108,27 @@ def invoke_moe_gemm(
     quant: str | None = None,
     per_channel: bool = False,
     block_shape: tuple[int, int] | None = None,
+    activation: str | None = None,
+    out_scale: torch.Tensor | None = None,
 ) -> None:
     """``c[slot] = epilogue(a[slot // top_k] · b[expert(slot)]ᵀ)`` for every routed slot.
 
     ``c`` is ``[num_slots, N]``; ``topk_weights`` (flattened ``[num_slots]``) is applied only when
-    given. The caller has validated shapes; this checks the config and launches.
+    given. With ``activation`` (the up projection, ``b`` of ``N = 2·n`` rows) ``c`` is
+    ``[num_slots, n]`` and receives the activation of the GEMM's output, quantized to ``c``'s fp8
+    dtype with the static ``out_scale`` (``[1]``, or ``[num_slots, 1]`` contiguous) when ``c`` is
+    fp8. The caller has validated shapes; this checks the config and launches.
     """
     validate_config(config, block_shape)
     num_slots = c.shape[0]
     N, K = b.shape[1], b.shape[2]
+    act = ACTIVATION_CODES[activation] if activation is not None else 0
+    quant_out = c.dtype in FP8_DTYPES
+    if act and (N % 2 or c.shape[1] != N // 2):
+        raise ValueError(f"a fused activation needs an even N and [slots, N/2] out, got N={N}, "
+                         f"out {list(c.shape)}")  # fmt: skip
+    if quant_out != (out_scale is not None) or (quant_out and not act):
+        raise ValueError("an fp8 output needs a fused activation and its static scale")
     EM = routing.sorted_token_ids.numel()
     bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
     grid = (triton.cdiv(EM, bm) * triton.cdiv(N, bn),)
@@ -144,6 +161,10 @@ def invoke_moe_gemm(
         routing.sorted_token_ids,
         routing.expert_ids,
         routing.num_tokens_post_padded,
+        out_scale if out_scale is not None else dummy,
+        SWIGLU_ALPHA,
+        SWIGLU_LIMIT,
+        quant_max(c.dtype) if quant_out else 0.0,
         N,
         K,
         EM,
@@ -176,5 +197,9 @@ def invoke_moe_gemm(
         FP8_MAX_IMPRECISE_ACC=(
             fp8_max_imprecise_acc(bm, config["BLOCK_SIZE_K"]) if quant == "fp8_w8a8" else 0
         ),
+        ACTIVATION=act,
+        QUANT_OUT=quant_out,
+        PER_ROW_SCALE=out_scale is not None and out_scale.numel() > 1,
+        MIN_EXP=fp8_min_exp(c.dtype) if quant_out else -6,
         **launch,
     )

@@ -15,7 +15,7 @@ from moetune.align import moe_align_block_size_torch
 from moetune.align_kernel import moe_align_block_size
 from moetune.launch import compiling, invoke_moe_gemm
 from moetune.problem import ACTIVATIONS
-from moetune.quant import FP8_DTYPES
+from moetune.quant import FP8_DTYPES, static_scale
 from moetune.quant import quantize_activation as quantize_activation_torch
 from moetune.quant_kernel import quantize_activation_fast as quantize_activation
 from moetune.validate import validate_moe_args
@@ -23,6 +23,9 @@ from moetune.validate import validate_moe_args
 # The activation and a static-scale fp8 re-quantization in one launch (same bits as the two
 # steps). Faster at every fp8 point timed on an NVIDIA H200: results/kernels/NOTES.md §9.
 FUSE_ACTIVATION_QUANT = True
+# The activation (and a static-scale fp8 re-quantization) in GEMM1's epilogue: same bits again,
+# without the [slots, 2N] intermediate or the activation's launch (results/kernels/NOTES.md §12).
+FUSE_GEMM1_ACTIVATION = True
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
@@ -160,16 +163,26 @@ def fused_experts(
         a1, a1s = quantize(
             hidden_states, qdtype, scale=a1_scale, per_token=per_channel_quant, group_k=group_k
         )
-    cache1 = _empty((num_slots, two_n), dtype, device)
-    invoke_moe_gemm(a1, w1, cache1, routing, config=config, top_k=topk, a_scale=a1s,
-                    b_scale=w1_scale, bias=w1_bias, **common)  # fmt: skip
-
-    fused = (FUSE_ACTIVATION_QUANT and qdtype in FP8_DTYPES and a2_scale is not None
-             and group_k is None and not compiling())  # fmt: skip
-    if fused:
+    gemm1 = dict(routing=routing, config=config, top_k=topk, a_scale=a1s, b_scale=w1_scale,
+                 bias=w1_bias, **common)  # fmt: skip
+    static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None
+    # Compile processes take the fused paths too: they must compile the kernel the op runs.
+    if FUSE_GEMM1_ACTIVATION and static_fp8:
+        a2s = static_scale(a2_scale, num_slots).contiguous()
+        a2 = _empty((num_slots, N), qdtype, device)
+        invoke_moe_gemm(a1, w1, a2, activation=activation, out_scale=a2s, **gemm1)
+    elif FUSE_ACTIVATION_QUANT and static_fp8 and not compiling():
+        cache1 = _empty((num_slots, two_n), dtype, device)
+        invoke_moe_gemm(a1, w1, cache1, **gemm1)
         a2, a2s = apply_activation_quantized(cache1, activation, qdtype, a2_scale)
     else:
-        h = activate(cache1, activation)
+        if FUSE_GEMM1_ACTIVATION:
+            h = _empty((num_slots, N), dtype, device)
+            invoke_moe_gemm(a1, w1, h, activation=activation, **gemm1)
+        else:
+            cache1 = _empty((num_slots, two_n), dtype, device)
+            invoke_moe_gemm(a1, w1, cache1, **gemm1)
+            h = activate(cache1, activation)
         a2, a2s = h, None
         if qdtype is not None:
             a2, a2s = quantize(

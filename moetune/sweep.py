@@ -120,9 +120,7 @@ def run_sweep(
         "strategy": execution.strategy,
         "gemms": execution.gemms,
         # fp8 accumulation changes fp8 results and timings only, so only fp8 sweeps record it.
-        "fp8_accum": fp8_accum_mode()
-        if problem.quant == "fp8_w8a8"
-        else None,
+        "fp8_accum": fp8_accum_mode() if problem.quant == "fp8_w8a8" else None,
         **provenance(platform.device_name, platform.is_interpreter),
     }
     journal = open_journal(journal_path, header, fresh=fresh)

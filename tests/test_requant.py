@@ -153,13 +153,15 @@ def test_check_op_wants_exactly_one_requantization(device):
         check_op(lambda: ref.output.clone(), ref, dtype=DT, quant="fp8_w8a8")
 
 
-@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("fuse", ["gemm1-epilogue", "activation-kernel", "none"])
 def test_check_op_sees_what_gemm2_consumed(fuse, monkeypatch, device):
     """The real op passes check_op; the same op with a corrupted re-quantized activation (two
-    code steps on a few elements, past any rounding band) fails it."""
+    code steps on a few elements, past any rounding band) fails it. Wherever the activation is
+    quantized: in GEMM1's epilogue, in the activation kernel, or in a step of its own."""
     from moetune import ops
 
-    monkeypatch.setattr(ops, "FUSE_ACTIVATION_QUANT", fuse)
+    monkeypatch.setattr(ops, "FUSE_GEMM1_ACTIVATION", fuse == "gemm1-epilogue")
+    monkeypatch.setattr(ops, "FUSE_ACTIVATION_QUANT", fuse == "activation-kernel")
     case = make_case(24, 4, 32, 64, 2, DT, device, quant="fp8_w8a8", bias=True)
     case.kwargs["a1_scale"] = torch.tensor([0.02], device=device)
     case.kwargs["a2_scale"] = torch.tensor([0.004], device=device)

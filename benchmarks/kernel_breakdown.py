@@ -1,0 +1,182 @@
+"""Where the op's time goes: each kernel's GPU time per call beside the CUDA-graph time.
+
+For the three reference problems (bf16, and fp8_w8a8 with calibrated static activation scales,
+issue 5's conditions), each with the config the runtime looks up on this GPU, at a few batch
+sizes: the op is checked against the float64 reference (``check_op``, as sweeps and ``bench``
+check), timed by CUDA-graph replay over rotating input sets (weights cold in L2, as ``moetune
+bench`` does), then run eagerly under ``torch.profiler`` over the same sets. The kernels'
+durations are summed by name and divided by the number of calls. ``graph − Σ kernels`` is what
+the graph spends between kernels (launch latency of dependent kernels, ramp-up and tail).
+
+``--compare`` times each point twice more, interleaved in the order unfused, fused, unfused,
+fused (large-M timings drift with the order of measurement, results/kernels/NOTES.md §8):
+``unfused`` with GEMM1 writing ``[slots, 2N]`` and the activation kernel after it, ``fused`` with
+the activation in GEMM1's epilogue (``ops.FUSE_GEMM1_ACTIVATION``, the op's default). Each
+variant's output is checked first; the ratio is the median unfused / the median fused.
+
+Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
+       [--compare]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from moetune import ops
+from moetune.check import check_op
+from moetune.inputs import random_moe_inputs, static_activation_scales
+from moetune.lookup import config_for
+from moetune.platform import detect_platform
+from moetune.presets import preset_problem
+from moetune.reference import Reference
+from moetune.roofline import measure_ceilings, roofline
+from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_count
+
+PROBLEMS = [("Mixtral-8x7B", 2), ("Qwen3-30B-A3B", 2), ("gpt-oss-120b", 1)]
+QUANTS = [None, "fp8_w8a8"]
+PROFILED_CALLS = 24
+FUSED_DEFAULT = ops.FUSE_GEMM1_ACTIVATION
+
+
+def _short(name: str) -> str:
+    """A kernel's name without template arguments (Triton names are already short)."""
+    return name.split("<")[0].split("(")[0][:48]
+
+
+def breakdown(run, n_sets: int) -> tuple[dict[str, float], float]:
+    """µs per call of each kernel name, and kernels per call, over PROFILED_CALLS eager calls."""
+    for i in range(n_sets):
+        run(i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(PROFILED_CALLS):
+            run(i % n_sets)
+        torch.cuda.synchronize()
+    per: dict[str, float] = defaultdict(float)
+    count = 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[_short(ev.name)] += ev.time_range.elapsed_us() / PROFILED_CALLS
+            count += 1
+    return dict(sorted(per.items(), key=lambda kv: -kv[1])), count / PROFILED_CALLS
+
+
+def _variant(fused: bool) -> None:
+    ops.FUSE_GEMM1_ACTIVATION = fused
+
+
+def compare(run, n_sets: int, ref: Reference, dtype, quant) -> dict:
+    """Both variants checked, then timed unfused, fused, unfused, fused."""
+    out: dict = {}
+    for name, fused in (("unfused", False), ("fused", True)):
+        _variant(fused)
+        chk = check_op(lambda: run(0), ref, dtype=dtype, quant=quant)
+        out[f"{name}_ok"], out[f"{name}_rel_err"] = chk.ok, chk.worst_row_err
+    times: dict[str, list[float]] = {"unfused": [], "fused": []}
+    if out["unfused_ok"] and out["fused_ok"]:
+        for name, fused in (("unfused", False), ("fused", True)) * 2:
+            _variant(fused)
+            times[name].append(time_op(run, n_sets, device="cuda", replays=20).median_us)
+        for name, ts in times.items():
+            out[f"{name}_us"] = statistics.median(ts)
+            out[f"{name}_runs_us"] = ts
+        out["speedup"] = out["unfused_us"] / out["fused_us"]
+    _variant(FUSED_DEFAULT)
+    return out
+
+
+def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) -> list[dict]:
+    problem = preset_problem(name, tp, quant=quant)
+    plat = detect_platform()
+    m_max = max(batch_sizes)
+    draw = lambda seed: random_moe_inputs(problem, m_max, "cuda", seed=seed,  # noqa: E731
+                                          fp8_dtype=plat.fp8_torch_dtype)  # fmt: skip
+    sets = [draw(1)]
+    w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])
+    n = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes("cuda"),
+                         set_memory_budget("cuda"))  # fmt: skip
+    sets += [draw(1 + i) for i in range(1, n)]
+    rows = []
+    for M in batch_sizes:
+        ins = [((x[:M], w1, w2, tw[:M], ti[:M]), kw) for (x, w1, w2, tw, ti), kw in sets]
+        if quant:
+            ins = [(a, {**k, **static_activation_scales(a, k)}) for a, k in ins]
+        cfg = config_for(M, problem.E, problem.N, problem.K, problem.topk,
+                         dtype=problem.torch_dtype, quant=quant, block_shape=None)  # fmt: skip
+
+        def run(i: int, ins=ins, cfg=cfg) -> torch.Tensor:
+            return ops.fused_experts(*ins[i][0], config=cfg, **ins[i][1])
+
+        ref = Reference(*ins[0][0], **ins[0][1])
+        chk = check_op(lambda: run(0), ref, dtype=problem.torch_dtype, quant=quant)
+        row = {"problem": name, "tp": tp, "quant": quant or "bf16", "M": M, "config": cfg,
+               "ok": chk.ok, "rel_err": chk.worst_row_err}  # fmt: skip
+        if chk.ok:
+            row["graph_us"] = time_op(run, len(ins), device="cuda", replays=20).median_us
+            row["kernels"], row["launches"] = breakdown(run, len(ins))
+            row["sum_kernels_us"] = sum(row["kernels"].values())
+        if "--compare" in sys.argv:
+            row.update(compare(run, len(ins), ref, problem.torch_dtype, quant))
+        del ref
+        routed = statistics.mean(float(torch.unique(s[0][4][:M]).numel()) for s in sets)
+        fl = roofline(problem, M, ceilings, experts=routed)
+        row.update(floor_us=fl.us, bound=fl.bound)
+        rows.append(row)
+        print(_line(row), flush=True)
+    del sets
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _line(r: dict) -> str:
+    head = f"{r['problem']} TP{r['tp']} {r['quant']} M={r['M']}"
+    if not r["ok"]:
+        return f"{head}: CHECK FAILED rel_err {r['rel_err']}"
+    g, s, f = r["graph_us"], r["sum_kernels_us"], r["floor_us"]
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in r["kernels"].items())
+    cmp = ""
+    if "speedup" in r:
+        u, v = r["unfused_us"], r["fused_us"]
+        cmp = (f" | unfused {u:.1f} → fused {v:.1f} µs ({r['speedup']:.3f}×; "
+               f"/floor {u / f:.2f} → {v / f:.2f})")  # fmt: skip
+    elif "unfused_ok" in r:
+        cmp = f" | COMPARE CHECK FAILED unfused {r['unfused_rel_err']} fused {r['fused_rel_err']}"
+    return (f"{head}: graph {g:.1f} µs, {r['launches']:g} kernels Σ {s:.1f}, between {g - s:.1f}, "
+            f"floor {f:.1f} ({g / f:.2f}×){cmp} | {parts}")  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    out = argv[0]
+    ms = [1, 8, 32, 512, 4096]
+    names = [p for p, _ in PROBLEMS]
+    for i, a in enumerate(argv):
+        if a == "--m":
+            ms = [int(v) for v in argv[i + 1].split(",")]
+        if a == "--problems":
+            names = argv[i + 1].split(",")
+    ceilings = measure_ceilings("cuda")
+    print(f"{torch.cuda.get_device_name()}; ceilings: {ceilings}", flush=True)
+    rows = []
+    for name, tp in PROBLEMS:
+        if name not in names:
+            continue
+        for quant in QUANTS:
+            try:
+                rows += bench_problem(name, tp, quant, ceilings, ms)
+            except Exception as e:  # report and go on with the next problem
+                print(f"{name} TP{tp} {quant}: {type(e).__name__}: {e}", flush=True)
+                torch.cuda.empty_cache()
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "ceilings": str(ceilings)}  # fmt: skip
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,177 @@
+"""The activation (and static fp8 re-quantization) in GEMM1's epilogue, ops.FUSE_GEMM1_ACTIVATION:
+the op's output must be the unfused steps' bit for bit, in every quantization mode, with both
+activations, on tiles whose outputs wrap past N, and with experts on another rank."""
+
+import pytest
+import torch
+from helpers import make_case
+
+from moetune import check_close, fused_experts, fused_experts_reference, launch, ops
+from moetune.ops import poisoned_workspace
+
+# N = 40 outputs: neither 16-wide (BLOCK_SIZE_N 32) nor 8-wide (16) tiles divide it.
+TILES = [
+    pytest.param({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1},
+                 id="N32"),
+    pytest.param({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 4},
+                 id="N16"),
+]  # fmt: skip
+MODES = [
+    pytest.param(None, False, None, False, id="fp16"),
+    pytest.param("int8_w8a16", False, None, False, id="int8_w8a16"),
+    pytest.param("fp8_w8a8", False, None, False, id="fp8-tensor-dynamic"),
+    pytest.param("fp8_w8a8", False, None, True, id="fp8-tensor-static"),
+    pytest.param("fp8_w8a8", True, None, False, id="fp8-token-dynamic"),
+    pytest.param("fp8_w8a8", True, None, True, id="fp8-token-static"),
+    pytest.param("fp8_w8a8", False, (32, 32), False, id="fp8-block"),
+    pytest.param("int8_w8a8", False, None, True, id="int8-tensor-static"),
+]
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list[dict]:
+    """The keyword arguments of every fused-MoE kernel launch (which still runs)."""
+    kernel = launch.fused_moe_kernel
+    recorded: list[dict] = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                recorded.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(launch, "fused_moe_kernel", Recording())
+    return recorded
+
+
+def _case(quant, per_channel, block_shape, static, activation, device, M=19, E=5):
+    case = make_case(M, E, 40, 72, 2, torch.float16, device, quant=quant, per_channel=per_channel,
+                     block_shape=block_shape, bias=True, activation=activation)  # fmt: skip
+    if static:  # calibrated on this case, as a checkpoint's static scales are
+        from moetune.inputs import static_activation_scales
+
+        kw = {k: v for k, v in case.kwargs.items() if k != "per_channel_quant"}
+        scales = static_activation_scales(case.args(), kw)
+        if per_channel:  # one scale per token (a1) and per slot (a2), none below the tensor's
+            scales["a1_scale"] = scales["a1_scale"] * (1 + torch.rand(M, 1, device=device))
+            scales["a2_scale"] = scales["a2_scale"] * (1 + torch.rand(M * 2, 1, device=device))
+        case.kwargs.update(scales)
+    return case
+
+
+def _run(case, config, *, fuse: bool, monkeypatch) -> torch.Tensor:
+    monkeypatch.setattr(ops, "FUSE_GEMM1_ACTIVATION", fuse)
+    monkeypatch.setattr(ops, "FUSE_ACTIVATION_QUANT", False)  # the unfused steps: three launches
+    with poisoned_workspace():
+        return fused_experts(*case.args(), config=config, **case.kwargs)
+
+
+# Every mode on 16-output tiles; the 8-output tiles (the narrowest a config allows) with the
+# plain and the static fp8 epilogue.
+CASES = [pytest.param(*m.values, TILES[0].values[0], id=f"{m.id}-N32") for m in MODES] + [
+    pytest.param(*m.values, TILES[1].values[0], id=f"{m.id}-N16")
+    for m in MODES
+    if m.id in ("fp16", "fp8-tensor-static")
+]
+
+
+@pytest.mark.parametrize(("quant", "per_channel", "block_shape", "static", "config"), CASES)
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+def test_fused_epilogue_changes_no_bit(
+    quant, per_channel, block_shape, static, config, activation, device, monkeypatch, launches
+):
+    case = _case(quant, per_channel, block_shape, static, activation, device)
+    steps = _run(case, config, fuse=False, monkeypatch=monkeypatch)
+    assert [k["ACTIVATION"] for k in launches] == [0, 0]
+    launches.clear()
+    fused = _run(case, config, fuse=True, monkeypatch=monkeypatch)
+    up, down = launches
+    assert up["ACTIVATION"] == launch.ACTIVATION_CODES[activation] and down["ACTIVATION"] == 0
+    # Only a static fp8 scale is applied in the epilogue; the other modes quantize afterwards.
+    assert up["QUANT_OUT"] == (quant == "fp8_w8a8" and static)
+    assert up["PER_ROW_SCALE"] == (up["QUANT_OUT"] and per_channel)
+    assert torch.equal(fused, steps)
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    result = check_close(fused, ref, dtype=torch.float16, quant=quant)
+    assert result.ok, result
+
+
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+def test_gate_and_up_columns_are_not_swapped(activation, device, monkeypatch):
+    """A fused epilogue that paired the wrong columns (gate with gate, or the halves swapped)
+    would still give finite numbers: the reference must tell them apart. Swapping gate and up in
+    the weights must change the op's output, and the op must follow the reference both ways."""
+    case = _case(None, False, None, False, activation, device)
+    config = TILES[0].values[0]
+    out = _run(case, config, fuse=True, monkeypatch=monkeypatch)
+    w1 = case.w1
+    if activation == "silu":
+        swapped = torch.cat([w1[:, 40:], w1[:, :40]], dim=1)
+        bias = case.kwargs["w1_bias"]
+        case.kwargs["w1_bias"] = torch.cat([bias[:, 40:], bias[:, :40]], dim=1)
+    else:
+        swapped = w1.view(w1.shape[0], 40, 2, -1).flip(2).reshape(w1.shape)
+        bias = case.kwargs["w1_bias"]
+        case.kwargs["w1_bias"] = bias.view(bias.shape[0], 40, 2).flip(2).reshape(bias.shape)
+    case.w1 = swapped.contiguous()
+    out_swapped = _run(case, config, fuse=True, monkeypatch=monkeypatch)
+    assert not torch.allclose(out, out_swapped, rtol=1e-2, atol=1e-2)
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    assert check_close(out_swapped, ref, dtype=torch.float16).ok
+
+
+def test_experts_on_another_rank_give_zero(device, monkeypatch):
+    """Blocks of experts mapped to -1 store the activation of zero (zero) in the fused path too,
+    and tokens routed only to them come out as exactly zero."""
+    case = _case("fp8_w8a8", False, None, True, "swigluoai", device, M=12, E=6)
+    expert_map = torch.tensor([0, -1, 1, -1, 2, -1], dtype=torch.int32, device=device)
+    case.kwargs["expert_map"] = expert_map
+    case.w1, case.w2 = case.w1.clone(), case.w2.clone()
+    config = TILES[0].values[0]
+    steps = _run(case, config, fuse=False, monkeypatch=monkeypatch)
+    fused = _run(case, config, fuse=True, monkeypatch=monkeypatch)
+    assert torch.equal(fused, steps)
+    remote_only = (expert_map[case.topk_ids.long()] == -1).all(dim=1)
+    assert bool((fused[remote_only] == 0).all())
+
+
+def test_an_fp8_output_needs_its_activation_and_scale(device):
+    """The launcher refuses the combinations the kernel cannot honour."""
+    from moetune.align import moe_align_block_size_torch
+
+    case = make_case(4, 2, 16, 32, 1, torch.float16, device)
+    routing = moe_align_block_size_torch(case.topk_ids, 16, 2, None)
+    config = TILES[1].values[0]
+    out = torch.empty(4, 16, dtype=torch.float8_e4m3fn, device=device)
+    with pytest.raises(ValueError, match="fp8 output"):
+        launch.invoke_moe_gemm(case.x, case.w1, out, routing, config=config, top_k=1,
+                               compute_dtype=torch.float16, activation="silu")  # fmt: skip
+    with pytest.raises(ValueError, match="N/2"):
+        launch.invoke_moe_gemm(case.x, case.w1, torch.empty(4, 32, device=device,
+                               dtype=torch.float16), routing, config=config, top_k=1,
+                               compute_dtype=torch.float16, activation="silu")  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("quant", "static"), [(None, False), ("fp8_w8a8", True),
+                                               ("fp8_w8a8", False)])  # fmt: skip
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+@pytest.mark.parametrize("block_m", [16, 64, 128])
+def test_fused_epilogue_changes_no_bit_bf16_gpu(quant, static, activation, block_m, device,
+                                                 monkeypatch):  # fmt: skip
+    """bf16 (GPU only) on realistic tiles: the epilogue's casts and activation arithmetic are
+    compiled into another kernel than the activation kernel's, with the same bits."""
+    case = make_case(300, 8, 384, 512, 2, torch.bfloat16, device, quant=quant, bias=True,
+                     activation=activation)  # fmt: skip
+    if static:
+        from moetune.inputs import static_activation_scales
+
+        case.kwargs.update(static_activation_scales(case.args(), case.kwargs))
+    warps = 8 if block_m == 128 else 4
+    config = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128,
+              "GROUP_SIZE_M": 8, "num_warps": warps, "num_stages": 3}  # fmt: skip
+    steps = _run(case, config, fuse=False, monkeypatch=monkeypatch)
+    fused = _run(case, config, fuse=True, monkeypatch=monkeypatch)
+    assert torch.equal(fused, steps)
