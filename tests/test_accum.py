@@ -1,6 +1,7 @@
 """The fp8 accumulation modes: what each hands the kernel as ``max_num_imprecise_acc``."""
 
 import pytest
+from conftest import HAS_GPU
 
 from moetune.accum import FP8_ACCUM_ENV, fp8_accum_mode, fp8_max_imprecise_acc
 
@@ -59,7 +60,7 @@ def test_empty_value_means_the_default(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the recorder leaves buffers unwritten
 @pytest.mark.parametrize("block_m, expected", [(16, 32), (64, 32), (128, None)])
-def test_the_kernel_gets_the_mode_of_its_own_tile(monkeypatch, launches, block_m, expected):
+def test_the_kernel_gets_the_mode_of_its_own_tile(monkeypatch, launches, block_m, expected, device):
     """Both GEMMs' launches carry max_num_imprecise_acc for the config's BLOCK_SIZE_M and
     BLOCK_SIZE_K (the interpreter ignores the value, so the launch itself is recorded)."""
     from moetune.inputs import random_moe_inputs
@@ -68,7 +69,7 @@ def test_the_kernel_gets_the_mode_of_its_own_tile(monkeypatch, launches, block_m
 
     monkeypatch.delenv(FP8_ACCUM_ENV, raising=False)
     problem = Problem(4, 32, 64, 2, "float16", quant="fp8_w8a8")
-    args, kw = random_moe_inputs(problem, 8, "cpu", seed=0)
+    args, kw = random_moe_inputs(problem, 8, device, seed=0)
     config = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
               "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 2}  # fmt: skip
     fused_experts(*args, config=config, **kw)
@@ -78,7 +79,7 @@ def test_the_kernel_gets_the_mode_of_its_own_tile(monkeypatch, launches, block_m
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_bf16_and_int8_never_take_the_fp8_mode(monkeypatch, launches):
+def test_bf16_and_int8_never_take_the_fp8_mode(monkeypatch, launches, device):
     from moetune.inputs import random_moe_inputs
     from moetune.ops import fused_experts
     from moetune.problem import Problem
@@ -86,12 +87,13 @@ def test_bf16_and_int8_never_take_the_fp8_mode(monkeypatch, launches):
     monkeypatch.setenv(FP8_ACCUM_ENV, "fast")
     for quant in (None, "int8_w8a8"):
         problem = Problem(4, 32, 64, 2, "float16", quant=quant)
-        args, kw = random_moe_inputs(problem, 8, "cpu", seed=0)
+        args, kw = random_moe_inputs(problem, 8, device, seed=0)
         fused_experts(*args, config={"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
                                      "GROUP_SIZE_M": 1}, **kw)  # fmt: skip
     assert [s["FP8_MAX_IMPRECISE_ACC"] for s in launches] == [0, 0, 0, 0]
 
 
+@pytest.mark.skipif(HAS_GPU, reason="sweeps the interpreter platform")
 def test_an_fp8_journal_records_its_mode_and_no_other_mode_resumes_it(tmp_path, monkeypatch):
     from moetune.journal import JournalError, read_journal
     from moetune.platform import get_platform
