@@ -3,9 +3,10 @@
 # one GPU, one device call (< 600 s):
 #   1. the GPU tests of the fused epilogue (bits equal to the unfused steps in bf16, fp16, fp8),
 #      the op, the re-quantization check, the activation kernel and the fp8 accumulation modes;
-#   2. benchmarks/kernel_breakdown.py --compare: each kernel's time per call, and the op unfused
-#      vs fused timed interleaved, both checked first, for the three reference problems in bf16
-#      and fp8 (static scales) at the seven batch sizes of issue 5, with the floor;
+#   2. benchmarks/kernel_breakdown.py --compare: each kernel's time per call, and the op in the
+#      VARIANTS (default unfused, fused, fused-pairs) timed interleaved, each checked first, for
+#      the three reference problems in bf16 and fp8 (static scales) at the seven batch sizes of
+#      issue 5, with the floor;
 #   3. with VERIFY=1, `moetune verify` of every shipped table (four at a time on the one GPU:
 #      numerics only), so every shipped config has compiled and passed in the fused kernel.
 # Usage: bash benchmarks/gpu_fused.sh   (everything in $OUT/fused.tgz; the table printed last)
@@ -21,7 +22,8 @@ if [ "${PYTEST:-1}" = 1 ]; then
 fi
 if [ "${BREAKDOWN:-1}" = 1 ]; then
   timeout "${BREAKDOWN_S:-330}" python3 benchmarks/kernel_breakdown.py "$R/breakdown.json" --compare \
-    --m "${MS:-1,8,32,128,512,2048,4096}" 2>&1 | grep -v -i warn > "$R/breakdown.log"
+    --variants "${VARIANTS:-unfused,fused,fused-pairs}" --m "${MS:-1,8,32,128,512,2048,4096}" \
+    2>&1 | grep -v -i warn > "$R/breakdown.log"
   echo "breakdown rc=$?" | tee -a "$R/summary.txt"
 fi
 if [ "${VERIFY:-0}" = 1 ]; then
@@ -32,31 +34,27 @@ fi
 (cd "$OUT" && tar czf fused.tgz fused && rm -rf fused)
 python3 - "$OUT/fused.tgz" <<'PY'
 import json, sys, tarfile
+from statistics import geometric_mean as gm
 t = tarfile.open(sys.argv[1])
 try:
     rows = json.load(t.extractfile("fused/breakdown.json"))["rows"]
 except KeyError:
     rows = []
+names = ["unfused", "fused", "fused-pairs"]
+groups, every = {}, {}
 for r in rows:
     head = f"{r['problem'][:8]} {r['quant']:>8} M={r['M']:<5}"
-    if "speedup" in r:
-        f = r["floor_us"]
-        print(f"{head} unfused {r['unfused_us']:8.1f} fused {r['fused_us']:8.1f} µs "
-              f"{r['speedup']:.3f}x  /floor {r['unfused_us'] / f:.2f} -> {r['fused_us'] / f:.2f}")
-    else:
-        print(f"{head} check: {r.get('ok')} {r.get('unfused_ok')} {r.get('fused_ok')}")
-from statistics import geometric_mean as gm
-groups = {}
-for r in rows:
-    if "speedup" in r:
-        groups.setdefault((r["problem"], r["quant"]), []).append(r)
-allu, allf = [], []
-for (p, q), rs in groups.items():
-    u = [r["unfused_us"] / r["floor_us"] for r in rs]
-    f = [r["fused_us"] / r["floor_us"] for r in rs]
-    allu += u
-    allf += f
-    print(f"geomean time/floor {p} {q} ({len(rs)} M): unfused {gm(u):.3f} fused {gm(f):.3f}")
-if groups:
-    print(f"geomean time/floor, all {len(allu)} points: unfused {gm(allu):.3f} fused {gm(allf):.3f}")
+    timed = [n for n in names if f"{n}_us" in r]
+    if not timed:
+        print(f"{head} not timed (check failed?)")
+        continue
+    f = r["floor_us"]
+    print(head + "  ".join(f"{n} {r[n + '_us']:8.1f} µs ({r[n + '_us'] / f:.2f})" for n in timed))
+    for n in timed:
+        groups.setdefault((r["problem"], r["quant"], n), []).append(r[n + "_us"] / f)
+        every.setdefault(n, []).append(r[n + "_us"] / f)
+for (p, q, n), v in groups.items():
+    print(f"geomean time/floor {p} {q} {n} ({len(v)} M): {gm(v):.3f}")
+for n, v in every.items():
+    print(f"geomean time/floor, all {len(v)} points, {n}: {gm(v):.3f}")
 PY

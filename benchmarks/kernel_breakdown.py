@@ -8,14 +8,17 @@ bench`` does), then run eagerly under ``torch.profiler`` over the same sets. The
 durations are summed by name and divided by the number of calls. ``graph − Σ kernels`` is what
 the graph spends between kernels (launch latency of dependent kernels, ramp-up and tail).
 
-``--compare`` times each point twice more, interleaved in the order unfused, fused, unfused,
-fused (large-M timings drift with the order of measurement, results/kernels/NOTES.md §8):
+``--compare`` times each point twice more per variant, interleaved (unfused, fused, unfused,
+fused: large-M timings drift with the order of measurement, results/kernels/NOTES.md §8):
 ``unfused`` with GEMM1 writing ``[slots, 2N]`` and the activation kernel after it, ``fused`` with
-the activation in GEMM1's epilogue (``ops.FUSE_GEMM1_ACTIVATION``, the op's default). Each
-variant's output is checked first; the ratio is the median unfused / the median fused.
+the activation in GEMM1's epilogue (``ops.FUSE_GEMM1_ACTIVATION``, the op's default), and with
+``--variants unfused,fused,fused-pairs`` also ``fused-pairs`` (silu's gate and up rows
+interleaved in the tile, ``launch.SILU_PAIRS``; the same as ``fused`` for swigluoai). Each
+variant's output is checked first; ``speedup`` is the first variant's median over the second's,
+``<variant>_vs_first`` each variant's against the first.
 
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
-       [--compare]
+       [--compare [--variants unfused,fused,fused-pairs]]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moetune import ops
+from moetune import launch, ops
 from moetune.check import check_op
 from moetune.inputs import random_moe_inputs, static_activation_scales
 from moetune.lookup import config_for
@@ -41,7 +44,9 @@ from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_coun
 PROBLEMS = [("Mixtral-8x7B", 2), ("Qwen3-30B-A3B", 2), ("gpt-oss-120b", 1)]
 QUANTS = [None, "fp8_w8a8"]
 PROFILED_CALLS = 24
-FUSED_DEFAULT = ops.FUSE_GEMM1_ACTIVATION
+# variant: (ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS)
+VARIANTS = {"unfused": (False, False), "fused": (True, False), "fused-pairs": (True, True)}
+DEFAULTS = (ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS)
 
 
 def _short(name: str) -> str:
@@ -67,27 +72,28 @@ def breakdown(run, n_sets: int) -> tuple[dict[str, float], float]:
     return dict(sorted(per.items(), key=lambda kv: -kv[1])), count / PROFILED_CALLS
 
 
-def _variant(fused: bool) -> None:
-    ops.FUSE_GEMM1_ACTIVATION = fused
+def _use(flags: tuple[bool, bool]) -> None:
+    ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS = flags
 
 
-def compare(run, n_sets: int, ref: Reference, dtype, quant) -> dict:
-    """Both variants checked, then timed unfused, fused, unfused, fused."""
+def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:
+    """Every variant checked, then each timed twice, interleaved (a, b, c, a, b, c)."""
     out: dict = {}
-    for name, fused in (("unfused", False), ("fused", True)):
-        _variant(fused)
+    for name in variants:
+        _use(VARIANTS[name])
         chk = check_op(lambda: run(0), ref, dtype=dtype, quant=quant)
         out[f"{name}_ok"], out[f"{name}_rel_err"] = chk.ok, chk.worst_row_err
-    times: dict[str, list[float]] = {"unfused": [], "fused": []}
-    if out["unfused_ok"] and out["fused_ok"]:
-        for name, fused in (("unfused", False), ("fused", True)) * 2:
-            _variant(fused)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    if all(out[f"{name}_ok"] for name in variants):
+        for name in variants * 2:
+            _use(VARIANTS[name])
             times[name].append(time_op(run, n_sets, device="cuda", replays=20).median_us)
         for name, ts in times.items():
             out[f"{name}_us"] = statistics.median(ts)
             out[f"{name}_runs_us"] = ts
-        out["speedup"] = out["unfused_us"] / out["fused_us"]
-    _variant(FUSED_DEFAULT)
+            out[f"{name}_vs_first"] = out[f"{variants[0]}_us"] / out[f"{name}_us"]
+        out["speedup"] = out[f"{variants[0]}_us"] / out[f"{variants[1]}_us"]
+    _use(DEFAULTS)
     return out
 
 
@@ -122,7 +128,7 @@ def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) 
             row["kernels"], row["launches"] = breakdown(run, len(ins))
             row["sum_kernels_us"] = sum(row["kernels"].values())
         if "--compare" in sys.argv:
-            row.update(compare(run, len(ins), ref, problem.torch_dtype, quant))
+            row.update(compare(run, len(ins), ref, problem.torch_dtype, quant, _variants()))
         del ref
         routed = statistics.mean(float(torch.unique(s[0][4][:M]).numel()) for s in sets)
         fl = roofline(problem, M, ceilings, experts=routed)
@@ -134,6 +140,17 @@ def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) 
     return rows
 
 
+def _variants() -> list[str]:
+    """The --variants list (default: unfused, fused); unknown names are refused."""
+    names = ["unfused", "fused"]
+    if "--variants" in sys.argv:
+        names = sys.argv[sys.argv.index("--variants") + 1].split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or len(names) < 2:
+        sys.exit(f"Error: --variants takes two or more of {', '.join(VARIANTS)}, got {names}")
+    return names
+
+
 def _line(r: dict) -> str:
     head = f"{r['problem']} TP{r['tp']} {r['quant']} M={r['M']}"
     if not r["ok"]:
@@ -141,12 +158,15 @@ def _line(r: dict) -> str:
     g, s, f = r["graph_us"], r["sum_kernels_us"], r["floor_us"]
     parts = ", ".join(f"{k} {v:.1f}" for k, v in r["kernels"].items())
     cmp = ""
-    if "speedup" in r:
-        u, v = r["unfused_us"], r["fused_us"]
-        cmp = (f" | unfused {u:.1f} → fused {v:.1f} µs ({r['speedup']:.3f}×; "
-               f"/floor {u / f:.2f} → {v / f:.2f})")  # fmt: skip
-    elif "unfused_ok" in r:
-        cmp = f" | COMPARE CHECK FAILED unfused {r['unfused_rel_err']} fused {r['fused_rel_err']}"
+    timed = [n for n in VARIANTS if f"{n}_us" in r]
+    checked = [n for n in VARIANTS if f"{n}_ok" in r]
+    if timed:
+        cmp = " | " + ", ".join(
+            f"{n} {r[f'{n}_us']:.1f} µs ({r[f'{n}_vs_first']:.3f}×, /floor {r[f'{n}_us'] / f:.2f})"
+            for n in timed
+        )
+    elif checked:
+        cmp = " | COMPARE CHECK FAILED " + ", ".join(f"{n} {r[f'{n}_rel_err']}" for n in checked)
     return (f"{head}: graph {g:.1f} µs, {r['launches']:g} kernels Σ {s:.1f}, between {g - s:.1f}, "
             f"floor {f:.1f} ({g / f:.2f}×){cmp} | {parts}")  # fmt: skip
 

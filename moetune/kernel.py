@@ -5,8 +5,9 @@ B[expert]ᵀ`` over a block of expert-sorted token slots (see ``moetune.align``)
 epilogue in DESIGN §1's order: fp32 dequantization → + bias → × router weight → one cast.
 
 For the up projection the epilogue can go on (``ACTIVATION``): the tile's B rows are chosen so
-that it holds the gate and up columns of ``BLOCK_SIZE_N / 2`` outputs (the first half of the
-tile gate, the second up, for ``silu``'s stacked halves; interleaved pairs for ``swigluoai``),
+that it holds the gate and up columns of ``BLOCK_SIZE_N / 2`` outputs (for ``silu``'s stacked
+halves the first half of the tile gate and the second up, or with ``SILU_PAIRS`` gate and up rows
+interleaved; ``swigluoai``'s weights are interleaved already),
 the cast value is taken back to fp32, the activation applied, cast again, and optionally
 quantized to fp8 with a static scale (``QUANT_OUT``). Those are the bits of GEMM1 → activation
 kernel → quantization, without the ``[slots, 2N]`` intermediate in memory or its launch.
@@ -83,6 +84,9 @@ def fused_moe_kernel(
     DOT_PRECISION: tl.constexpr,
     FP8_MAX_IMPRECISE_ACC: tl.constexpr,  # 0: fp32 accumulation; None: Hopper's fast fp8 mode
     ACTIVATION: tl.constexpr = 0,  # 0: none; 1: silu (gate | up halves); 2: swigluoai (pairs)
+    # silu: load gate and up rows interleaved, so the tile holds (gate, up) column pairs as
+    # swigluoai's does and the epilogue splits them in registers instead of permuting the tile.
+    SILU_PAIRS: tl.constexpr = False,
     QUANT_OUT: tl.constexpr = False,
     PER_ROW_SCALE: tl.constexpr = False,
     MIN_EXP: tl.constexpr = -6,  # QUANT_OUT: the fp8 format's smallest normal exponent
@@ -120,7 +124,10 @@ def fused_moe_kernel(
         offs_cn = pid_n * (BLOCK_SIZE_N // 2) + tl.arange(0, BLOCK_SIZE_N // 2).to(tl.int64)
         c_mask = token_mask[:, None] & (offs_cn[None, :] < N // 2)
         cols = tl.arange(0, BLOCK_SIZE_N).to(tl.int64)
-        if ACTIVATION == 1:  # gate rows [0, N/2), up rows [N/2, N)
+        if ACTIVATION == 1 and SILU_PAIRS:  # column 2j: gate row of output j, 2j+1: its up row
+            out_col = pid_n * (BLOCK_SIZE_N // 2) + cols // 2
+            offs_bn = out_col % (N // 2) + (cols % 2) * (N // 2)
+        elif ACTIVATION == 1:  # gate rows [0, N/2), up rows [N/2, N)
             half = cols // (BLOCK_SIZE_N // 2)
             out_col = pid_n * (BLOCK_SIZE_N // 2) + cols % (BLOCK_SIZE_N // 2)
             offs_bn = out_col % (N // 2) + half * (N // 2)
@@ -209,13 +216,16 @@ def fused_moe_kernel(
     else:
         # GEMM1's output as the unfused op stores it, then the activation kernel's arithmetic.
         h = acc.to(compute_type).to(tl.float32)
-        if ACTIVATION == 1:
+        if ACTIVATION == 1 and not SILU_PAIRS:
             h = tl.permute(tl.reshape(h, (BLOCK_SIZE_M, 2, BLOCK_SIZE_N // 2)), (0, 2, 1))
             gate, up = tl.split(h)
             out = silu_mul(gate, up)
         else:
             gate, up = tl.split(tl.reshape(h, (BLOCK_SIZE_M, BLOCK_SIZE_N // 2, 2)))
-            out = swiglu_oai(gate, up, alpha, limit)
+            if ACTIVATION == 1:  # noqa: SIM108 (one branch compiled)
+                out = silu_mul(gate, up)
+            else:
+                out = swiglu_oai(gate, up, alpha, limit)
         if QUANT_OUT:  # the activation as the op's dtype holds it, then the static fp8 step
             if PER_ROW_SCALE:
                 scale = tl.load(out_scale_ptr + offs_token, mask=token_mask, other=1.0)

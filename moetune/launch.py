@@ -24,6 +24,10 @@ from moetune.quant_kernel import fp8_min_exp
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 # The kernel's ACTIVATION codes (0: the plain GEMM).
 ACTIVATION_CODES = {"silu": 1, "swigluoai": 2}
+# silu's gate and up rows interleaved in the fused epilogue's tile (the kernel's SILU_PAIRS).
+# Off: the stacked-halves tile is the one measured on an H100 (results/kernels/NOTES.md §12);
+# the pairs avoid its register permute but have not run on a GPU yet.
+SILU_PAIRS = False
 META_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
 LAUNCH_KEYS = ("num_warps", "num_stages")
 _compile_only = False
@@ -198,6 +202,7 @@ def invoke_moe_gemm(
             fp8_max_imprecise_acc(bm, config["BLOCK_SIZE_K"]) if quant == "fp8_w8a8" else 0
         ),
         ACTIVATION=act,
+        SILU_PAIRS=SILU_PAIRS and act == ACTIVATION_CODES["silu"],
         QUANT_OUT=quant_out,
         PER_ROW_SCALE=out_scale is not None and out_scale.numel() > 1,
         MIN_EXP=fp8_min_exp(c.dtype) if quant_out else -6,

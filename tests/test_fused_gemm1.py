@@ -47,6 +47,16 @@ def launches(monkeypatch) -> list[dict]:
     return recorded
 
 
+# "silu-pairs": silu with gate and up rows interleaved in the tile (launch.SILU_PAIRS).
+ACTIVATIONS = ["silu", "silu-pairs", "swigluoai"]
+
+
+def _activation(name: str, monkeypatch) -> str:
+    """The op's activation for a test name, with launch.SILU_PAIRS set to match."""
+    monkeypatch.setattr(launch, "SILU_PAIRS", name == "silu-pairs")
+    return "silu" if name == "silu-pairs" else name
+
+
 def _case(quant, per_channel, block_shape, static, activation, device, M=19, E=5):
     case = make_case(M, E, 40, 72, 2, torch.float16, device, quant=quant, per_channel=per_channel,
                      block_shape=block_shape, bias=True, activation=activation)  # fmt: skip
@@ -79,10 +89,11 @@ CASES = [pytest.param(*m.values, TILES[0].values[0], id=f"{m.id}-N32") for m in 
 
 
 @pytest.mark.parametrize(("quant", "per_channel", "block_shape", "static", "config"), CASES)
-@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+@pytest.mark.parametrize("name", ACTIVATIONS)
 def test_fused_epilogue_changes_no_bit(
-    quant, per_channel, block_shape, static, config, activation, device, monkeypatch, launches
+    quant, per_channel, block_shape, static, config, name, device, monkeypatch, launches
 ):
+    activation = _activation(name, monkeypatch)
     case = _case(quant, per_channel, block_shape, static, activation, device)
     steps = _run(case, config, fuse=False, monkeypatch=monkeypatch)
     assert [k["ACTIVATION"] for k in launches] == [0, 0]
@@ -90,6 +101,7 @@ def test_fused_epilogue_changes_no_bit(
     fused = _run(case, config, fuse=True, monkeypatch=monkeypatch)
     up, down = launches
     assert up["ACTIVATION"] == launch.ACTIVATION_CODES[activation] and down["ACTIVATION"] == 0
+    assert up["SILU_PAIRS"] == (name == "silu-pairs") and not down["SILU_PAIRS"]
     # Only a static fp8 scale is applied in the epilogue; the other modes quantize afterwards.
     assert up["QUANT_OUT"] == (quant == "fp8_w8a8" and static)
     assert up["PER_ROW_SCALE"] == (up["QUANT_OUT"] and per_channel)
@@ -99,11 +111,12 @@ def test_fused_epilogue_changes_no_bit(
     assert result.ok, result
 
 
-@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
-def test_gate_and_up_columns_are_not_swapped(activation, device, monkeypatch):
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_gate_and_up_columns_are_not_swapped(name, device, monkeypatch):
     """A fused epilogue that paired the wrong columns (gate with gate, or the halves swapped)
     would still give finite numbers: the reference must tell them apart. Swapping gate and up in
     the weights must change the op's output, and the op must follow the reference both ways."""
+    activation = _activation(name, monkeypatch)
     case = _case(None, False, None, False, activation, device)
     config = TILES[0].values[0]
     out = _run(case, config, fuse=True, monkeypatch=monkeypatch)
@@ -158,12 +171,13 @@ def test_an_fp8_output_needs_its_activation_and_scale(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize(("quant", "static"), [(None, False), ("fp8_w8a8", True),
                                                ("fp8_w8a8", False)])  # fmt: skip
-@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+@pytest.mark.parametrize("name", ACTIVATIONS)
 @pytest.mark.parametrize("block_m", [16, 64, 128])
-def test_fused_epilogue_changes_no_bit_bf16_gpu(quant, static, activation, block_m, device,
+def test_fused_epilogue_changes_no_bit_bf16_gpu(quant, static, name, block_m, device,
                                                  monkeypatch):  # fmt: skip
     """bf16 (GPU only) on realistic tiles: the epilogue's casts and activation arithmetic are
     compiled into another kernel than the activation kernel's, with the same bits."""
+    activation = _activation(name, monkeypatch)
     case = make_case(300, 8, 384, 512, 2, torch.bfloat16, device, quant=quant, bias=True,
                      activation=activation)  # fmt: skip
     if static:
