@@ -26,7 +26,8 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 ACTIVATION_CODES = {"silu": 1, "swigluoai": 2}
 # silu's gate and up rows interleaved in the fused epilogue's tile (the kernel's SILU_PAIRS).
 # Off: the stacked-halves tile is the one measured on an H100 (results/kernels/NOTES.md §12);
-# the pairs avoid its register permute but have not run on a GPU yet.
+# the pairs avoid its permute across threads but have not run on a GPU yet. Changing the default
+# changes the kernel's timings: bump the version (part of a sweep journal's identity) with it.
 SILU_PAIRS = False
 META_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
 LAUNCH_KEYS = ("num_warps", "num_stages")
