@@ -33,13 +33,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from moetune import launch, ops
 from moetune.check import check_op
-from moetune.inputs import random_moe_inputs, static_activation_scales
+from moetune.inputs import static_activation_scales, timing_input_sets
 from moetune.lookup import config_for
 from moetune.platform import detect_platform
 from moetune.presets import preset_problem
 from moetune.reference import Reference
 from moetune.roofline import measure_ceilings, roofline
-from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_count
+from moetune.timing import time_op
 
 PROBLEMS = [("Mixtral-8x7B", 2), ("Qwen3-30B-A3B", 2), ("gpt-oss-120b", 1)]
 QUANTS = [None, "fp8_w8a8"]
@@ -99,15 +99,8 @@ def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str])
 
 def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) -> list[dict]:
     problem = preset_problem(name, tp, quant=quant)
-    plat = detect_platform()
-    m_max = max(batch_sizes)
-    draw = lambda seed: random_moe_inputs(problem, m_max, "cuda", seed=seed,  # noqa: E731
-                                          fp8_dtype=plat.fp8_torch_dtype)  # fmt: skip
-    sets = [draw(1)]
-    w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])
-    n = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes("cuda"),
-                         set_memory_budget("cuda"))  # fmt: skip
-    sets += [draw(1 + i) for i in range(1, n)]
+    fp8 = detect_platform().fp8_torch_dtype
+    sets = timing_input_sets(problem, max(batch_sizes), "cuda", fp8_dtype=fp8)
     rows = []
     for M in batch_sizes:
         ins = [((x[:M], w1, w2, tw[:M], ti[:M]), kw) for (x, w1, w2, tw, ti), kw in sets]

@@ -39,7 +39,7 @@ from moetune.activation import apply_activation, apply_activation_torch
 from moetune.align import moe_align_block_size_torch
 from moetune.align_kernel import ONE_PROGRAM_DEFAULT, moe_align_block_size
 from moetune.check import check_close
-from moetune.inputs import random_moe_inputs, static_activation_scales
+from moetune.inputs import static_activation_scales, timing_input_sets
 from moetune.lookup import config_for
 from moetune.platform import detect_platform
 from moetune.presets import preset_problem
@@ -47,7 +47,7 @@ from moetune.quant import quantize_activation
 from moetune.quant_kernel import quantize_activation_fast
 from moetune.reference import fused_experts_reference
 from moetune.roofline import measure_ceilings, roofline
-from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_count
+from moetune.timing import time_op
 
 FUSE_DEFAULT = ops.FUSE_ACTIVATION_QUANT
 ALIGN_OTHER = "align-3-launches" if ONE_PROGRAM_DEFAULT else "align-1-program"  # --align-step
@@ -83,15 +83,9 @@ def _use(variant: str) -> None:
 
 def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) -> list[dict]:
     problem = preset_problem(name, tp, quant=quant)
-    plat = detect_platform()
-    m_max = max(batch_sizes)
-    draw = lambda seed: random_moe_inputs(problem, m_max, "cuda", seed=seed,  # noqa: E731
-                                          fp8_dtype=plat.fp8_torch_dtype)  # fmt: skip
-    sets = [draw(1)]
-    w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])
-    n = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes("cuda"),
-                         set_memory_budget("cuda"))  # fmt: skip
-    sets += [draw(1 + i) for i in range(1, n)]
+    fp8 = detect_platform().fp8_torch_dtype
+    sets = timing_input_sets(problem, max(batch_sizes), "cuda", fp8_dtype=fp8)
+    n = len(sets)
     rows = []
     for M in batch_sizes:
         ins = [((x[:M], w1, w2, tw[:M], ti[:M]), kw) for (x, w1, w2, tw, ti), kw in sets]

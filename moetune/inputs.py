@@ -167,6 +167,29 @@ def random_moe_inputs(
     return (x, w1, w2, topk_weights, topk_ids), kwargs
 
 
+def timing_input_sets(
+    problem: Problem,
+    M: int,
+    device: str | torch.device,
+    *,
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+) -> list[tuple[tuple[torch.Tensor, ...], dict[str, Any]]]:
+    """Input sets of M tokens to rotate through when timing (benchmark scripts): seed 1 first,
+    then seeds 2, 3, ... up to :func:`moetune.timing.timing_set_count` sets, so the experts one
+    call touches are cold in L2 as in a served model. Slice ``x``, ``topk_weights`` and
+    ``topk_ids`` to time smaller batch sizes with the same weights."""
+    from moetune.timing import l2_bytes, set_memory_budget, timing_set_count
+
+    def draw(seed: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        return random_moe_inputs(problem, M, device, seed=seed, fp8_dtype=fp8_dtype)
+
+    sets = [draw(1)]
+    w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])
+    n = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device),
+                         set_memory_budget(device))  # fmt: skip
+    return sets + [draw(seed) for seed in range(2, n + 1)]
+
+
 def static_activation_scales(
     args: tuple[torch.Tensor, ...], kwargs: dict[str, Any], *, sample: int = 256
 ) -> dict[str, torch.Tensor]:

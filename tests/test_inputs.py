@@ -219,3 +219,19 @@ def test_static_activation_scales_refuse_what_they_cannot_be():
     args, kw = random_moe_inputs(_problem(quant="fp8_w8a8", per_channel=True), M, "cpu", seed=0)
     with pytest.raises(ValueError, match="per tensor"):
         static_activation_scales(args, kw)
+
+
+def test_timing_sets_rotate_distinct_weights_as_many_as_the_count(device, monkeypatch):
+    """Benchmarks time over these sets: seed 1 first (the set they check), then new weights for
+    every further set, as many as timing_set_count gives for this L2."""
+    from moetune import timing
+    from moetune.inputs import timing_input_sets
+
+    p = Problem(E=4, N=32, K=64, topk=2, dtype="float16")
+    monkeypatch.setattr(timing, "l2_bytes", lambda d: 10**6)  # 4 MB of passes over 48 KB sets
+    sets = timing_input_sets(p, 8, device)
+    w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])
+    assert len(sets) == timing.timing_set_count(w_bytes, p.E, p.topk, 10**6) > 1
+    first = random_moe_inputs(p, 8, device, seed=1)[0]
+    assert all(torch.equal(a, b) for a, b in zip(sets[0][0], first, strict=True))
+    assert not any(torch.equal(sets[0][0][1], s[0][1]) for s in sets[1:])
