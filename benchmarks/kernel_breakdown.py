@@ -17,6 +17,8 @@ interleaved in the tile, ``launch.SILU_PAIRS``; the same as ``fused`` for swiglu
 variant's output is checked first; ``speedup`` is the first variant's median over the second's,
 ``<variant>_vs_first`` each variant's against the first.
 
+Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
+
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
        [--compare [--variants unfused,fused,fused-pairs]]
 """
@@ -77,31 +79,38 @@ def _use(flags: tuple[bool, bool]) -> None:
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:
-    """Every variant checked, then each timed twice, interleaved (a, b, c, a, b, c)."""
+    """Every variant checked (an error is recorded as a failed check), then those that passed
+    timed twice each, interleaved (a, b, c, a, b, c). The op's defaults are restored after."""
     out: dict = {}
-    for name in variants:
-        _use(VARIANTS[name])
-        chk = check_op(lambda: run(0), ref, dtype=dtype, quant=quant)
-        out[f"{name}_ok"], out[f"{name}_rel_err"] = chk.ok, chk.worst_row_err
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    if all(out[f"{name}_ok"] for name in variants):
-        for name in variants * 2:
+    try:
+        for name in variants:
+            _use(VARIANTS[name])
+            try:
+                chk = check_op(lambda: run(0), ref, dtype=dtype, quant=quant)
+                out[f"{name}_ok"], out[f"{name}_rel_err"] = chk.ok, chk.worst_row_err
+            except Exception as e:  # a variant that does not compile or run: the others go on
+                out[f"{name}_ok"], out[f"{name}_rel_err"] = False, f"{type(e).__name__}: {e}"
+        passed = [name for name in variants if out[f"{name}_ok"]]
+        times: dict[str, list[float]] = {name: [] for name in passed}
+        for name in passed * 2:
             _use(VARIANTS[name])
             times[name].append(time_op(run, n_sets, device="cuda", replays=20).median_us)
-        for name, ts in times.items():
-            out[f"{name}_us"] = statistics.median(ts)
-            out[f"{name}_runs_us"] = ts
-            out[f"{name}_vs_first"] = out[f"{variants[0]}_us"] / out[f"{name}_us"]
+    finally:
+        _use(DEFAULTS)
+    for name, ts in times.items():
+        out[f"{name}_us"] = statistics.median(ts)
+        out[f"{name}_runs_us"] = ts
+        out[f"{name}_vs_first"] = out[f"{passed[0]}_us"] / out[f"{name}_us"]
+    if passed[:2] == variants[:2]:
         out["speedup"] = out[f"{variants[0]}_us"] / out[f"{variants[1]}_us"]
-    _use(DEFAULTS)
     return out
 
 
-def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) -> list[dict]:
+def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes, sink) -> None:
+    """Each batch size's row is printed and written to ``sink`` (a JSON line) as it is done."""
     problem = preset_problem(name, tp, quant=quant)
     fp8 = detect_platform().fp8_torch_dtype
     sets = timing_input_sets(problem, max(batch_sizes), "cuda", fp8_dtype=fp8)
-    rows = []
     for M in batch_sizes:
         ins = [((x[:M], w1, w2, tw[:M], ti[:M]), kw) for (x, w1, w2, tw, ti), kw in sets]
         if quant:
@@ -126,11 +135,11 @@ def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes) 
         routed = statistics.mean(float(torch.unique(s[0][4][:M]).numel()) for s in sets)
         fl = roofline(problem, M, ceilings, experts=routed)
         row.update(floor_us=fl.us, bound=fl.bound)
-        rows.append(row)
+        sink.write(json.dumps(row, default=str) + "\n")
+        sink.flush()
         print(_line(row), flush=True)
     del sets
     torch.cuda.empty_cache()
-    return rows
 
 
 def _variants() -> list[str]:
@@ -152,14 +161,13 @@ def _line(r: dict) -> str:
     parts = ", ".join(f"{k} {v:.1f}" for k, v in r["kernels"].items())
     cmp = ""
     timed = [n for n in VARIANTS if f"{n}_us" in r]
-    checked = [n for n in VARIANTS if f"{n}_ok" in r]
-    if timed:
-        cmp = " | " + ", ".join(
-            f"{n} {r[f'{n}_us']:.1f} µs ({r[f'{n}_vs_first']:.3f}×, /floor {r[f'{n}_us'] / f:.2f})"
-            for n in timed
-        )
-    elif checked:
-        cmp = " | COMPARE CHECK FAILED " + ", ".join(f"{n} {r[f'{n}_rel_err']}" for n in checked)
+    failed = [n for n in VARIANTS if r.get(f"{n}_ok") is False]
+    parts_cmp = [
+        f"{n} {r[f'{n}_us']:.1f} µs ({r[f'{n}_vs_first']:.3f}×, /floor {r[f'{n}_us'] / f:.2f})"
+        for n in timed
+    ] + [f"{n} CHECK FAILED {r[f'{n}_rel_err']}" for n in failed]
+    if parts_cmp:
+        cmp = " | " + ", ".join(parts_cmp)
     return (f"{head}: graph {g:.1f} µs, {r['launches']:g} kernels Σ {s:.1f}, between {g - s:.1f}, "
             f"floor {f:.1f} ({g / f:.2f}×){cmp} | {parts}")  # fmt: skip
 
@@ -175,16 +183,19 @@ def main(argv: list[str]) -> None:
             names = argv[i + 1].split(",")
     ceilings = measure_ceilings("cuda")
     print(f"{torch.cuda.get_device_name()}; ceilings: {ceilings}", flush=True)
-    rows = []
-    for name, tp in PROBLEMS:
-        if name not in names:
-            continue
-        for quant in QUANTS:
-            try:
-                rows += bench_problem(name, tp, quant, ceilings, ms)
-            except Exception as e:  # report and go on with the next problem
-                print(f"{name} TP{tp} {quant}: {type(e).__name__}: {e}", flush=True)
-                torch.cuda.empty_cache()
+    # Rows go to OUT.jsonl as they are measured (a run cut by a timeout keeps them), then OUT.
+    with open(out + "l", "w") as sink:
+        for name, tp in PROBLEMS:
+            if name not in names:
+                continue
+            for quant in QUANTS:
+                try:
+                    bench_problem(name, tp, quant, ceilings, ms, sink)
+                except Exception as e:  # report and go on with the next problem
+                    print(f"{name} TP{tp} {quant}: {type(e).__name__}: {e}", flush=True)
+                    torch.cuda.empty_cache()
+    with open(out + "l") as f:
+        rows = [json.loads(line) for line in f]
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "ceilings": str(ceilings)}  # fmt: skip
     with open(out, "w") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -37,15 +38,31 @@ def random_routing(M: int, E: int, topk: int, device: str, skew: str = "uniform"
     return weights.float(), ids.to(torch.int32)
 
 
+def coarse(shape: tuple[int, ...], fan_in: int, device: str) -> torch.Tensor:
+    """Random values ±(8..15)/16 · 2^-round(log2(√fan_in)): four significant bits and one
+    binade, so every dot product of them (or of their fp8/int8 codes) over up to 2^10 terms is
+    exact in fp32 whatever the order of its sums. Triton's interpreter computes tl.dot with
+    numpy, whose result for a column can depend on the column's place in the tile; with these
+    values it cannot."""
+    mag = torch.randint(8, 16, shape, device=device).float() / 16
+    sign = torch.randint(0, 2, shape, device=device).float() * 2 - 1
+    return sign * mag * 2.0 ** -round(math.log2(fan_in**0.5))
+
+
 def make_case(
     M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype, device: str, *,
     quant: str | None = None, per_channel: bool = False, block_shape=None, bias: bool = False,
     activation: str = "silu", skew: str = "uniform", fp8_dtype=torch.float8_e4m3fn,
-    w_scale_mult: float = 1.0, bias_mult: float = 1.0,
+    w_scale_mult: float = 1.0, bias_mult: float = 1.0, exact_dots: bool = False,
 ) -> MoeCase:  # fmt: skip
-    x = torch.randn(M, K, device=device, dtype=torch.float32).to(dtype)
-    w1 = torch.randn(E, 2 * N, K, device=device) / K**0.5
-    w2 = torch.randn(E, K, N, device=device) / N**0.5
+    """``exact_dots``: x and the weights from :func:`coarse` instead of normal draws."""
+    if exact_dots:
+        x = coarse((M, K), 1, device).to(dtype)
+        w1, w2 = coarse((E, 2 * N, K), K, device), coarse((E, K, N), N, device)
+    else:
+        x = torch.randn(M, K, device=device, dtype=torch.float32).to(dtype)
+        w1 = torch.randn(E, 2 * N, K, device=device) / K**0.5
+        w2 = torch.randn(E, K, N, device=device) / N**0.5
     weights, ids = random_routing(M, E, topk, device, skew)
     kw: dict = {"activation": activation}
     if bias:

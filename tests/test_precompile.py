@@ -50,6 +50,44 @@ def test_compile_only_warms_up_both_gemms_from_cpu_tensors(monkeypatch, quant):
     assert [w["use_fp8_w8a8"] for w in fake.warmups] == [quant == "fp8_w8a8"] * 2
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+def test_compile_only_compiles_the_variant_the_op_launches(monkeypatch, static, activation, device):
+    """Compile processes must build the kernels the op then runs: the same constexprs (the fused
+    epilogue's included) and the same argument dtypes, or every candidate compiles twice."""
+    from moetune.inputs import static_activation_scales
+
+    kernel = launch.fused_moe_kernel
+    seen: dict[str, list] = {"launch": [], "warmup": []}
+
+    def signature(args, kwargs):
+        types = tuple(str(a.dtype) if torch.is_tensor(a) else type(a).__name__ for a in args)
+        return types, kwargs
+
+    class Recording:
+        def warmup(self, *args, grid, **kwargs):
+            seen["warmup"].append(signature(args, kwargs))
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen["launch"].append(signature(args, kwargs))
+                return kernel[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(launch, "fused_moe_kernel", Recording())
+    case = make_case(16, 4, 32, 64, 2, torch.float16, device, quant="fp8_w8a8", bias=True,
+                     activation=activation)  # fmt: skip
+    if static:
+        case.kwargs.update(static_activation_scales(case.args(), case.kwargs))
+    ops.fused_experts(*case.args(), config=CONFIG, **case.kwargs)
+    with compile_only():
+        ops.fused_experts(*case.args(), config=CONFIG, **case.kwargs)
+    assert len(seen["launch"]) == len(seen["warmup"]) == 2
+    assert seen["warmup"] == seen["launch"]
+    assert seen["launch"][0][1]["QUANT_OUT"] == static
+
+
 def test_compiler_reports_first_and_gpu_compiled_candidates():
     """Reports from compile processes (simulated: no process started) reach ``ready`` and the
     timeline; a candidate reported while processes are gone is left to the sweep."""
