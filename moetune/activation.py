@@ -17,7 +17,7 @@ import triton.language as tl
 
 from moetune.problem import ACTIVATIONS
 from moetune.quant import FP8_DTYPES, quant_max, static_scale
-from moetune.quant_kernel import _clamp_nan, _round_to_fp8, fp8_min_exp
+from moetune.quant_kernel import fp8_min_exp, quantize_fp8
 
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
@@ -63,7 +63,7 @@ def _activation_kernel(
         else:
             scale = tl.load(scale_ptr)
         h = out.to(x_ptr.dtype.element_ty).to(tl.float32)  # as the unfused op stores it
-        out = _round_to_fp8(_clamp_nan(tl.div_rn(h, scale), qmax), MIN_EXP)
+        out = quantize_fp8(h, scale, qmax, MIN_EXP)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

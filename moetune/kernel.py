@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from moetune.activation import silu_mul, swiglu_oai
-from moetune.quant_kernel import _clamp_nan, _round_to_fp8
+from moetune.quant_kernel import quantize_fp8
 
 
 # EM and num_valid_tokens change with the batch size: not specializing on them lets one compiled
@@ -233,5 +233,5 @@ def fused_moe_kernel(
             else:
                 scale = tl.load(out_scale_ptr)
             out = out.to(compute_type).to(tl.float32)
-            out = _round_to_fp8(_clamp_nan(tl.div_rn(out, scale), qmax), MIN_EXP)
+            out = quantize_fp8(out, scale, qmax, MIN_EXP)
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)

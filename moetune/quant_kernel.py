@@ -58,6 +58,14 @@ def _clamp_nan(y, qmax):
 
 
 @triton.jit
+def quantize_fp8(x, scale, qmax, MIN_EXP: tl.constexpr):
+    """``x / scale`` (fp32, correctly rounded as PyTorch divides) clamped to ±qmax with NaN kept,
+    on the e4m3 grid: the quantization step every fp8 kernel here shares, so their bits agree
+    with each other and with :func:`moetune.quant.quantize_activation`."""
+    return _round_to_fp8(_clamp_nan(tl.div_rn(x, scale), qmax), MIN_EXP)
+
+
+@triton.jit
 def _scale_from_amax(amax, has_nan, min_amax, qmax):
     """``max(amax, min_amax) / qmax``, NaN when the values held a NaN: PyTorch's amax returns
     NaN there (so the scale and every value quantized with it), while a GPU's max and atomic
@@ -99,7 +107,7 @@ def _quant_tensor_kernel(
     cols = col_block * COLS + tl.arange(0, COLS)
     mask = cols < K
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _round_to_fp8(_clamp_nan(tl.div_rn(x, scale), qmax), MIN_EXP)
+    y = quantize_fp8(x, scale, qmax, MIN_EXP)
     tl.store(q_ptr + row * stride_q + cols, y.to(q_ptr.dtype.element_ty),
              mask=mask)  # fmt: skip
 
@@ -127,7 +135,7 @@ def _quant_group_kernel(
         cols = start + c + tl.arange(0, BLOCK)
         mask = (cols < K) & (c + tl.arange(0, BLOCK) < GROUP)
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        y = _round_to_fp8(_clamp_nan(tl.div_rn(x, scale), qmax), MIN_EXP)
+        y = quantize_fp8(x, scale, qmax, MIN_EXP)
         tl.store(q_ptr + row * stride_q + cols,
                  y.to(q_ptr.dtype.element_ty), mask=mask)  # fmt: skip
 
