@@ -30,20 +30,13 @@ import torch
 from moetune.accum import fp8_accum_mode
 from moetune.check import check_op, tolerance
 from moetune.defaults import default_config
-from moetune.inputs import random_moe_inputs, static_activation_scales
+from moetune.inputs import static_activation_scales, timing_input_sets
 from moetune.naive import dequantized_for_naive, naive_moe
 from moetune.ops import fused_experts
 from moetune.problem import Problem
 from moetune.reference import Reference
 from moetune.roofline import Ceilings, Floor, floor_us, measure_ceilings, roofline
-from moetune.timing import (
-    Timing,
-    _quantiles,
-    l2_bytes,
-    set_memory_budget,
-    time_op,
-    timing_set_count,
-)
+from moetune.timing import Timing, _quantiles, time_op
 
 __all__ = ["BenchResult", "BenchRow", "Ceilings", "Variant", "floor_us", "measure_ceilings",
            "naive_moe", "run_bench", "save_json", "save_plot"]  # fmt: skip
@@ -330,20 +323,12 @@ def run_bench(
         source = "table" if table_config is not None else "default"
     ceilings = measure_ceilings(device)
 
-    def draw(seed: int) -> Inputs:
-        args, kw = random_moe_inputs(problem, max(batch_sizes), device, seed=seed, skew=skew,
-                                     fp8_dtype=plat.fp8_torch_dtype)  # fmt: skip
-        if static_scales:
-            kw.update(static_activation_scales(args, kw))
-        return args, kw
-
-    sets = [draw(1)]
-    w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])
     # Each set also gets a dequantized copy for the naive loop (16-bit: twice an 8-bit set).
-    copies = 3 if problem.quant else 2
-    n_sets = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device),
-                              set_memory_budget(device) // copies)  # fmt: skip
-    sets += [draw(1 + i) for i in range(1, n_sets)]
+    sets = timing_input_sets(problem, max(batch_sizes), device, fp8_dtype=plat.fp8_torch_dtype,
+                             skew=skew, budget_share=3 if problem.quant else 2)  # fmt: skip
+    if static_scales:
+        for args, kw in sets:
+            kw.update(static_activation_scales(args, kw))
     naive_sets = [dequantized_for_naive(*s) for s in sets]
     rows = []
     for M in batch_sizes:

@@ -15,12 +15,12 @@ import torch
 from moetune import faults
 from moetune.check import check_op
 from moetune.gemms import FINAL_PREFIX, gemm_configs
-from moetune.inputs import random_moe_inputs
+from moetune.inputs import random_moe_inputs, timing_input_sets
 from moetune.ops import fused_experts
 from moetune.platform import Platform
 from moetune.problem import Problem
 from moetune.reference import Reference
-from moetune.timing import l2_bytes, set_memory_budget, time_op, timing_set_count
+from moetune.timing import time_op
 
 # A CUDA error of this kind leaves the context unusable: the worker must be replaced.
 FATAL_CUDA_MARKERS = ("illegal memory access", "unspecified launch failure", "CUDA error")
@@ -67,12 +67,9 @@ class Workload:
         self.num_sets = 0
         if not timing:  # re-checks only: they draw their own inputs
             return
-        m_max = max(batch_sizes)
-        self.check = self._draw(m_max, seed=1)
-        w_bytes = sum(t.numel() * t.element_size() for t in self.check[0][1:3])
-        self.num_sets = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device),
-                                         set_memory_budget(device))  # fmt: skip
-        self.sets = [self.check] + [self._draw(m_max, seed=2 + i) for i in range(self.num_sets - 1)]
+        self.sets = timing_input_sets(problem, max(batch_sizes), device, fp8_dtype=self.fp8,
+                                      skew=skew)  # fmt: skip
+        self.check, self.num_sets = self.sets[0], len(self.sets)
 
     def _draw(self, M: int, seed: int) -> tuple[tuple, dict]:
         return random_moe_inputs(

@@ -173,20 +173,24 @@ def timing_input_sets(
     device: str | torch.device,
     *,
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    skew: str = "uniform",
+    budget_share: int = 1,
 ) -> list[tuple[tuple[torch.Tensor, ...], dict[str, Any]]]:
-    """Input sets of M tokens to rotate through when timing (benchmark scripts): seed 1 first,
-    then seeds 2, 3, ... up to :func:`moetune.timing.timing_set_count` sets, so the experts one
-    call touches are cold in L2 as in a served model. Slice ``x``, ``topk_weights`` and
+    """Input sets of M tokens to rotate through when timing (the sweep, ``bench`` and the
+    benchmark scripts): seed 1 first (the set a caller checks), then seeds 2, 3, ... up to
+    :func:`moetune.timing.timing_set_count` sets, so the experts one call touches are cold in L2
+    as in a served model. ``budget_share``: the sets may take 1/share of the weight-copy budget
+    (a caller that keeps other copies of each set). Slice ``x``, ``topk_weights`` and
     ``topk_ids`` to time smaller batch sizes with the same weights."""
     from moetune.timing import l2_bytes, set_memory_budget, timing_set_count
 
     def draw(seed: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
-        return random_moe_inputs(problem, M, device, seed=seed, fp8_dtype=fp8_dtype)
+        return random_moe_inputs(problem, M, device, seed=seed, skew=skew, fp8_dtype=fp8_dtype)
 
     sets = [draw(1)]
     w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])
     n = timing_set_count(w_bytes, problem.E, problem.topk, l2_bytes(device),
-                         set_memory_budget(device))  # fmt: skip
+                         set_memory_budget(device) // budget_share)  # fmt: skip
     return sets + [draw(seed) for seed in range(2, n + 1)]
 
 
