@@ -81,3 +81,23 @@ def make_case(
     if block_shape is not None:
         kw["block_shape"] = list(block_shape)
     return MoeCase(x, q1, q2, weights, ids, kw)
+
+
+def record_launches(monkeypatch, *, run: bool) -> list[dict]:
+    """The keyword arguments of every fused-MoE kernel launch, in order; the kernel still runs
+    when ``run``, else the launch is only recorded (its output stays unwritten)."""
+    from moetune import launch
+
+    kernel = launch.fused_moe_kernel
+    recorded: list[dict] = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch_kernel(*args, **kwargs):
+                recorded.append(kwargs)
+                return kernel[grid](*args, **kwargs) if run else None
+
+            return launch_kernel
+
+    monkeypatch.setattr(launch, "fused_moe_kernel", Recording())
+    return recorded

@@ -2,6 +2,7 @@
 
 import pytest
 from conftest import HAS_GPU
+from helpers import record_launches
 
 from moetune.accum import FP8_ACCUM_ENV, fp8_accum_mode, fp8_max_imprecise_acc
 
@@ -41,16 +42,7 @@ def test_unknown_mode_is_refused(monkeypatch):
 @pytest.fixture
 def launches(monkeypatch) -> list[dict]:
     """The keyword arguments of every fused-MoE kernel launch, which is recorded, not run."""
-    from moetune import launch
-
-    recorded: list[dict] = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: recorded.append(kwargs)
-
-    monkeypatch.setattr(launch, "fused_moe_kernel", Recorder())
-    return recorded
+    return record_launches(monkeypatch, run=False)
 
 
 def test_empty_value_means_the_default(monkeypatch):

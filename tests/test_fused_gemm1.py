@@ -4,7 +4,7 @@ activations, on tiles whose outputs wrap past N, and with experts on another ran
 
 import pytest
 import torch
-from helpers import make_case
+from helpers import make_case, record_launches
 
 from moetune import check_close, fused_experts, fused_experts_reference, launch, ops
 from moetune.ops import poisoned_workspace
@@ -33,19 +33,7 @@ MODES = [
 @pytest.fixture
 def launches(monkeypatch) -> list[dict]:
     """The keyword arguments of every fused-MoE kernel launch (which still runs)."""
-    kernel = launch.fused_moe_kernel
-    recorded: list[dict] = []
-
-    class Recording:
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                recorded.append(kwargs)
-                return kernel[grid](*args, **kwargs)
-
-            return run
-
-    monkeypatch.setattr(launch, "fused_moe_kernel", Recording())
-    return recorded
+    return record_launches(monkeypatch, run=True)
 
 
 # "silu-pairs": silu with gate and up rows interleaved in the tile (launch.SILU_PAIRS).
