@@ -4,7 +4,7 @@
 #   1. the GPU tests of the fused epilogue (bits equal to the unfused steps in bf16, fp16, fp8),
 #      the op, the re-quantization check, the activation kernel and the fp8 accumulation modes;
 #   2. benchmarks/kernel_breakdown.py --compare: each kernel's time per call, and the op in the
-#      VARIANTS (default unfused, fused, fused-pairs) timed interleaved, each checked first, for
+#      VARIANTS (default unfused, fused, auto) timed interleaved, each checked first, for
 #      the three reference problems in bf16 and fp8 (static scales) at the seven batch sizes of
 #      issue 5, with the floor;
 #   3. with VERIFY=1, `moetune verify` of every shipped table (four at a time on the one GPU:
@@ -22,7 +22,7 @@ if [ "${PYTEST:-1}" = 1 ]; then
 fi
 if [ "${BREAKDOWN:-1}" = 1 ]; then
   timeout "${BREAKDOWN_S:-330}" python3 benchmarks/kernel_breakdown.py "$R/breakdown.json" --compare \
-    --variants "${VARIANTS:-unfused,fused,fused-pairs}" --m "${MS:-1,8,32,128,512,2048,4096}" \
+    --variants "${VARIANTS:-unfused,fused,auto}" --m "${MS:-1,8,32,128,512,2048,4096}" \
     2>&1 | grep -v -i warn > "$R/breakdown.log"
   echo "breakdown rc=$?" | tee -a "$R/summary.txt"
 fi
@@ -43,7 +43,7 @@ except KeyError:  # cut by its timeout: the rows written as they were measured
         rows = [json.loads(line) for line in t.extractfile("fused/breakdown.jsonl")]
     except KeyError:
         rows = []
-names = ["unfused", "fused", "fused-pairs"]
+names = ["unfused", "fused", "fused-pairs", "auto"]
 groups, every = {}, {}
 for r in rows:
     head = f"{r['problem'][:8]} {r['quant']:>8} M={r['M']:<5}"

@@ -11,16 +11,17 @@ the graph spends between kernels (launch latency of dependent kernels, ramp-up a
 ``--compare`` times each point twice more per variant, interleaved (unfused, fused, unfused,
 fused: large-M timings drift with the order of measurement, results/kernels/NOTES.md §8):
 ``unfused`` with GEMM1 writing ``[slots, 2N]`` and the activation kernel after it, ``fused`` with
-the activation in GEMM1's epilogue (``ops.FUSE_GEMM1_ACTIVATION``, the op's default), and with
-``--variants unfused,fused,fused-pairs`` also ``fused-pairs`` (silu's gate and up rows
-interleaved in the tile, ``launch.SILU_PAIRS``; the same as ``fused`` for swigluoai). Each
+the activation in GEMM1's epilogue at every M (``ops.FUSE_GEMM1_ACTIVATION``), and with
+``--variants`` also ``fused-pairs`` (silu's gate and up rows interleaved in the tile,
+``launch.SILU_PAIRS``; the same as ``fused`` for swigluoai) and ``auto`` (the op's default:
+fused, except static fp8 above ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` tokens). Each
 variant's output is checked first; ``speedup`` is the first variant's median over the second's,
 ``<variant>_vs_first`` each variant's against the first.
 
 Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
-       [--compare [--variants unfused,fused,fused-pairs]]
+       [--compare [--variants unfused,fused,fused-pairs,auto]]
 """
 
 from __future__ import annotations
@@ -46,9 +47,15 @@ from moetune.timing import time_op
 PROBLEMS = [("Mixtral-8x7B", 2), ("Qwen3-30B-A3B", 2), ("gpt-oss-120b", 1)]
 QUANTS = [None, "fp8_w8a8"]
 PROFILED_CALLS = 24
-# variant: (ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS)
-VARIANTS = {"unfused": (False, False), "fused": (True, False), "fused-pairs": (True, True)}
-DEFAULTS = (ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS)
+# variant: (ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS, ops.FUSE_GEMM1_STATIC_FP8_MAX_M);
+# "auto" is the op's default: fused, except static fp8 above the limit.
+VARIANTS = {
+    "unfused": (False, False, None),
+    "fused": (True, False, None),
+    "fused-pairs": (True, True, None),
+    "auto": (True, False, ops.FUSE_GEMM1_STATIC_FP8_MAX_M),
+}
+DEFAULTS = (ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS, ops.FUSE_GEMM1_STATIC_FP8_MAX_M)
 
 
 def _short(name: str) -> str:
@@ -74,8 +81,8 @@ def breakdown(run, n_sets: int) -> tuple[dict[str, float], float]:
     return dict(sorted(per.items(), key=lambda kv: -kv[1])), count / PROFILED_CALLS
 
 
-def _use(flags: tuple[bool, bool]) -> None:
-    ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS = flags
+def _use(flags: tuple[bool, bool, int | None]) -> None:
+    ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS, ops.FUSE_GEMM1_STATIC_FP8_MAX_M = flags
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

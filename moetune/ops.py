@@ -27,6 +27,11 @@ FUSE_ACTIVATION_QUANT = True
 # without the [slots, 2N] intermediate or the activation's launch. 1.8% faster over 42 points on
 # an H100, slower on a few silu tiles tuned before it (results/kernels/NOTES.md §12).
 FUSE_GEMM1_ACTIVATION = True
+# ... except with a static fp8 scale above this many tokens (None: no limit), where the
+# epilogue's activation + re-quantization measured slower than the separate launch with the
+# shipped tables: by 0.6-14% at 11 of the 12 fp8 points with M >= 128 on an H200, within noise
+# on an H100 (results/kernels/NOTES.md §13). Faster at every fp8 point with M <= 32 on both.
+FUSE_GEMM1_STATIC_FP8_MAX_M: int | None = 64
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
@@ -89,6 +94,15 @@ def _resolve_configs(
                                  block_shape=block_shape, gemm=gemm)  # fmt: skip
 
     return find("up"), config_down if config_down is not None else find("down")
+
+
+def fuse_gemm1(M: int, static_fp8: bool) -> bool:
+    """Whether the op applies the activation in GEMM1's epilogue for ``M`` tokens (the same
+    answer in compile processes, so they build the kernel the op launches)."""
+    if not FUSE_GEMM1_ACTIVATION:
+        return False
+    limit = FUSE_GEMM1_STATIC_FP8_MAX_M
+    return not static_fp8 or limit is None or limit >= M
 
 
 def fused_experts(
@@ -168,7 +182,8 @@ def fused_experts(
                  bias=w1_bias, **common)  # fmt: skip
     static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None
     # Compile processes take the fused paths too: they must compile the kernel the op runs.
-    if FUSE_GEMM1_ACTIVATION and static_fp8:
+    fuse = fuse_gemm1(M, static_fp8)
+    if fuse and static_fp8:
         a2s = static_scale(a2_scale, num_slots).contiguous()
         a2 = _empty((num_slots, N), qdtype, device)
         invoke_moe_gemm(a1, w1, a2, activation=activation, out_scale=a2s, **gemm1)
@@ -177,7 +192,7 @@ def fused_experts(
         invoke_moe_gemm(a1, w1, cache1, **gemm1)
         a2, a2s = apply_activation_quantized(cache1, activation, qdtype, a2_scale)
     else:
-        if FUSE_GEMM1_ACTIVATION:
+        if fuse:
             h = _empty((num_slots, N), dtype, device)
             invoke_moe_gemm(a1, w1, h, activation=activation, **gemm1)
         else:

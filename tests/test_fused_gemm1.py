@@ -67,6 +67,7 @@ def _case(quant, per_channel, block_shape, static, activation, device, M=19, E=5
 
 def _run(case, config, *, fuse: bool, monkeypatch) -> torch.Tensor:
     monkeypatch.setattr(ops, "FUSE_GEMM1_ACTIVATION", fuse)
+    monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", None)  # test_static_fp8_limit
     monkeypatch.setattr(ops, "FUSE_ACTIVATION_QUANT", False)  # the unfused steps: three launches
     with poisoned_workspace():
         return fused_experts(*case.args(), config=config, **case.kwargs)
@@ -193,3 +194,35 @@ def test_fused_epilogue_changes_no_bit_bf16_gpu(quant, static, name, block_m, de
     steps = _run(case, config, fuse=False, monkeypatch=monkeypatch)
     fused = _run(case, config, fuse=True, monkeypatch=monkeypatch)
     assert torch.equal(fused, steps)
+
+
+@pytest.mark.parametrize(
+    ("quant", "static"),
+    [(None, False), ("fp8_w8a8", False), ("fp8_w8a8", True), ("int8_w8a8", True)],
+    ids=["fp16", "fp8-dynamic", "fp8-static", "int8-static"],
+)
+def test_static_fp8_limit(quant, static, device, monkeypatch, launches):
+    """Above ops.FUSE_GEMM1_STATIC_FP8_MAX_M tokens a static fp8 scale takes the separate
+    activation + quantization launch; at or below it, and in every other mode at any M, the
+    epilogue applies the activation. The answer is the same bits either way."""
+    monkeypatch.setattr(ops, "FUSE_GEMM1_ACTIVATION", True)
+    monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", 12)
+    config = TILES[0].values[0]
+    outs = []
+    for M in (12, 13):
+        case = _case(quant, False, None, static, "silu", device, M=M)
+        launches.clear()
+        with poisoned_workspace():
+            out = fused_experts(*case.args(), config=config, **case.kwargs)
+        fused = not (quant == "fp8_w8a8" and static and M > 12)
+        assert ops.fuse_gemm1(M, quant == "fp8_w8a8" and static) == fused
+        assert [k["ACTIVATION"] for k in launches] == [1 if fused else 0, 0], M
+        assert launches[0]["QUANT_OUT"] == (fused and quant == "fp8_w8a8" and static)
+        ref = fused_experts_reference(*case.args(), **case.kwargs)
+        assert check_close(out, ref, dtype=torch.float16, quant=quant).ok
+        outs.append((case, out))
+    case, out = outs[1]  # the unfused steps give the same bits at M=13 whichever way it ran
+    monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", None)
+    with poisoned_workspace():
+        again = fused_experts(*case.args(), config=config, **case.kwargs)
+    assert torch.equal(again, out)

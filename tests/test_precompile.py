@@ -50,9 +50,12 @@ def test_compile_only_warms_up_both_gemms_from_cpu_tensors(monkeypatch, quant):
     assert [w["use_fp8_w8a8"] for w in fake.warmups] == [quant == "fp8_w8a8"] * 2
 
 
+@pytest.mark.parametrize("limit", [None, 8], ids=["fused", "above-static-fp8-limit"])
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("activation", ["silu", "swigluoai"])
-def test_compile_only_compiles_the_variant_the_op_launches(monkeypatch, static, activation, device):
+def test_compile_only_compiles_the_variant_the_op_launches(
+    monkeypatch, static, activation, limit, device
+):
     """Compile processes must build the kernels the op then runs: the same constexprs (the fused
     epilogue's included) and the same argument dtypes, or every candidate compiles twice."""
     from moetune.inputs import static_activation_scales
@@ -76,6 +79,7 @@ def test_compile_only_compiles_the_variant_the_op_launches(monkeypatch, static, 
             return run
 
     monkeypatch.setattr(launch, "fused_moe_kernel", Recording())
+    monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", limit)  # M=16 is above 8
     case = make_case(16, 4, 32, 64, 2, torch.float16, device, quant="fp8_w8a8", bias=True,
                      activation=activation)  # fmt: skip
     if static:
@@ -85,7 +89,10 @@ def test_compile_only_compiles_the_variant_the_op_launches(monkeypatch, static, 
         ops.fused_experts(*case.args(), config=CONFIG, **case.kwargs)
     assert len(seen["launch"]) == len(seen["warmup"]) == 2
     assert seen["warmup"] == seen["launch"]
-    assert seen["launch"][0][1]["QUANT_OUT"] == static
+    assert seen["launch"][0][1]["QUANT_OUT"] == (static and limit is None)
+    assert seen["launch"][0][1]["ACTIVATION"] == (
+        0 if static and limit else launch.ACTIVATION_CODES[activation]
+    )
 
 
 def test_compiler_reports_first_and_gpu_compiled_candidates():
