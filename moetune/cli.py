@@ -116,6 +116,14 @@ def sweep(
     skew: Annotated[
         str, typer.Option(help="Routing of the random inputs: uniform, zipf or one-hot.")
     ] = "uniform",
+    act_scales: Annotated[
+        str | None,
+        typer.Option(
+            help="w8a8 activation scales while tuning: static (calibrated per tensor, as "
+            "vLLM's tuner and checkpoints with input scales run; the default for per-tensor "
+            "fp8_w8a8/int8_w8a8) or dynamic (computed each call; the only choice otherwise)."
+        ),
+    ] = None,
     strategy: Annotated[
         str | None,
         typer.Option(
@@ -204,11 +212,13 @@ def sweep(
 
     if gemms not in GEMM_MODES:
         raise UsageError(f"--gemms must be joint or split, got {gemms!r}")
+    act_scales = _act_scales(prob, act_scales)
     execution = dataclasses.replace(execution, strategy=strategy, keep=keep, gemms=gemms,
-                                    budget_s=budget)  # fmt: skip
+                                    budget_s=budget, act_scales=act_scales)  # fmt: skip
     if compile_workers is None:
         compile_workers = default_compile_workers(len(execution.gpus or [0]))
-    journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space, skew, gemms)
+    journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space, skew, gemms,
+                                                             act_scales)  # fmt: skip
     note = timings_note(plat.is_interpreter)
     err.print(f"moetune sweep: {prob.describe()} on {plat.device_name}; {len(candidates)} "
               f"candidates × {len(batches)} batch sizes; journal {journal}",
@@ -274,10 +284,28 @@ def _execution(plat, gpus: str | None, isolate: bool | None, timeout: float, bac
                      ray_address=ray_address, skew=skew)  # fmt: skip
 
 
-def _journal_name(prob, plat, space: str, skew: str, gemms: str = "joint") -> str:
+def _act_scales(prob, choice: str | None) -> str:
+    """--act-scales resolved: static by default where a problem can take static scales (w8a8 per
+    tensor), dynamic elsewhere; static where it cannot is a usage error."""
+    from moetune.sweep import ACT_SCALES
+
+    can = prob.quant in ("fp8_w8a8", "int8_w8a8") and not prob.per_channel and not prob.block_shape
+    if choice is None:
+        return "static" if can else "dynamic"
+    if choice not in ACT_SCALES:
+        raise UsageError(f"--act-scales must be static or dynamic, got {choice!r}")
+    if choice == "static" and not can:
+        raise UsageError("--act-scales static is for per-tensor fp8_w8a8 and int8_w8a8 problems "
+                         f"(this one: {prob.describe()})")  # fmt: skip
+    return choice
+
+
+def _journal_name(prob, plat, space: str, skew: str, gemms: str = "joint",
+                  act_scales: str = "dynamic") -> str:  # fmt: skip
     routing = "" if skew == "uniform" else f"-{skew}"
     split = "" if gemms == "joint" else f"-{gemms}"
-    return f"{plat.device_name}-{prob.slug()}-{space}{routing}{split}.jsonl"
+    scales = "-static" if act_scales == "static" else ""
+    return f"{plat.device_name}-{prob.slug()}-{space}{routing}{split}{scales}.jsonl"
 
 
 def _render_sweep(result, exported, note: str, json_out: bool) -> None:

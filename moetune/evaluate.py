@@ -15,7 +15,7 @@ import torch
 from moetune import faults
 from moetune.check import check_op
 from moetune.gemms import FINAL_PREFIX, gemm_configs
-from moetune.inputs import random_moe_inputs, timing_input_sets
+from moetune.inputs import random_moe_inputs, static_activation_scales, timing_input_sets
 from moetune.ops import fused_experts
 from moetune.platform import Platform
 from moetune.problem import Problem
@@ -58,9 +58,10 @@ class Workload:
 
     def __init__(
         self, problem: Problem, platform: Platform, batch_sizes: list[int], device: str,
-        skew: str = "uniform", *, timing: bool = True,
+        skew: str = "uniform", act_scales: str = "dynamic", *, timing: bool = True,
     ):  # fmt: skip
         self.problem, self.device, self.skew = problem, device, skew
+        self.static = act_scales == "static"  # w8a8: calibrated static activation scales
         self.fp8 = getattr(torch, platform.fp8_dtype)
         self.refs: dict[int, Reference] = {}
         self.sets: list[tuple[tuple, dict]] = []
@@ -69,12 +70,18 @@ class Workload:
             return
         self.sets = timing_input_sets(problem, max(batch_sizes), device, fp8_dtype=self.fp8,
                                       skew=skew)  # fmt: skip
+        if self.static:  # calibrated on each set, as moetune bench --static-scales does
+            for args, kw in self.sets:
+                kw.update(static_activation_scales(args, kw))
         self.check, self.num_sets = self.sets[0], len(self.sets)
 
     def _draw(self, M: int, seed: int) -> tuple[tuple, dict]:
-        return random_moe_inputs(
+        args, kw = random_moe_inputs(
             self.problem, M, self.device, seed=seed, fp8_dtype=self.fp8, skew=self.skew
         )
+        if self.static:
+            kw.update(static_activation_scales(args, kw))
+        return args, kw
 
     @staticmethod
     def slice(inputs: tuple[tuple, dict], M: int) -> tuple[tuple, dict]:
@@ -102,6 +109,8 @@ def evaluate(
     t0 = time.perf_counter()
     record = _evaluate(workload, config, M, replays=replays, key=key)
     record["eval_s"] = round(time.perf_counter() - t0, 4)
+    if workload.static:  # says which inputs the pair ran on, wherever it ran
+        record["act_scales"] = "static"
     return record
 
 

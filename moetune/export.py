@@ -121,7 +121,7 @@ def _best_entries(
         if header is None:
             header = j.header
         else:
-            for key in ("problem", "device_name", "interpreter", "gemms"):
+            for key in ("problem", "device_name", "interpreter", "gemms", "act_scales"):
                 if identity(j.header, key) != identity(header, key):
                     raise ExportError(f"{path} is a sweep of another {key} than {journals[0][0]}")
         for line, r in enumerate(j.records, start=2):  # line 1 is the header

@@ -24,11 +24,11 @@ import moetune
 # Fields of the header that must match for a journal to be resumed.
 IDENTITY_KEYS = (
     "problem", "space_id", "device_name", "moetune", "triton", "interpreter", "skew", "fp8_accum",
-    "gemms",
+    "gemms", "act_scales",
 )  # fmt: skip
 FSYNC_INTERVAL_S = 1.0
 # Journals written before a key existed are read as having its default value.
-IDENTITY_DEFAULTS = {"skew": "uniform", "gemms": "joint"}
+IDENTITY_DEFAULTS = {"skew": "uniform", "gemms": "joint", "act_scales": "dynamic"}
 
 
 def identity(header: dict[str, Any], key: str) -> Any:

@@ -119,13 +119,38 @@ class Ladder:
         return "failed", self.ways[0]
 
 
+def compile_inputs(
+    problem: Problem, device: str, fp8: Any, act_scales: str = "dynamic"
+) -> list[tuple[tuple, dict]]:
+    """The inputs a compile process runs a candidate on, so that it builds every kernel variant
+    the sweep's op launches: 16 tokens; with static w8a8 scales also one set above
+    ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M``, where GEMM1 runs without the fused epilogue."""
+    import torch
+
+    from moetune import ops
+    from moetune.inputs import random_moe_inputs
+
+    sizes = [16]
+    limit = ops.FUSE_GEMM1_STATIC_FP8_MAX_M
+    if act_scales == "static" and limit is not None and limit >= 16:
+        sizes.append(limit + 1)
+    sets = []
+    for M in sizes:
+        args, kw = random_moe_inputs(problem, M, device, seed=0, fp8_dtype=fp8)
+        if act_scales == "static":  # the kernels depend on the scales' presence, not values
+            one = torch.ones(1, dtype=torch.float32, device=device)
+            kw.update(a1_scale=one, a2_scale=one.clone())
+        sets.append((args, kw))
+    return sets
+
+
 def _compile_loop(
-    problem: Problem, fp8_dtype: str, capability: int | None, nice: int, tasks: Any, results: Any
-) -> None:
+    problem: Problem, fp8_dtype: str, capability: int | None, nice: int, tasks: Any, results: Any,
+    act_scales: str = "dynamic",
+) -> None:  # fmt: skip
     keep_to_self(results)
     import torch
 
-    from moetune.inputs import random_moe_inputs
     from moetune.launch import compile_only
     from moetune.ops import fused_experts
 
@@ -150,11 +175,11 @@ def _compile_loop(
         pin.set(way == "target")
         device = "cuda" if way == "cuda" else "cpu"
         if device not in inputs:
-            inputs[device] = random_moe_inputs(small, 16, device, seed=0, fp8_dtype=fp8)
-        args, kw = inputs[device]
+            inputs[device] = compile_inputs(small, device, fp8, act_scales)
         try:
             with compile_only():
-                fused_experts(*args, config=config, **kw)
+                for args, kw in inputs[device]:
+                    fused_experts(*args, config=config, **kw)
         except Exception:
             if device == "cuda":  # free the GPU being timed of inputs this way may not use again
                 inputs.pop("cuda", None)
@@ -187,6 +212,7 @@ class Compiler:
     def __init__(
         self, problem: Problem, items: list[tuple[str, dict]], fp8_dtype: str, workers: int,
         gpus: list[int] | None = None, capability: int | None = None,
+        act_scales: str = "dynamic",
     ) -> None:  # fmt: skip
         self.pending = {key for key, _ in items}
         self.compiled = self.failed = 0
@@ -217,7 +243,8 @@ class Compiler:
                 mine, theirs = ctx.Pipe(duplex=False)
                 p = ctx.Process(target=with_env, daemon=True,
                                 args=(dict(os.environ), _compile_loop, problem, fp8_dtype,
-                                      capability, nice, self.tasks, theirs))  # fmt: skip
+                                      capability, nice, self.tasks, theirs,
+                                      act_scales))  # fmt: skip
                 self.pipes.append(mine)  # closed by close(), also when the start fails
                 try:
                     start_helper(p)

@@ -22,14 +22,15 @@ _FORWARDED_ENV = ("TRITON_INTERPRET", FAULTS_ENV, FP8_ACCUM_ENV)
 
 class _PairWorker:
     def __init__(self, problem_d: dict, platform_key: str, device: str,
-                 batch_sizes: list[int], skew: str) -> None:  # fmt: skip
+                 batch_sizes: list[int], skew: str, act_scales: str) -> None:  # fmt: skip
         from moetune.evaluate import Workload
         from moetune.platform import get_platform
         from moetune.problem import Problem
 
         bs = problem_d.get("block_shape")
         problem = Problem(**{**problem_d, "block_shape": tuple(bs) if bs else None})
-        self.workload = Workload(problem, get_platform(platform_key), batch_sizes, device, skew)
+        self.workload = Workload(problem, get_platform(platform_key), batch_sizes, device, skew,
+                                 act_scales)  # fmt: skip
 
     def run(self, key: str, config: dict, M: int, replays: int) -> dict:
         from moetune.evaluate import evaluate, is_fatal
@@ -59,7 +60,8 @@ def run_on_ray(problem, platform, device, batch_sizes, work, execution, on_recor
     if n < 1:
         raise RuntimeError("the Ray cluster has no GPU")
     actor_cls = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_restarts=0)(_PairWorker)
-    args = (problem_dict(problem), platform.key, device, batch_sizes, execution.skew)
+    args = (problem_dict(problem), platform.key, device, batch_sizes, execution.skew,
+            execution.act_scales)  # fmt: skip
     actors = [actor_cls.remote(*args) for _ in range(n)]
     todo = deque(work)
     running: dict[Any, tuple[int, tuple, float]] = {}  # ref -> (actor index, pair, start)

@@ -50,7 +50,8 @@ class Runner:
 
             ex = self.execution
             self.pool = WorkerPool(problem_dict(self.problem), self.platform.key, self.device,
-                                   self.batch_sizes, ex.skew, ex.gpus, ex.timeout_s)  # fmt: skip
+                                   self.batch_sizes, ex.skew, ex.gpus, ex.timeout_s,
+                                   ex.act_scales)  # fmt: skip
 
     def run(self, work: list[tuple[str, dict[str, Any], int, int]], on_record: OnRecord) -> None:
         """Run ``work`` [(key, config, M, replays)]; never raises for a bad candidate."""
@@ -72,7 +73,7 @@ class Runner:
         else:
             if self.workload is None:
                 self.workload = Workload(self.problem, self.platform, self.batch_sizes,
-                                         self.device, ex.skew)  # fmt: skip
+                                         self.device, ex.skew, ex.act_scales)  # fmt: skip
             for key, config, M, replays in work:
                 rec = evaluate(self.workload, config, M, replays=replays, key=key)
                 on_record({"candidate": key, "M": M, "config": config, **rec})

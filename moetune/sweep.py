@@ -39,6 +39,9 @@ FINALISTS = 4  # candidates per batch size timed again with more replays
 FINAL_REPLAYS = 40
 
 
+ACT_SCALES = ("static", "dynamic")
+
+
 @dataclass(frozen=True)
 class Execution:
     """Where the work runs. ``isolate`` puts it in worker processes (one per GPU in ``gpus``, or
@@ -54,6 +57,9 @@ class Execution:
     backend: str = "local"
     ray_address: str | None = None
     skew: str = "uniform"  # routing of the random inputs (moetune.inputs.SKEWS)
+    # "static": w8a8 activations quantized with calibrated per-tensor scales, as vLLM's tuner and
+    # checkpoints with static scales run; "dynamic": computed per call (ACT_SCALES).
+    act_scales: str = "dynamic"
     # "exhaustive": every candidate at every batch size. "halving": every candidate at three
     # anchor batch sizes, then only the fastest ``keep`` fraction at the others.
     strategy: str = "exhaustive"
@@ -117,6 +123,7 @@ def run_sweep(
         "batch_sizes": batch_sizes,
         "platform": platform.key,
         "skew": execution.skew,
+        "act_scales": execution.act_scales,
         "strategy": execution.strategy,
         "gemms": execution.gemms,
         # fp8 accumulation changes fp8 results and timings only, so only fp8 sweeps record it.
@@ -159,7 +166,8 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, rep
                 progress(0, 0, f"compiling {len(todo)} candidates in {compile_workers} "
                                "processes, evaluating each as it is ready")  # fmt: skip
             compiler = Compiler(problem, todo, platform.fp8_dtype, compile_workers,
-                                runner.execution.gpus, platform.cuda_capability())  # fmt: skip
+                                runner.execution.gpus, platform.cuda_capability(),
+                                runner.execution.act_scales)  # fmt: skip
     runner.compiler = compiler
     try:
         _sweep_pairs(problem, platform, keyed, batch_sizes, journal, replays, progress, runner)
@@ -312,6 +320,7 @@ def _finish(
     def workload() -> Workload:
         if not built:
             built.append(Workload(problem, platform, batch_sizes, device, execution.skew,
+                                  execution.act_scales,
                                   timing=False))  # fmt: skip
         return built[0]
 

@@ -62,7 +62,7 @@ def chunk_pairs(pairs: list[Pair], size: int) -> list[list[Pair]]:
 
 def worker_main(
     wid: int, problem_d: dict, platform_key: str, device: str, batch_sizes: list[int],
-    skew: str, tasks: Any, results: Any,
+    skew: str, act_scales: str, tasks: Any, results: Any,
 ) -> None:  # fmt: skip
     """Worker process: build the inputs once, then evaluate chunks until told to stop."""
     entered = time.time()
@@ -80,7 +80,7 @@ def worker_main(
     context_at = time.time()
     bs = problem_d.get("block_shape")
     problem = Problem(**{**problem_d, "block_shape": tuple(bs) if bs else None})
-    workload = Workload(problem, get_platform(platform_key), batch_sizes, device, skew)
+    workload = Workload(problem, get_platform(platform_key), batch_sizes, device, skew, act_scales)
     if device == "cuda":
         torch.cuda.synchronize()
     phases = {"entered": entered, "imports_s": imported - entered,
@@ -176,9 +176,9 @@ class WorkerPool:
 
     def __init__(
         self, problem_d: dict, platform_key: str, device: str, batch_sizes: list[int],
-        skew: str, gpus: list[int] | None, timeout_s: float,
+        skew: str, gpus: list[int] | None, timeout_s: float, act_scales: str = "dynamic",
     ) -> None:  # fmt: skip
-        self.args = (problem_d, platform_key, device, batch_sizes, skew)
+        self.args = (problem_d, platform_key, device, batch_sizes, skew, act_scales)
         self.timeout_s = timeout_s
         self.ctx = context()
         self.slots = [_Slot(str(g) if g is not None else None) for g in (gpus or [None])]
