@@ -123,8 +123,9 @@ def compile_inputs(
     problem: Problem, device: str, fp8: Any, act_scales: str = "dynamic"
 ) -> list[tuple[tuple, dict]]:
     """The inputs a compile process runs a candidate on, so that it builds every kernel variant
-    the sweep's op launches: 16 tokens; with static w8a8 scales also one set above
-    ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M``, where GEMM1 runs without the fused epilogue."""
+    the sweep's op launches: 16 tokens; with static fp8 scales one set at or below
+    ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` and one above it, where GEMM1 runs without the fused
+    epilogue."""
     import torch
 
     from moetune import ops
@@ -132,8 +133,8 @@ def compile_inputs(
 
     sizes = [16]
     limit = ops.FUSE_GEMM1_STATIC_FP8_MAX_M
-    if act_scales == "static" and limit is not None and limit >= 16:
-        sizes.append(limit + 1)
+    if act_scales == "static" and problem.quant == "fp8_w8a8" and limit is not None:
+        sizes = sorted({max(1, min(16, limit)), limit + 1})  # one at or below it, one above
     sets = []
     for M in sizes:
         args, kw = random_moe_inputs(problem, M, device, seed=0, fp8_dtype=fp8)

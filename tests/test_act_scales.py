@@ -38,10 +38,20 @@ def test_workload_calibrates_every_set_and_every_fresh_draw():
     assert dynamic._draw(8, seed=99)[1].get("a1_scale") is None
 
 
-def test_compile_inputs_cover_both_sides_of_the_static_fp8_limit(monkeypatch):
-    monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", 20)
+def test_run_sweep_refuses_static_scales_where_they_do_not_apply(tmp_path):
+    bf16 = Problem(4, 32, 64, 2, "float16")
+    for problem, act_scales in ((bf16, "static"), (FP8, "Static")):
+        with pytest.raises(ValueError, match=r"act_scales|static activation scales"):
+            run_sweep(problem, PLATFORM, [], batch_sizes=[1], journal_path=tmp_path / "j.jsonl",
+                      space_name="tiny", execution=Execution(act_scales=act_scales))  # fmt: skip
+    assert not (tmp_path / "j.jsonl").exists()
+
+
+@pytest.mark.parametrize(("limit", "sizes"), [(20, [16, 21]), (8, [8, 9]), (None, [16])])
+def test_compile_inputs_cover_both_sides_of_the_static_fp8_limit(monkeypatch, limit, sizes):
+    monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", limit)
     sets = compile_inputs(FP8, "cpu", torch.float8_e4m3fn, "static")
-    assert [a[0].shape[0] for a, _ in sets] == [16, 21]
+    assert [a[0].shape[0] for a, _ in sets] == sizes
     assert all(_has_scales(kw) for _, kw in sets)
     (only,) = compile_inputs(FP8, "cpu", torch.float8_e4m3fn, "dynamic")
     assert only[0][0].shape[0] == 16 and only[1].get("a1_scale") is None
