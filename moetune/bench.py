@@ -30,7 +30,7 @@ import torch
 from moetune.accum import fp8_accum_mode
 from moetune.check import check_op, tolerance
 from moetune.defaults import default_config
-from moetune.inputs import static_activation_scales, timing_input_sets
+from moetune.inputs import timing_input_sets
 from moetune.naive import dequantized_for_naive, naive_moe
 from moetune.ops import fused_experts
 from moetune.problem import Problem
@@ -325,10 +325,8 @@ def run_bench(
 
     # Each set also gets a dequantized copy for the naive loop (16-bit: twice an 8-bit set).
     sets = timing_input_sets(problem, max(batch_sizes), device, fp8_dtype=plat.fp8_torch_dtype,
-                             skew=skew, budget_share=3 if problem.quant else 2)  # fmt: skip
-    if static_scales:
-        for args, kw in sets:
-            kw.update(static_activation_scales(args, kw))
+                             skew=skew, budget_share=3 if problem.quant else 2,
+                             static_scales=static_scales)  # fmt: skip
     naive_sets = [dequantized_for_naive(*s) for s in sets]
     rows = []
     for M in batch_sizes:

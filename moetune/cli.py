@@ -289,12 +289,11 @@ def _act_scales(prob, choice: str | None) -> str:
     tensor), dynamic elsewhere; static where it cannot is a usage error."""
     from moetune.sweep import ACT_SCALES
 
-    can = prob.quant in ("fp8_w8a8", "int8_w8a8") and not prob.per_channel and not prob.block_shape
     if choice is None:
-        return "static" if can else "dynamic"
+        return "static" if prob.takes_static_scales else "dynamic"
     if choice not in ACT_SCALES:
         raise UsageError(f"--act-scales must be static or dynamic, got {choice!r}")
-    if choice == "static" and not can:
+    if choice == "static" and not prob.takes_static_scales:
         raise UsageError("--act-scales static is for per-tensor fp8_w8a8 and int8_w8a8 problems "
                          f"(this one: {prob.describe()})")  # fmt: skip
     return choice

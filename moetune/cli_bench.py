@@ -105,9 +105,7 @@ def bench(
         raise UsageError(f"--replays must be a positive integer, got {replays}")
     if prob is None:
         prob = Problem(**TINY) if plat.is_interpreter else preset_problem("Mixtral-8x7B", 2)
-    if static_scales and (
-        prob.quant not in ("fp8_w8a8", "int8_w8a8") or prob.per_channel or prob.block_shape
-    ):
+    if static_scales and not prob.takes_static_scales:
         raise UsageError("--static-scales needs --quant fp8_w8a8 or int8_w8a8 with per-tensor "
                          "scales (no --per-channel, no --block-shape)")  # fmt: skip
     if plat.is_interpreter:

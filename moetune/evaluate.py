@@ -15,7 +15,7 @@ import torch
 from moetune import faults
 from moetune.check import check_op
 from moetune.gemms import FINAL_PREFIX, gemm_configs
-from moetune.inputs import random_moe_inputs, static_activation_scales, timing_input_sets
+from moetune.inputs import random_moe_inputs, timing_input_sets
 from moetune.ops import fused_experts
 from moetune.platform import Platform
 from moetune.problem import Problem
@@ -69,19 +69,12 @@ class Workload:
         if not timing:  # re-checks only: they draw their own inputs
             return
         self.sets = timing_input_sets(problem, max(batch_sizes), device, fp8_dtype=self.fp8,
-                                      skew=skew)  # fmt: skip
-        if self.static:  # calibrated on each set, as moetune bench --static-scales does
-            for args, kw in self.sets:
-                kw.update(static_activation_scales(args, kw))
+                                      skew=skew, static_scales=self.static)  # fmt: skip
         self.check, self.num_sets = self.sets[0], len(self.sets)
 
     def _draw(self, M: int, seed: int) -> tuple[tuple, dict]:
-        args, kw = random_moe_inputs(
-            self.problem, M, self.device, seed=seed, fp8_dtype=self.fp8, skew=self.skew
-        )
-        if self.static:
-            kw.update(static_activation_scales(args, kw))
-        return args, kw
+        return random_moe_inputs(self.problem, M, self.device, seed=seed, fp8_dtype=self.fp8,
+                                 skew=self.skew, static_scales=self.static)  # fmt: skip
 
     @staticmethod
     def slice(inputs: tuple[tuple, dict], M: int) -> tuple[tuple, dict]:

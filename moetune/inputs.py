@@ -128,14 +128,17 @@ def random_moe_inputs(
     seed: int | None = None,
     skew: str = "uniform",
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    static_scales: bool = False,
 ) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
     """Fresh inputs for ``fused_experts(*args, **kwargs)`` (and the reference) at batch size M.
 
     ``args = (x, w1, w2, topk_weights, topk_ids)``; ``kwargs`` holds ``activation``, ``w1_bias``,
     ``w2_bias``, ``quant``, ``w1_scale``, ``w2_scale``, ``per_channel_quant`` and
     ``block_shape`` (None where the problem has none). Activation scales are left dynamic, as
-    vLLM computes them. ``seed`` makes the draw reproducible on one device; None uses torch's
-    global RNG. ``fp8_dtype`` is the platform's e4m3 flavour (``float8_e4m3fnuz`` on gfx942).
+    vLLM computes them, unless ``static_scales``: then ``a1_scale`` and ``a2_scale`` are
+    calibrated on this draw (:func:`static_activation_scales`). ``seed`` makes the draw
+    reproducible on one device; None uses torch's global RNG. ``fp8_dtype`` is the platform's
+    e4m3 flavour (``float8_e4m3fnuz`` on gfx942).
     """
     if not isinstance(M, int) or isinstance(M, bool) or M < 1:
         raise ValueError(f"M must be a positive integer, got {M!r}")
@@ -164,7 +167,10 @@ def random_moe_inputs(
         "per_channel_quant": problem.per_channel,
         "block_shape": list(problem.block_shape) if problem.block_shape else None,
     }
-    return (x, w1, w2, topk_weights, topk_ids), kwargs
+    args = (x, w1, w2, topk_weights, topk_ids)
+    if static_scales:
+        kwargs.update(static_activation_scales(args, kwargs))
+    return args, kwargs
 
 
 def timing_input_sets(
@@ -175,17 +181,20 @@ def timing_input_sets(
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     skew: str = "uniform",
     budget_share: int = 1,
+    static_scales: bool = False,
 ) -> list[tuple[tuple[torch.Tensor, ...], dict[str, Any]]]:
     """Input sets of M tokens to rotate through when timing (the sweep, ``bench`` and the
     benchmark scripts): seed 1 first (the set a caller checks), then seeds 2, 3, ... up to
     :func:`moetune.timing.timing_set_count` sets, so the experts one call touches are cold in L2
     as in a served model. ``budget_share``: the sets may take 1/share of the weight-copy budget
-    (a caller that keeps other copies of each set). Slice ``x``, ``topk_weights`` and
-    ``topk_ids`` to time smaller batch sizes with the same weights."""
+    (a caller that keeps other copies of each set). ``static_scales``: each set's activation
+    scales calibrated on it. Slice ``x``, ``topk_weights`` and ``topk_ids`` to time smaller batch
+    sizes with the same weights."""
     from moetune.timing import l2_bytes, set_memory_budget, timing_set_count
 
     def draw(seed: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
-        return random_moe_inputs(problem, M, device, seed=seed, skew=skew, fp8_dtype=fp8_dtype)
+        return random_moe_inputs(problem, M, device, seed=seed, skew=skew, fp8_dtype=fp8_dtype,
+                                 static_scales=static_scales)  # fmt: skip
 
     sets = [draw(1)]
     w_bytes = sum(t.numel() * t.element_size() for t in sets[0][0][1:3])

@@ -87,6 +87,13 @@ class Problem:
             return self.quant
         return "float32" if self.dtype == "float32" else None
 
+    @property
+    def takes_static_scales(self) -> bool:
+        """Whether activations can be quantized with static scales: w8a8 with per-tensor scales
+        (per-token and block-wise scales are computed for each call)."""
+        w8a8 = self.quant in ("fp8_w8a8", "int8_w8a8")
+        return w8a8 and not self.per_channel and not self.block_shape
+
     def slug(self) -> str:
         """A file-name-safe identity, e.g. ``E8-N7168-K4096-top2-bfloat16-fp8_w8a8``."""
         parts = [f"E{self.E}", f"N{self.N}", f"K{self.K}", f"top{self.topk}", self.dtype]

@@ -118,9 +118,7 @@ def run_sweep(
     execution = execution or Execution()
     if execution.act_scales not in ACT_SCALES:
         raise ValueError(f"act_scales must be one of {ACT_SCALES}, got {execution.act_scales!r}")
-    per_tensor_w8a8 = (problem.quant in ("fp8_w8a8", "int8_w8a8") and not problem.per_channel
-                       and not problem.block_shape)  # fmt: skip
-    if execution.act_scales == "static" and not per_tensor_w8a8:
+    if execution.act_scales == "static" and not problem.takes_static_scales:
         raise ValueError("static activation scales are for per-tensor fp8_w8a8 and int8_w8a8")
     header = {
         "problem": problem_dict(problem),
