@@ -16,7 +16,8 @@
 # COMPARE_OLD_ENV (e.g. MOETUNE_FP8_ACCUM=tile), then with COMPARE_NEW (default: the tables this
 # host's lanes exported, results/tmp/configs, else configs/), on that lane's GPU, each with its
 # own default-config and floor rows. When a lane of this host tunes that problem, the compare
-# waits (polling) for its sweep to finish; it is skipped when under 300 s are left.
+# waits (polling) for its sweep to finish; it is skipped when under COMPARE_MIN_S (default 300) s
+# are left.
 # Usage: CHECKS="pytest fp8" LANE1="Mixtral-8x7B:2" ... bash benchmarks/gpu_lanes.sh
 #        (everything in $OUT/lanes.tgz; REPORT.md beside it when a report ran)
 set -u
@@ -94,10 +95,11 @@ compare() {  # compare MODEL:TP[:QUANT]
   mkdir -p "$d"
   local args=(--model "$model" --tp "$tp" --batch-sizes 1,8,32,128,512,2048,4096)
   [ -n "$quant" ] && args+=(--quant "$quant" --static-scales)
-  if [ $((END - $(date +%s))) -lt 300 ]; then echo "compare $1: no time left" >> "$L/summary.txt"; return; fi
+  local min=${COMPARE_MIN_S:-300}
+  if [ $((END - $(date +%s))) -lt "$min" ]; then echo "compare $1: no time left" >> "$L/summary.txt"; return; fi
   local new=${COMPARE_NEW:-configs} name=$model-tp$tp-${quant:-bf16}
   if [ -z "${COMPARE_NEW:-}" ] && [ -f "$J/$name.jsonl" ]; then  # this host tunes it: wait for it
-    while [ ! -f "$J/$name.done" ] && [ $((END - $(date +%s))) -ge 300 ]; do sleep 10; done
+    while [ ! -f "$J/$name.done" ] && [ $((END - $(date +%s))) -ge "$min" ]; do sleep 10; done
     [ -f "$J/$name.done" ] || { echo "compare $1: its sweep has not finished" >> "$L/summary.txt"; return; }
     new=$J/../configs
   fi
