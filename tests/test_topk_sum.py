@@ -161,12 +161,13 @@ def test_experts_on_another_rank_add_nothing(device, monkeypatch):
 def test_padded_slots_and_columns_past_n_add_nothing(device):
     """The launcher on its own, with the token rows a view of a larger buffer: padded slots map
     to the row past the last token and the last tile's columns run past N; both stay as they
-    were. The rows hold the stored slot rows summed."""
+    were. The rows hold the stored slot rows summed. A bias (no router weight) gives the padded
+    slots' zero operand rows a nonzero output, so an unmasked add would show."""
     M, E, topk, N, K = 9, 4, 2, 40, 32  # BLOCK_SIZE_N 32 does not divide N = 40
-    case = make_case(M, E, N // 2, K, topk, F16, device)  # w1: [E, N, K]
+    case = make_case(M, E, N // 2, K, topk, F16, device, bias=True)  # w1: [E, N, K]
     routing = moe_align_block_size_torch(case.topk_ids, 16, E, None)
     assert int(routing.num_tokens_post_padded) > M * topk, "no padded slot to test"
-    kw = dict(config=SMALL, top_k=topk, compute_dtype=F16)
+    kw = dict(config=SMALL, top_k=topk, compute_dtype=F16, bias=case.kwargs["w1_bias"])
     slots = torch.empty(M * topk, N, dtype=F16, device=device)
     launch.invoke_moe_gemm(case.x, case.w1, slots, routing, **kw)
     full = torch.full((M + 1, N + 8), 1234.0, dtype=torch.float32, device=device)
