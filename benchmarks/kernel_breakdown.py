@@ -13,15 +13,17 @@ fused: large-M timings drift with the order of measurement, results/kernels/NOTE
 ``unfused`` with GEMM1 writing ``[slots, 2N]`` and the activation kernel after it, ``fused`` with
 the activation in GEMM1's epilogue at every M (``ops.FUSE_GEMM1_ACTIVATION``), and with
 ``--variants`` also ``fused-pairs`` (silu's gate and up rows interleaved in the tile,
-``launch.SILU_PAIRS``; the same as ``fused`` for swigluoai) and ``auto`` (the op's default:
-fused, except static fp8 above ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` tokens). Each
-variant's output is checked first; ``speedup`` is the first variant's median over the second's,
+``launch.SILU_PAIRS``; the same as ``fused`` for swigluoai), ``auto`` (the op's default:
+fused, except static fp8 above ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` tokens) and ``auto-sum``
+(``auto`` with the sum over top-k in GEMM2's epilogue at every M, ``ops.SUM_TOPK_IN_GEMM2_MIN_M``
+= 1: fp32 atomic adds instead of the ``[slots, K]`` store and torch's reduce). Each variant's
+output is checked first; ``speedup`` is the first variant's median over the second's,
 ``<variant>_vs_first`` each variant's against the first.
 
 Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
-       [--compare [--variants unfused,fused,fused-pairs,auto]]
+       [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum]]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -47,15 +50,28 @@ from moetune.timing import time_op
 PROBLEMS = [("Mixtral-8x7B", 2), ("Qwen3-30B-A3B", 2), ("gpt-oss-120b", 1)]
 QUANTS = [None, "fp8_w8a8"]
 PROFILED_CALLS = 24
-# variant: (ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS, ops.FUSE_GEMM1_STATIC_FP8_MAX_M);
-# "auto" is the op's default: fused, except static fp8 above the limit.
+
+
+class Flags(NamedTuple):
+    """The op's module flags a variant sets (each field names its flag)."""
+
+    fuse_gemm1_activation: bool  # ops.FUSE_GEMM1_ACTIVATION
+    silu_pairs: bool  # launch.SILU_PAIRS
+    fuse_gemm1_static_fp8_max_m: int | None  # ops.FUSE_GEMM1_STATIC_FP8_MAX_M
+    sum_topk_in_gemm2_min_m: int | None  # ops.SUM_TOPK_IN_GEMM2_MIN_M
+
+
+DEFAULTS = Flags(ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS, ops.FUSE_GEMM1_STATIC_FP8_MAX_M,
+                 ops.SUM_TOPK_IN_GEMM2_MIN_M)  # fmt: skip
+# "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
+# over top-k in GEMM2 at every M. The others store GEMM2's slot rows, as the op did before it.
 VARIANTS = {
-    "unfused": (False, False, None),
-    "fused": (True, False, None),
-    "fused-pairs": (True, True, None),
-    "auto": (True, False, ops.FUSE_GEMM1_STATIC_FP8_MAX_M),
+    "unfused": Flags(False, False, None, None),
+    "fused": Flags(True, False, None, None),
+    "fused-pairs": Flags(True, True, None, None),
+    "auto": DEFAULTS,
+    "auto-sum": DEFAULTS._replace(sum_topk_in_gemm2_min_m=1),
 }
-DEFAULTS = (ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS, ops.FUSE_GEMM1_STATIC_FP8_MAX_M)
 
 
 def _short(name: str) -> str:
@@ -81,8 +97,11 @@ def breakdown(run, n_sets: int) -> tuple[dict[str, float], float]:
     return dict(sorted(per.items(), key=lambda kv: -kv[1])), count / PROFILED_CALLS
 
 
-def _use(flags: tuple[bool, bool, int | None]) -> None:
-    ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS, ops.FUSE_GEMM1_STATIC_FP8_MAX_M = flags
+def _use(flags: Flags) -> None:
+    ops.FUSE_GEMM1_ACTIVATION = flags.fuse_gemm1_activation
+    launch.SILU_PAIRS = flags.silu_pairs
+    ops.FUSE_GEMM1_STATIC_FP8_MAX_M = flags.fuse_gemm1_static_fp8_max_m
+    ops.SUM_TOPK_IN_GEMM2_MIN_M = flags.sum_topk_in_gemm2_min_m
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

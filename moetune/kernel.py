@@ -11,6 +11,12 @@ interleaved; ``swigluoai``'s weights are interleaved already),
 the cast value is taken back to fp32, the activation applied, cast again, and optionally
 quantized to fp8 with a static scale (``QUANT_OUT``). Those are the bits of GEMM1 → activation
 kernel → quantization, without the ``[slots, 2N]`` intermediate in memory or its launch.
+
+For the down projection the epilogue can also sum over top-k (``SUM_TOPK = k``): each slot's row,
+cast to the compute dtype as a store would cast it, is taken back to fp32 and added atomically to
+its token's row ``slot // k`` of an fp32 ``C`` that starts at zero; the caller casts ``C`` once.
+Those are the bits of storing ``[slots, N]`` and summing it in fp32 (as torch's sum does), up to
+the order of the fp32 additions, without that intermediate or the reduce kernel.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ def fused_moe_kernel(
     a_ptr,  # [T_a, K]        activations: compute dtype, or fp8/int8 for w8a8
     b_ptr,  # [E, N, K]       weights: compute dtype, fp8 or int8
     c_ptr,  # [T_c, N] output rows, one per routed slot (compute dtype); [T_c, N / 2] after
-    # ACTIVATION (compute dtype, or fp8 with QUANT_OUT)
+    # ACTIVATION (compute dtype, or fp8 with QUANT_OUT); [T_c / SUM_TOPK, N] fp32 with SUM_TOPK
     bias_ptr,  # [E, N]       optional, any float dtype
     a_scale_ptr,  # [1] per tensor | [T_a, 1] per token | [T_a, ceil(K/group_k)] per block
     b_scale_ptr,  # [E] per tensor | [E, N] per channel | [E, ceil(N/group_n), ceil(K/group_k)]
@@ -90,6 +96,9 @@ def fused_moe_kernel(
     QUANT_OUT: tl.constexpr = False,
     PER_ROW_SCALE: tl.constexpr = False,
     MIN_EXP: tl.constexpr = -6,  # QUANT_OUT: the fp8 format's smallest normal exponent
+    # k > 0 (ACTIVATION 0 only): atomically add slot rows into token rows slot // k of an fp32 c
+    # instead of storing them. Its own parameter: GEMM2 runs with top_k = 1 (its A rows are slots).
+    SUM_TOPK: tl.constexpr = 0,
 ):
     """Grid: ``(cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N),)``.
 
@@ -133,12 +142,16 @@ def fused_moe_kernel(
             offs_bn = out_col % (N // 2) + half * (N // 2)
         else:  # gate and up interleaved: the tile's columns are contiguous rows of B
             offs_bn = (pid_n * BLOCK_SIZE_N + cols) % N
-    c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+    # Padded slots (num_valid_tokens) map past the last token row under SUM_TOPK too: masked.
+    c_rows = offs_token // SUM_TOPK if SUM_TOPK > 0 else offs_token
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_cn[None, :] * stride_cn
 
     off_expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if off_expert == -1:
         # The expert lives on another rank: its slots contribute zero here (as does the
-        # activation of zero).
+        # activation of zero); under SUM_TOPK, nothing to add to c's zeros.
+        if SUM_TOPK > 0:
+            return
         if ACTIVATION == 0:
             zero = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
         else:
@@ -211,7 +224,13 @@ def fused_moe_kernel(
     if MUL_ROUTED_WEIGHT:
         route_w = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
         acc = acc * route_w.to(tl.float32)[:, None]
-    if ACTIVATION == 0:
+    if ACTIVATION == 0 and SUM_TOPK > 0:
+        # The value a store would write, summed in fp32 as torch sums the stored rows. Atomics
+        # add in any order: two addends give torch's bits (fp32 + commutes), more may differ in
+        # fp32's last place, and from run to run on a GPU.
+        out = acc.to(compute_type).to(tl.float32)
+        tl.atomic_add(c_ptrs, out, mask=c_mask, sem="relaxed")
+    elif ACTIVATION == 0:
         tl.store(c_ptrs, acc.to(compute_type), mask=c_mask)
     else:
         # GEMM1's output as the unfused op stores it, then the activation kernel's arithmetic.

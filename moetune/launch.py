@@ -115,6 +115,7 @@ def invoke_moe_gemm(
     block_shape: tuple[int, int] | None = None,
     activation: str | None = None,
     out_scale: torch.Tensor | None = None,
+    sum_topk: int = 0,
 ) -> None:
     """``c[slot] = epilogue(a[slot // top_k] · b[expert(slot)]ᵀ)`` for every routed slot.
 
@@ -122,13 +123,22 @@ def invoke_moe_gemm(
     given. With ``activation`` (the up projection, ``b`` of ``N = 2·n`` rows) ``c`` is
     ``[num_slots, n]`` and receives the activation of the GEMM's output, quantized to ``c``'s fp8
     dtype with the static ``out_scale`` (``[1]``, or ``[num_slots, 1]`` contiguous) when ``c`` is
-    fp8. The caller has validated shapes; this checks the config and launches.
+    fp8. With ``sum_topk = k`` (no activation) ``c`` is fp32 ``[num_slots / k, N]``, zeroed by
+    the caller, and each slot's cast output is added atomically to row ``slot // k``. The caller
+    has validated shapes; this checks the config and launches.
     """
     validate_config(config, block_shape)
-    num_slots = c.shape[0]
+    num_slots = a.shape[0] * top_k  # not c's rows: with sum_topk c has one row per token
     N, K = b.shape[1], b.shape[2]
     act = ACTIVATION_CODES[activation] if activation is not None else 0
     quant_out = c.dtype in FP8_DTYPES
+    if sum_topk < 0 or (sum_topk and (act or num_slots % sum_topk)):
+        raise ValueError(f"sum_topk {sum_topk} needs no activation and slots ({num_slots}) in "
+                         "whole tokens")  # fmt: skip
+    rows = num_slots // sum_topk if sum_topk else num_slots
+    if c.shape[0] != rows or (sum_topk and (c.dtype != torch.float32 or c.shape[1] != N)):
+        want = f"fp32 [{rows}, {N}]" if sum_topk else f"[{rows}, ...]"
+        raise ValueError(f"c must be {want}, got {c.dtype} {list(c.shape)}")
     if act and (N % 2 or c.shape[1] != N // 2):
         raise ValueError(f"a fused activation needs an even N and [slots, N/2] out, got N={N}, "
                          f"out {list(c.shape)}")  # fmt: skip
@@ -207,5 +217,6 @@ def invoke_moe_gemm(
         QUANT_OUT=quant_out,
         PER_ROW_SCALE=out_scale is not None and out_scale.numel() > 1,
         MIN_EXP=fp8_min_exp(c.dtype) if quant_out else -6,
+        SUM_TOPK=sum_topk,
         **launch,
     )

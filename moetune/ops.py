@@ -32,13 +32,22 @@ FUSE_GEMM1_ACTIVATION = True
 # shipped tables: by 0.6-14% at 11 of the 12 fp8 points with M >= 128 on an H200, within noise
 # on an H100 (results/kernels/NOTES.md §13). Faster at every fp8 point with M <= 32 on both.
 FUSE_GEMM1_STATIC_FP8_MAX_M: int | None = 64
+# The sum over top-k in GEMM2's epilogue, from this many tokens up (None: never): fp32 atomic adds
+# into an [M, K] buffer instead of GEMM2 writing [M·topk, K] and torch's reduce kernel reading it
+# back (63-87 µs at M=4096 on an H100, 15% of Qwen3-30B-A3B's op). Same bits up to the order of
+# fp32 additions (kernel.py). Off: not measured on a GPU yet (benchmarks/kernel_breakdown.py
+# --variants auto,auto-sum). Changing the default changes the op's timings: bump the version.
+SUM_TOPK_IN_GEMM2_MIN_M: int | None = None
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
 
 @contextlib.contextmanager
 def poisoned_workspace() -> Iterator[None]:
-    """Fill the op's intermediate buffers with NaN before use, so an unwritten row shows."""
+    """Fill the op's intermediate buffers with NaN before use, so an unwritten row shows.
+
+    Not the fp32 buffer of :func:`sum_topk_in_gemm2`: atomic adds need it zeroed, so a slot left
+    unwritten there shows as a wrong value in the reference check instead of as NaN."""
     token = _POISON.set(True)
     try:
         yield
@@ -103,6 +112,14 @@ def fuse_gemm1(M: int, static_fp8: bool) -> bool:
         return False
     limit = FUSE_GEMM1_STATIC_FP8_MAX_M
     return not static_fp8 or limit is None or limit >= M
+
+
+def sum_topk_in_gemm2(M: int, topk: int) -> bool:
+    """Whether the op sums over top-k in GEMM2's epilogue for ``M`` tokens (compile processes
+    follow it too). Never for ``topk == 1``: there is nothing to sum, and fp32 atomics into a
+    zeroed buffer plus a cast would cost more than today's store."""
+    limit = SUM_TOPK_IN_GEMM2_MIN_M
+    return topk > 1 and limit is not None and limit <= M
 
 
 def fused_experts(
@@ -207,10 +224,15 @@ def fused_experts(
     seen = _CAPTURE.get()
     if seen is not None and a2s is not None:
         seen.append((a2, a2s))
+    gemm2 = dict(config=config_down, top_k=1, a_scale=a2s, b_scale=w2_scale, bias=w2_bias,
+                 topk_weights=topk_weights.reshape(-1).float(), **common)  # fmt: skip
+    if sum_topk_in_gemm2(M, topk):
+        # Zeros, never the poison: the slots are added into it (see poisoned_workspace).
+        out = torch.zeros((M, K), dtype=torch.float32, device=device)
+        invoke_moe_gemm(a2, w2, out, routing_down, sum_topk=topk, **gemm2)
+        return out.to(dtype)  # one cast, as torch's sum of the cache casts its fp32 total
     cache3 = _empty((num_slots, K), dtype, device)
-    invoke_moe_gemm(a2, w2, cache3, routing_down, config=config_down, top_k=1, a_scale=a2s,
-                    b_scale=w2_scale, bias=w2_bias, topk_weights=topk_weights.reshape(-1).float(),
-                    **common)  # fmt: skip
+    invoke_moe_gemm(a2, w2, cache3, routing_down, **gemm2)
     return cache3.view(M, topk, K).sum(dim=1)
 
 

@@ -125,7 +125,9 @@ def compile_inputs(
     """The inputs a compile process runs a candidate on, so that it builds every kernel variant
     the sweep's op launches: 16 tokens; with static fp8 scales one set at or below
     ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` and one above it, where GEMM1 runs without the fused
-    epilogue."""
+    epilogue; with ``ops.SUM_TOPK_IN_GEMM2_MIN_M`` set (top-k > 1) a set on each side of it,
+    where GEMM2 stores slot rows or sums them (a large limit makes a large problem to compile
+    from: its routing and activation run in PyTorch on CPU for each candidate)."""
     import torch
 
     from moetune import ops
@@ -134,9 +136,16 @@ def compile_inputs(
     sizes = [16]
     limit = ops.FUSE_GEMM1_STATIC_FP8_MAX_M
     if act_scales == "static" and problem.quant == "fp8_w8a8" and limit is not None:
-        sizes = sorted({max(1, min(16, limit)), limit + 1})  # one at or below it, one above
+        sizes = [max(1, min(16, limit)), limit + 1]  # one at or below it, one above
+    start = ops.SUM_TOPK_IN_GEMM2_MIN_M
+    if start is not None and problem.topk > 1:
+        sums = {ops.sum_topk_in_gemm2(M, problem.topk) for M in sizes}
+        if True not in sums:
+            sizes.append(start)
+        if False not in sums and start > 1:
+            sizes.append(start - 1)
     sets = []
-    for M in sizes:
+    for M in sorted(set(sizes)):
         args, kw = random_moe_inputs(problem, M, device, seed=0, fp8_dtype=fp8)
         if act_scales == "static":  # the kernels depend on the scales' presence, not values
             one = torch.ones(1, dtype=torch.float32, device=device)
