@@ -153,6 +153,14 @@ def sweep(
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: start a local one).")
     ] = None,
+    incumbent: Annotated[
+        str,
+        typer.Option(
+            help="The table a re-tune replaces: with --strategy halving its entry at each batch "
+            "size is timed there even if it did not go past the anchors. auto (the table the "
+            "runtime finds for this problem and GPU), none, or a table file."
+        ),
+    ] = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Sweep kernel configs for one MoE problem: check each against the reference, time it.
@@ -219,10 +227,13 @@ def sweep(
         compile_workers = default_compile_workers(len(execution.gpus or [0]))
     journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space, skew, gemms,
                                                              act_scales)  # fmt: skip
+    old = _incumbent(incumbent, prob, plat)
     note = timings_note(plat.is_interpreter)
     err.print(f"moetune sweep: {prob.describe()} on {plat.device_name}; {len(candidates)} "
               f"candidates × {len(batches)} batch sizes; journal {journal}",
               markup=False, highlight=False)  # fmt: skip
+    if old is not None and strategy == "halving":
+        err.print(f"incumbent table: {old.path}", markup=False, highlight=False)
     err.print(note)
     result = run_with_progress(
         lambda progress: run_sweep(
@@ -236,6 +247,7 @@ def sweep(
             progress=progress,
             compile_workers=compile_workers,
             execution=execution,
+            incumbent={M: old.lookup(M) for M in batches} if old is not None else None,
         )
     )
     exported = None
@@ -282,6 +294,27 @@ def _execution(plat, gpus: str | None, isolate: bool | None, timeout: float, bac
     return Execution(isolate=isolate or backend == "ray" or len(gpu_list or []) > 1,
                      gpus=gpu_list, timeout_s=timeout, backend=backend,
                      ray_address=ray_address, skew=skew)  # fmt: skip
+
+
+def _incumbent(choice: str, prob, plat):
+    """--incumbent resolved to a loaded table, or None: ``auto`` is the table the runtime would
+    find for this problem under this platform's device name (none is fine), ``none`` is none, and
+    anything else must be a readable table file."""
+    from moetune import lookup
+    from moetune.tables import TableError, load_table
+
+    if choice == "none":
+        return None
+    if choice == "auto":
+        if plat.is_interpreter:
+            return None
+        return lookup.find_table(prob.E, prob.N, dtype=prob.table_dtype,
+                                 block_shape=prob.block_shape,
+                                 device_name=plat.device_name)  # fmt: skip
+    try:
+        return load_table(choice)
+    except TableError as e:
+        raise UsageError(f"--incumbent: {e}") from None
 
 
 def _act_scales(prob, choice: str | None) -> str:

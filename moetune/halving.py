@@ -7,6 +7,14 @@ evaluation time, shared by the workers that ran in parallel). The second round t
 candidates in rank order at every anchor, as many as keep its pairs, the defaults and the
 finalists' re-timing within what is left; at least MIN_KEEP of each ranking go on whatever the
 budget, so every batch size still gets a choice.
+
+A re-tune that halves can drop the config the current table uses at a batch size: a candidate
+slow at the three anchors may still be the fastest at another batch size. On an H200, a
+static-scale re-tune of Qwen3-30B-A3B TP2 fp8 did just that at M=512: the shipped entry never
+went past the anchors and the new table's was 8% slower there in ``moetune bench``
+(results/tables/h200-0.2.4-static/). So the sweep also times the incumbent table's entry at each
+batch size it would otherwise skip there (:func:`incumbent_pairs`): the new table's winner at a
+batch size is then never one the sweep timed slower than the incumbent's.
 """
 
 from __future__ import annotations
@@ -69,6 +77,25 @@ def survivors_within(journal: Journal, keyed: list, at: list[int], rest: int, bu
     how = (f" (--budget {budget_s:.0f} s: {elapsed_s:.0f} s spent, {pair_s * 1000:.0f} ms a "
            f"pair, room for {affordable} pairs)")  # fmt: skip
     return [(k, c) for k, c in keyed if k in chosen], how
+
+
+def incumbent_pairs(keyed: list, incumbent: dict[int, dict[str, Any]], rest: list[int],
+                    kept: set[str]) -> list:  # fmt: skip
+    """``(key, candidate, M)`` for each batch size ``M`` in ``rest`` whose ``incumbent`` entry
+    (the config the runtime would use at ``M``) is a candidate of the space that did not go on
+    (not in ``kept``). Entries outside the space are left out: the caller can tell by count."""
+    by_config: dict[tuple, list] = {}
+    for key, cand in keyed:  # a split sweep keys each candidate once per GEMM
+        by_config.setdefault(tuple(sorted(cand.as_config().items())), []).append((key, cand))
+    pairs = []
+    for M in rest:
+        config = incumbent.get(M)
+        if config is None:
+            continue
+        for key, cand in by_config.get(tuple(sorted(config.items())), []):
+            if key not in kept:
+                pairs.append((key, cand, M))
+    return pairs
 
 
 def pair_seconds(records: list[dict[str, Any]], workers: int) -> float | None:

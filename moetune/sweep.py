@@ -25,7 +25,14 @@ from typing import Any
 from moetune.accum import fp8_accum_mode
 from moetune.evaluate import RECHECK_SEED, Workload, recheck
 from moetune.gemms import FINAL_PREFIX, GEMMS, gemm_configs, gemm_of, heuristic, split_key
-from moetune.halving import FINAL_COST, anchors, ranked_ok, survivors, survivors_within
+from moetune.halving import (
+    FINAL_COST,
+    anchors,
+    incumbent_pairs,
+    ranked_ok,
+    survivors,
+    survivors_within,
+)
 from moetune.journal import Journal, open_journal, provenance
 from moetune.platform import Platform
 from moetune.precompile import Compiler
@@ -111,8 +118,13 @@ def run_sweep(
     progress: Progress | None = None,
     compile_workers: int = 0,
     execution: Execution | None = None,
+    incumbent: dict[int, dict[str, Any]] | None = None,
 ) -> SweepResult:
-    """Sweep ``candidates`` over ``batch_sizes``; resumable from ``journal_path``."""
+    """Sweep ``candidates`` over ``batch_sizes``; resumable from ``journal_path``.
+
+    ``incumbent`` maps batch sizes to the configs the runtime uses there today (the table a
+    re-tune would replace): under halving, each one that is a candidate is timed at its batch
+    size even when it did not go past the anchors (:func:`moetune.halving.incumbent_pairs`)."""
     t0 = time.time()
     device = "cpu" if platform.is_interpreter else "cuda"
     execution = execution or Execution()
@@ -141,7 +153,7 @@ def run_sweep(
     runner = Runner(problem, platform, device, batch_sizes, execution)
     try:
         _sweep_all(problem, platform, candidates, batch_sizes, journal, replays, progress,
-                   compile_workers, runner)  # fmt: skip
+                   compile_workers, runner, incumbent or {})  # fmt: skip
         if progress:
             progress(0, 0, f"first pass done after {time.time() - t0:.1f} s")
         _time_finalists(journal, batch_sizes, execution, progress, runner)
@@ -157,7 +169,8 @@ def run_sweep(
 
 
 def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, replays,
-               progress, compile_workers, runner: Runner) -> None:  # fmt: skip
+               progress, compile_workers, runner: Runner,
+               incumbent: dict[int, dict[str, Any]]) -> None:  # fmt: skip
     done = journal.done()
     keyed = _keyed(candidates, runner.execution.gemms)
     compiler = None
@@ -174,7 +187,8 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, rep
                                 runner.execution.act_scales)  # fmt: skip
     runner.compiler = compiler
     try:
-        _sweep_pairs(problem, platform, keyed, batch_sizes, journal, replays, progress, runner)
+        _sweep_pairs(problem, platform, keyed, batch_sizes, journal, replays, progress, runner,
+                     incumbent)  # fmt: skip
     finally:
         runner.compiler = None
         if progress and runner.pool is not None and runner.pool.ready_after:
@@ -188,7 +202,7 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, rep
 
 
 def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, replays, progress,
-                 runner: Runner) -> None:  # fmt: skip
+                 runner: Runner, incumbent: dict[int, dict[str, Any]]) -> None:  # fmt: skip
     execution = runner.execution
     if execution.strategy == "halving" and len(batch_sizes) > len(anchors(batch_sizes)):
         at = anchors(batch_sizes)
@@ -199,10 +213,14 @@ def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, replay
             keep, how = _budgeted(journal, keyed, at, rest, batch_sizes, runner)
         else:
             keep, how = survivors(journal, keyed, at, execution.keep), ""
+        extra = incumbent_pairs(keyed, incumbent, rest, {k for k, _ in keep})
+        if extra:
+            how += (f", and the incumbent table's entry at {len({M for *_, M in extra})} of "
+                    "them where it did not go on")  # fmt: skip
         if progress:
             progress(0, 0, f"halving: {len(keep)} of {len(keyed)} candidates go on to "
                            f"the other {len(rest)} batch sizes{how}")  # fmt: skip
-        pairs = [(k, c, M) for k, c in keep for M in rest]
+        pairs = [(k, c, M) for k, c in keep for M in rest] + extra
     else:
         if execution.strategy == "halving" and progress:
             progress(0, 0, f"halving: the {len(batch_sizes)} batch sizes are all anchors; every "

@@ -123,6 +123,39 @@ def test_halving_runs_only_survivors_past_the_anchor_batch_sizes(tmp_path, monke
     assert set(table) == {"triton_version", "12", "16", "20", "24", "32"}
     assert runner.invoke(app, [*args[:-4], "--keep", "0"]).exit_code == 2
 
+    # A re-run with an incumbent table resumes the journal and times only the incumbent's
+    # entries that did not go on, each at its own batch size.
+    dropped = sorted(at_anchor - past)
+    assert dropped, "keep 0.1 of 6 leaves 2 behind"
+    config = {r["candidate"]: r["config"] for r in recs}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"triton_version": "3.6.0", "12": config[sorted(past)[0]],
+                               "16": config[dropped[0]], "24": config[dropped[-1]],
+                               "32": config[sorted(past)[0]]}))  # fmt: skip
+    result = runner.invoke(app, [*args, "--incumbent", str(old)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    # (the path may be folded across lines in a narrow terminal)
+    assert "incumbent table:" in said and "incumbent table's entry at 2 of them" in said
+    again = [r for r in read_journal(tmp_path / "j.jsonl").records if "candidate" in r
+             and r.get("phase") != "final" and r["candidate"] != "default"]  # fmt: skip
+    new = {(r["candidate"], r["M"]) for r in again} - {(r["candidate"], r["M"]) for r in recs}
+    assert new == {(dropped[0], 16), (dropped[-1], 24)}
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"16": {"BLOCK_SIZE_M": 16}}'])
+def test_incumbent_that_is_not_a_table_is_refused(tmp_path, monkeypatch, content):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "old.json"
+    if content is not None:
+        path.write_text(content)
+    result = runner.invoke(app, ["sweep", "--strategy", "halving", "--journal", "j.jsonl",
+                                 "--incumbent", str(path)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "--incumbent" in lines[0] and "old.json" in lines[0]
+    assert not (tmp_path / "j.jsonl").exists(), "a refused command wrote a journal"
+
 
 def test_budget_implies_halving_and_a_large_one_keeps_everyone(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -1,6 +1,13 @@
 """Halving's survivors: by --keep fraction, or as many as fit --budget."""
 
-from moetune.halving import affordable_pairs, anchors, pair_seconds, survivors_within, take_within
+from moetune.halving import (
+    affordable_pairs,
+    anchors,
+    incumbent_pairs,
+    pair_seconds,
+    survivors_within,
+    take_within,
+)
 from moetune.journal import Journal
 
 
@@ -89,3 +96,29 @@ def test_budgeted_choice_is_journaled_and_kept_by_a_later_run(tmp_path):
     again, how = _budgeted(journal, keyed, [1, 64], [8, 16], [1, 8, 16, 64], runner(1e6))
     assert again == first and "as chosen before" in how
     assert len([r for r in journal.records if r.get("kind") == "survivors"]) == 1
+
+
+def test_incumbent_pairs_time_the_replaced_entries_that_did_not_go_on():
+    from moetune.gemms import split_key
+    from moetune.space import Candidate
+
+    a, b, c = (Candidate(16, n, 64, 1, 4, 3) for n in (32, 64, 128))
+    outside = Candidate(16, 256, 64, 1, 4, 3).as_config()
+    keyed = [(x.key(), x) for x in (a, b, c)]
+    incumbent = {
+        1: b.as_config(),
+        8: a.as_config(),
+        16: b.as_config(),
+        24: outside,
+        64: c.as_config(),
+    }
+    # rest = 8, 16, 24 (anchors 1 and 64 run everyone); a went on, b did not, outside is no
+    # candidate of the space, and 32 has no entry.
+    pairs = incumbent_pairs(keyed, incumbent, [8, 16, 24, 32], kept={a.key()})
+    assert pairs == [(b.key(), b, 16)]
+    assert incumbent_pairs(keyed, {}, [8, 16], kept=set()) == []
+    # A split sweep keys each candidate once per GEMM: the incumbent serves both, as vLLM's one
+    # table does.
+    split = [(split_key(g, x.key()), x) for x in (a, b) for g in ("up", "down")]
+    got = incumbent_pairs(split, {16: b.as_config()}, [16], kept={split_key("up", b.key())})
+    assert got == [(split_key("down", b.key()), b, 16)]
