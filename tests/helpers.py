@@ -101,3 +101,33 @@ def record_launches(monkeypatch, *, run: bool) -> list[dict]:
 
     monkeypatch.setattr(launch, "fused_moe_kernel", Recording())
     return recorded
+
+
+def record_launches_and_warmups(monkeypatch) -> dict[str, list]:
+    """Every fused-MoE kernel launch (which still runs) and compile-only warmup, each as
+    ``(argument types, keyword arguments, output shape)``: what selects the compiled kernel, so
+    a test can tell whether compile processes build the kernel the op launches."""
+    import torch
+
+    from moetune import launch
+
+    kernel = launch.fused_moe_kernel
+    seen: dict[str, list] = {"launch": [], "warmup": []}
+
+    def signature(args, kwargs):
+        types = tuple(str(a.dtype) if torch.is_tensor(a) else type(a).__name__ for a in args)
+        return types, kwargs, tuple(args[2].shape)
+
+    class Recording:
+        def warmup(self, *args, grid, **kwargs):
+            seen["warmup"].append(signature(args, kwargs))
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen["launch"].append(signature(args, kwargs))
+                return kernel[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(launch, "fused_moe_kernel", Recording())
+    return seen

@@ -5,7 +5,7 @@ import multiprocessing
 
 import pytest
 import torch
-from helpers import make_case
+from helpers import make_case, record_launches_and_warmups
 
 from moetune import launch, ops
 from moetune.launch import compile_only, compiling
@@ -60,25 +60,7 @@ def test_compile_only_compiles_the_variant_the_op_launches(
     epilogue's included) and the same argument dtypes, or every candidate compiles twice."""
     from moetune.inputs import static_activation_scales
 
-    kernel = launch.fused_moe_kernel
-    seen: dict[str, list] = {"launch": [], "warmup": []}
-
-    def signature(args, kwargs):
-        types = tuple(str(a.dtype) if torch.is_tensor(a) else type(a).__name__ for a in args)
-        return types, kwargs
-
-    class Recording:
-        def warmup(self, *args, grid, **kwargs):
-            seen["warmup"].append(signature(args, kwargs))
-
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                seen["launch"].append(signature(args, kwargs))
-                return kernel[grid](*args, **kwargs)
-
-            return run
-
-    monkeypatch.setattr(launch, "fused_moe_kernel", Recording())
+    seen = record_launches_and_warmups(monkeypatch)
     monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", limit)  # M=16 is above 8
     case = make_case(16, 4, 32, 64, 2, torch.float16, device, quant="fp8_w8a8", bias=True,
                      activation=activation)  # fmt: skip

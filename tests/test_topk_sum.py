@@ -16,7 +16,7 @@ Both paths must also pass the float64 reference check, and hold no NaN.
 
 import pytest
 import torch
-from helpers import make_case, record_launches
+from helpers import make_case, record_launches, record_launches_and_warmups
 
 from moetune import check_close, fused_experts, fused_experts_reference, launch, ops
 from moetune.align import moe_align_block_size_torch
@@ -217,25 +217,7 @@ def test_a_slot_left_out_fails_the_check_without_nan(device, monkeypatch):
 def test_compile_only_builds_the_summing_kernel_the_op_launches(quant, device, monkeypatch):
     """Compile processes must build the GEMM2 variant the op then runs (SUM_TOPK included, and
     an fp32 output of the token rows' shape), or every candidate compiles twice."""
-    kernel = launch.fused_moe_kernel
-    seen: dict[str, list] = {"launch": [], "warmup": []}
-
-    def signature(args, kwargs):  # what selects the compiled kernel, and the output's shape
-        types = tuple(str(a.dtype) if torch.is_tensor(a) else type(a).__name__ for a in args)
-        return types, kwargs, tuple(args[2].shape)
-
-    class Recording:
-        def warmup(self, *args, grid, **kwargs):
-            seen["warmup"].append(signature(args, kwargs))
-
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                seen["launch"].append(signature(args, kwargs))
-                return kernel[grid](*args, **kwargs)
-
-            return run
-
-    monkeypatch.setattr(launch, "fused_moe_kernel", Recording())
+    seen = record_launches_and_warmups(monkeypatch)
     monkeypatch.setattr(ops, "SUM_TOPK_IN_GEMM2_MIN_M", 1)
     case = make_case(16, 4, 32, 64, 2, F16, device, quant=quant, bias=True)
     ops.fused_experts(*case.args(), config=SMALL, **case.kwargs)
