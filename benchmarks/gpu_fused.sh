@@ -7,6 +7,7 @@
 #      VARIANTS (default unfused, fused, auto) timed interleaved, each checked first, for
 #      the three reference problems in bf16 and fp8 (static scales) at the seven batch sizes of
 #      issue 5, with the floor;
+#      (TESTS=... picks other test files);
 #   3. with VERIFY=1, `moetune verify` of every shipped table (four at a time on the one GPU:
 #      numerics only), so every shipped config has compiled and passed in the fused kernel.
 # Usage: bash benchmarks/gpu_fused.sh   (everything in $OUT/fused.tgz; the table printed last)
@@ -16,8 +17,8 @@ R=$OUT/fused
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$R/summary.txt"
 if [ "${PYTEST:-1}" = 1 ]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_fused_gemm1.py tests/test_op.py \
-    tests/test_requant.py tests/test_activation.py tests/test_accum.py > "$R/pytest-gpu.log" 2>&1
+  timeout 240 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_fused_gemm1.py tests/test_op.py \
+    tests/test_requant.py tests/test_activation.py tests/test_accum.py} > "$R/pytest-gpu.log" 2>&1
   echo "pytest rc=$? $(tail -1 "$R/pytest-gpu.log")" | tee -a "$R/summary.txt"
 fi
 if [ "${BREAKDOWN:-1}" = 1 ]; then
@@ -43,7 +44,7 @@ except KeyError:  # cut by its timeout: the rows written as they were measured
         rows = [json.loads(line) for line in t.extractfile("fused/breakdown.jsonl")]
     except KeyError:
         rows = []
-names = ["unfused", "fused", "fused-pairs", "auto"]
+names = ["unfused", "fused", "fused-pairs", "auto", "auto-sum"]
 groups, every = {}, {}
 for r in rows:
     head = f"{r['problem'][:8]} {r['quant']:>8} M={r['M']:<5}"
