@@ -122,3 +122,34 @@ def test_incumbent_pairs_time_the_replaced_entries_that_did_not_go_on():
     split = [(split_key(g, x.key()), x) for x in (a, b) for g in ("up", "down")]
     got = incumbent_pairs(split, {16: b.as_config()}, [16], kept={split_key("up", b.key())})
     assert got == [(split_key("down", b.key()), b, 16)]
+
+
+def test_a_resumed_halving_sweep_compiles_only_what_it_has_left(tmp_path):
+    """Past the anchor round, only the survivors with pairs left (and an incumbent entry that
+    did not go on) are compiled ahead, not the whole space again; before it, everything."""
+    from moetune.space import Candidate
+    from moetune.sweep import Execution, compile_keys
+
+    cands = [Candidate(16, n, k, 1, 4, 3) for n in (32, 64, 128) for k in (64, 128, 256)]
+    keyed = [(c.key(), c) for c in cands]
+    sizes = [1, 8, 16, 24, 64]  # anchors 1, 16 and 64
+    # Candidate i is i-th fastest at every anchor: MIN_KEEP = 4 go on at keep 0.25.
+    recs = [_ok(c.key(), M, us=10 + i) for i, c in enumerate(cands) for M in (1, 16, 64)]
+    halving = Execution(strategy="halving", keep=0.25)
+    keys = [c.key() for c in cands]
+
+    assert compile_keys(_journal(tmp_path, recs[:-1]), keyed, sizes, halving, {}) == set(keys), (
+        "an anchor pair left: everything, as a fresh sweep"
+    )
+    assert compile_keys(_journal(tmp_path, list(recs)), keyed, sizes, halving, {}) == set(keys[:4])
+    # c0 has finished both other sizes, c1 one of them; the incumbent's M=24 entry is c6.
+    more = recs + [_ok(keys[0], M, 9) for M in (8, 24)] + [_ok(keys[1], 8, 9)]
+    got = compile_keys(_journal(tmp_path, more), keyed, sizes, halving, {24: cands[6].as_config()})
+    assert got == {keys[1], keys[2], keys[3], keys[6]}
+    # Exhaustive runs every candidate at every size: anything with a size left is compiled.
+    assert compile_keys(_journal(tmp_path, list(recs)), keyed, sizes, Execution(), {}) == set(keys)
+    # Under --budget the survivors are known only once journaled.
+    budget = Execution(strategy="halving", budget_s=60.0)
+    assert compile_keys(_journal(tmp_path, list(recs)), keyed, sizes, budget, {}) == set(keys)
+    chosen = [*recs, {"kind": "survivors", "keys": keys[2:4]}]
+    assert compile_keys(_journal(tmp_path, chosen), keyed, sizes, budget, {}) == set(keys[2:4])
