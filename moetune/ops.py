@@ -34,9 +34,11 @@ FUSE_GEMM1_ACTIVATION = True
 FUSE_GEMM1_STATIC_FP8_MAX_M: int | None = 64
 # The sum over top-k in GEMM2's epilogue, from this many tokens up (None: never): fp32 atomic adds
 # into an [M, K] buffer instead of GEMM2 writing [M·topk, K] and torch's reduce kernel reading it
-# back (63-87 µs at M=4096 on an H100, 15% of Qwen3-30B-A3B's op). Same bits up to the order of
-# fp32 additions (kernel.py). Off: not measured on a GPU yet (benchmarks/kernel_breakdown.py
-# --variants auto,auto-sum). Changing the default changes the op's timings: bump the version.
+# back. Same bits up to the order of fp32 additions (kernel.py). Off: measured slower at every
+# M=4096 point on an H100 and an H200 (up to 17%: the atomics cost more than the reduce), faster
+# by at most 3% at M <= 32, and at topk > 2 its addition order, so its bits, change from run to
+# run (results/kernels/NOTES.md §14). Changing the default changes the op's timings: bump the
+# version.
 SUM_TOPK_IN_GEMM2_MIN_M: int | None = None
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
