@@ -16,17 +16,14 @@ the activation in GEMM1's epilogue at every M (``ops.FUSE_GEMM1_ACTIVATION``), a
 ``launch.SILU_PAIRS``; the same as ``fused`` for swigluoai), ``auto`` (the op's default:
 fused, except static fp8 above ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` tokens) and ``auto-sum``
 (``auto`` with the sum over top-k in GEMM2's epilogue at every M, ``ops.SUM_TOPK_IN_GEMM2_MIN_M``
-= 1: fp32 atomic adds instead of the ``[slots, K]`` store and torch's reduce) and ``auto-qa``
-(``auto`` with GEMM1 quantizing its input tiles as it loads them at every M, static fp8 only,
-``ops.QUANT_A_IN_GEMM1_MAX_M``). Each variant's
+= 1: fp32 atomic adds instead of the ``[slots, K]`` store and torch's reduce). Each variant's
 output is checked first; ``speedup`` is the first variant's median over the second's,
 ``<variant>_vs_first`` each variant's against the first.
 
 Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
-       [--quants bf16,fp8_w8a8]
-       [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-qa]]
+       [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum]]
 """
 
 from __future__ import annotations
@@ -62,22 +59,18 @@ class Flags(NamedTuple):
     silu_pairs: bool  # launch.SILU_PAIRS
     fuse_gemm1_static_fp8_max_m: int | None  # ops.FUSE_GEMM1_STATIC_FP8_MAX_M
     sum_topk_in_gemm2_min_m: int | None  # ops.SUM_TOPK_IN_GEMM2_MIN_M
-    quant_a_in_gemm1_max_m: int | None  # ops.QUANT_A_IN_GEMM1_MAX_M
 
 
 DEFAULTS = Flags(ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS, ops.FUSE_GEMM1_STATIC_FP8_MAX_M,
-                 ops.SUM_TOPK_IN_GEMM2_MIN_M, ops.QUANT_A_IN_GEMM1_MAX_M)  # fmt: skip
+                 ops.SUM_TOPK_IN_GEMM2_MIN_M)  # fmt: skip
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
-# over top-k in GEMM2 at every M, "auto-qa" GEMM1's quantization of its input at every M (static
-# fp8; the same as auto elsewhere). The others store GEMM2's slot rows and quantize the input in
-# its own launch, as the op did before.
+# over top-k in GEMM2 at every M. The others store GEMM2's slot rows, as the op did before it.
 VARIANTS = {
-    "unfused": Flags(False, False, None, None, None),
-    "fused": Flags(True, False, None, None, None),
-    "fused-pairs": Flags(True, True, None, None, None),
+    "unfused": Flags(False, False, None, None),
+    "fused": Flags(True, False, None, None),
+    "fused-pairs": Flags(True, True, None, None),
     "auto": DEFAULTS,
     "auto-sum": DEFAULTS._replace(sum_topk_in_gemm2_min_m=1),
-    "auto-qa": DEFAULTS._replace(quant_a_in_gemm1_max_m=1 << 30),
 }
 
 
@@ -109,7 +102,6 @@ def _use(flags: Flags) -> None:
     launch.SILU_PAIRS = flags.silu_pairs
     ops.FUSE_GEMM1_STATIC_FP8_MAX_M = flags.fuse_gemm1_static_fp8_max_m
     ops.SUM_TOPK_IN_GEMM2_MIN_M = flags.sum_topk_in_gemm2_min_m
-    ops.QUANT_A_IN_GEMM1_MAX_M = flags.quant_a_in_gemm1_max_m
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:
@@ -210,14 +202,11 @@ def main(argv: list[str]) -> None:
     out = argv[0]
     ms = [1, 8, 32, 512, 4096]
     names = [p for p, _ in PROBLEMS]
-    quants = list(QUANTS)
     for i, a in enumerate(argv):
         if a == "--m":
             ms = [int(v) for v in argv[i + 1].split(",")]
         if a == "--problems":
             names = argv[i + 1].split(",")
-        if a == "--quants":  # e.g. fp8_w8a8 (bf16: none)
-            quants = [None if q == "bf16" else q for q in argv[i + 1].split(",")]
     ceilings = measure_ceilings("cuda")
     print(f"{torch.cuda.get_device_name()}; ceilings: {ceilings}", flush=True)
     # Rows go to OUT.jsonl as they are measured (a run cut by a timeout keeps them), then OUT.
@@ -225,9 +214,7 @@ def main(argv: list[str]) -> None:
         for name, tp in PROBLEMS:
             if name not in names:
                 continue
-            for quant in quants:
-                if quant not in QUANTS:
-                    sys.exit(f"Error: --quants takes bf16 and fp8_w8a8, got {quant}")
+            for quant in QUANTS:
                 try:
                     bench_problem(name, tp, quant, ceilings, ms, sink)
                 except Exception as e:  # report and go on with the next problem

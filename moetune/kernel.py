@@ -17,10 +17,6 @@ cast to the compute dtype as a store would cast it, is taken back to fp32 and ad
 its token's row ``slot // k`` of an fp32 ``C`` that starts at zero; the caller casts ``C`` once.
 Those are the bits of storing ``[slots, N]`` and summing it in fp32 (as torch's sum does), up to
 the order of the fp32 additions, without that intermediate or the reduce kernel.
-
-For fp8_w8a8 with a static per-tensor activation scale the up projection can also quantize its
-A tiles as it loads them (``QUANT_A``), with the quantization kernel's arithmetic: the same fp8
-operands as quantizing the whole input first, without that launch.
 """
 
 from __future__ import annotations
@@ -103,12 +99,6 @@ def fused_moe_kernel(
     # k > 0 (ACTIVATION 0 only): atomically add slot rows into token rows slot // k of an fp32 c
     # instead of storing them. Its own parameter: GEMM2 runs with top_k = 1 (its A rows are slots).
     SUM_TOPK: tl.constexpr = 0,
-    # fp8_w8a8 with a static per-tensor scale: A is the op's input in the compute dtype, and each
-    # loaded tile is quantized with that scale (quant_kernel's arithmetic, so the same fp8
-    # operand) instead of a launch quantizing all of A first. A_QMAX, A_MIN_EXP: B's fp8 format.
-    QUANT_A: tl.constexpr = False,
-    A_QMAX: tl.constexpr = 448.0,
-    A_MIN_EXP: tl.constexpr = -6,
 ):
     """Grid: ``(cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N),)``.
 
@@ -197,8 +187,6 @@ def fused_moe_kernel(
         k_remaining = K - k * BLOCK_SIZE_K
         a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
-        if QUANT_A:
-            a = quantize_fp8(a.to(tl.float32), a_scale, A_QMAX, A_MIN_EXP).to(b.dtype)
         if use_int8_w8a16:
             accumulator = tl.dot(a, b.to(compute_type), acc=accumulator)
         elif (use_fp8_w8a8 or use_int8_w8a8) and group_k > 0:

@@ -116,7 +116,6 @@ def invoke_moe_gemm(
     activation: str | None = None,
     out_scale: torch.Tensor | None = None,
     sum_topk: int = 0,
-    quant_a: bool = False,
 ) -> None:
     """``c[slot] = epilogue(a[slot // top_k] · b[expert(slot)]ᵀ)`` for every routed slot.
 
@@ -125,11 +124,8 @@ def invoke_moe_gemm(
     ``[num_slots, n]`` and receives the activation of the GEMM's output, quantized to ``c``'s fp8
     dtype with the static ``out_scale`` (``[1]``, or ``[num_slots, 1]`` contiguous) when ``c`` is
     fp8. With ``sum_topk = k`` (no activation) ``c`` is fp32 ``[num_slots / k, N]``, zeroed by
-    the caller, and each slot's cast output is added atomically to row ``slot // k``. With
-    ``quant_a`` (fp8_w8a8, ``b`` fp8, ``a`` in the compute dtype, ``a_scale`` the static
-    per-tensor ``[1]`` scale) each A tile is quantized to ``b``'s fp8 format as it is loaded,
-    with the bits of :func:`moetune.quant_kernel.quantize_activation_fast`. The caller has
-    validated shapes; this checks the config and launches.
+    the caller, and each slot's cast output is added atomically to row ``slot // k``. The caller
+    has validated shapes; this checks the config and launches.
     """
     validate_config(config, block_shape)
     num_slots = a.shape[0] * top_k  # not c's rows: with sum_topk c has one row per token
@@ -148,11 +144,6 @@ def invoke_moe_gemm(
                          f"out {list(c.shape)}")  # fmt: skip
     if quant_out != (out_scale is not None) or (quant_out and not act):
         raise ValueError("an fp8 output needs a fused activation and its static scale")
-    if quant_a and (quant != "fp8_w8a8" or b.dtype not in FP8_DTYPES or a.dtype != compute_dtype
-                    or a_scale is None or a_scale.numel() != 1 or per_channel
-                    or block_shape is not None):  # fmt: skip
-        raise ValueError("quant_a needs fp8_w8a8 weights, A in the compute dtype and one static "
-                         "per-tensor scale")  # fmt: skip
     EM = routing.sorted_token_ids.numel()
     bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
     grid = (triton.cdiv(EM, bm) * triton.cdiv(N, bn),)
@@ -227,8 +218,5 @@ def invoke_moe_gemm(
         PER_ROW_SCALE=out_scale is not None and out_scale.numel() > 1,
         MIN_EXP=fp8_min_exp(c.dtype) if quant_out else -6,
         SUM_TOPK=sum_topk,
-        QUANT_A=quant_a,
-        A_QMAX=quant_max(b.dtype) if quant_a else 448.0,
-        A_MIN_EXP=fp8_min_exp(b.dtype) if quant_a else -6,
         **launch,
     )

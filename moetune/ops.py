@@ -40,12 +40,6 @@ FUSE_GEMM1_STATIC_FP8_MAX_M: int | None = 64
 # run (results/kernels/NOTES.md §14). Changing the default changes the op's timings: bump the
 # version.
 SUM_TOPK_IN_GEMM2_MIN_M: int | None = None
-# fp8_w8a8 with a static per-tensor input scale, up to this many tokens (None: never): GEMM1
-# quantizes its A tiles as it loads them (the same fp8 operands) instead of a launch quantizing
-# the input first. Every program of GEMM1 quantizes the A rows it reads, so the work grows with
-# the number of N tiles; at decode the saved launch is what counts. Changing it changes the
-# op's timings: bump the version.
-QUANT_A_IN_GEMM1_MAX_M: int | None = None
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
@@ -130,13 +124,6 @@ def sum_topk_in_gemm2(M: int, topk: int) -> bool:
     return topk > 1 and limit is not None and limit <= M
 
 
-def quant_a_in_gemm1(M: int, static_fp8_a1: bool) -> bool:
-    """Whether GEMM1 quantizes the input as it loads it for ``M`` tokens (the same answer in
-    compile processes). ``static_fp8_a1``: fp8_w8a8 with one static per-tensor input scale."""
-    limit = QUANT_A_IN_GEMM1_MAX_M
-    return static_fp8_a1 and limit is not None and limit >= M
-
-
 def fused_experts(
     hidden_states: torch.Tensor,
     w1: torch.Tensor,
@@ -206,17 +193,12 @@ def fused_experts(
                   block_shape=block)  # fmt: skip
 
     a1, a1s = hidden_states, None
-    static_fp8_a1 = (qdtype in FP8_DTYPES and a1_scale is not None and a1_scale.numel() == 1
-                     and not per_channel_quant and group_k is None)  # fmt: skip
-    quant_a = quant_a_in_gemm1(M, static_fp8_a1)
-    if quant_a:  # GEMM1 quantizes hidden_states tile by tile with this scale
-        a1s = static_scale(a1_scale, M).contiguous()
-    elif qdtype is not None:
+    if qdtype is not None:
         a1, a1s = quantize(
             hidden_states, qdtype, scale=a1_scale, per_token=per_channel_quant, group_k=group_k
         )
     gemm1 = dict(routing=routing, config=config, top_k=topk, a_scale=a1s, b_scale=w1_scale,
-                 bias=w1_bias, quant_a=quant_a, **common)  # fmt: skip
+                 bias=w1_bias, **common)  # fmt: skip
     static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None
     # Compile processes take the fused paths too: they must compile the kernel the op runs.
     fuse = fuse_gemm1(M, static_fp8)

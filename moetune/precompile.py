@@ -119,11 +119,6 @@ class Ladder:
         return "failed", self.ways[0]
 
 
-# Past this many tokens no set is drawn for the side above ops.QUANT_A_IN_GEMM1_MAX_M: a limit
-# that high means "every batch size a sweep runs", and a set that large is slow to draw on CPU.
-QUANT_A_SIZE_CAP = 4096
-
-
 def compile_inputs(
     problem: Problem, device: str, fp8: Any, act_scales: str = "dynamic"
 ) -> list[tuple[tuple, dict]]:
@@ -132,9 +127,7 @@ def compile_inputs(
     ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` and one above it, where GEMM1 runs without the fused
     epilogue; with ``ops.SUM_TOPK_IN_GEMM2_MIN_M`` set (top-k > 1) a set on each side of it,
     where GEMM2 stores slot rows or sums them (a large limit makes a large problem to compile
-    from: its routing and activation run in PyTorch on CPU for each candidate); with static fp8
-    and ``ops.QUANT_A_IN_GEMM1_MAX_M`` set, a set on each side of it where GEMM1 quantizes its
-    input or reads it quantized (none above a limit of QUANT_A_SIZE_CAP tokens or more)."""
+    from: its routing and activation run in PyTorch on CPU for each candidate)."""
     import torch
 
     from moetune import ops
@@ -144,12 +137,6 @@ def compile_inputs(
     limit = ops.FUSE_GEMM1_STATIC_FP8_MAX_M
     if act_scales == "static" and problem.quant == "fp8_w8a8" and limit is not None:
         sizes = [max(1, min(16, limit)), limit + 1]  # one at or below it, one above
-    qa = ops.QUANT_A_IN_GEMM1_MAX_M
-    if act_scales == "static" and problem.quant == "fp8_w8a8" and qa is not None:
-        if all(qa < M for M in sizes):
-            sizes.append(max(1, qa))
-        if all(qa >= M for M in sizes) and qa < QUANT_A_SIZE_CAP:
-            sizes.append(qa + 1)
     start = ops.SUM_TOPK_IN_GEMM2_MIN_M
     if start is not None and problem.topk > 1:
         sums = {ops.sum_topk_in_gemm2(M, problem.topk) for M in sizes}
