@@ -7,7 +7,7 @@
 #      VARIANTS (default unfused, fused, auto) timed interleaved, each checked first, for
 #      the three reference problems in bf16 and fp8 (static scales) at the seven batch sizes of
 #      issue 5, with the floor;
-#      (TESTS=... picks other test files);
+#      (TESTS=... picks other test files, QUANTS=fp8_w8a8 only the fp8 points);
 #   3. with VERIFY=1, `moetune verify` of every shipped table (four at a time on the one GPU:
 #      numerics only), so every shipped config has compiled and passed in the fused kernel.
 # Usage: bash benchmarks/gpu_fused.sh   (everything in $OUT/fused.tgz; the table printed last)
@@ -24,6 +24,7 @@ fi
 if [ "${BREAKDOWN:-1}" = 1 ]; then
   timeout "${BREAKDOWN_S:-330}" python3 benchmarks/kernel_breakdown.py "$R/breakdown.json" --compare \
     --variants "${VARIANTS:-unfused,fused,auto}" --m "${MS:-1,8,32,128,512,2048,4096}" \
+    --quants "${QUANTS:-bf16,fp8_w8a8}" \
     2>&1 | grep -v -i warn > "$R/breakdown.log"
   echo "breakdown rc=$?" | tee -a "$R/summary.txt"
 fi

@@ -23,6 +23,7 @@ output is checked first; ``speedup`` is the first variant's median over the seco
 Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
+       [--quants bf16,fp8_w8a8]
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum]]
 """
 
@@ -202,11 +203,14 @@ def main(argv: list[str]) -> None:
     out = argv[0]
     ms = [1, 8, 32, 512, 4096]
     names = [p for p, _ in PROBLEMS]
+    quants = list(QUANTS)
     for i, a in enumerate(argv):
         if a == "--m":
             ms = [int(v) for v in argv[i + 1].split(",")]
         if a == "--problems":
             names = argv[i + 1].split(",")
+        if a == "--quants":  # e.g. fp8_w8a8 (bf16: none)
+            quants = [None if q == "bf16" else q for q in argv[i + 1].split(",")]
     ceilings = measure_ceilings("cuda")
     print(f"{torch.cuda.get_device_name()}; ceilings: {ceilings}", flush=True)
     # Rows go to OUT.jsonl as they are measured (a run cut by a timeout keeps them), then OUT.
@@ -214,7 +218,9 @@ def main(argv: list[str]) -> None:
         for name, tp in PROBLEMS:
             if name not in names:
                 continue
-            for quant in QUANTS:
+            for quant in quants:
+                if quant not in QUANTS:
+                    sys.exit(f"Error: --quants takes bf16 and fp8_w8a8, got {quant}")
                 try:
                     bench_problem(name, tp, quant, ceilings, ms, sink)
                 except Exception as e:  # report and go on with the next problem
