@@ -16,7 +16,9 @@ the activation in GEMM1's epilogue at every M (``ops.FUSE_GEMM1_ACTIVATION``), a
 ``launch.SILU_PAIRS``; the same as ``fused`` for swigluoai), ``auto`` (the op's default:
 fused, except static fp8 above ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` tokens) and ``auto-sum``
 (``auto`` with the sum over top-k in GEMM2's epilogue at every M, ``ops.SUM_TOPK_IN_GEMM2_MIN_M``
-= 1: fp32 atomic adds instead of the ``[slots, K]`` store and torch's reduce). Each variant's
+= 1: fp32 atomic adds instead of the ``[slots, K]`` store and torch's reduce) and ``auto-rq``
+(``auto`` with ``ops.QUANTIZE_IN_ROUTING`` switched: the input's static fp8 quantization in the
+routing launch at decode sizes, or in its own launch). Each variant's
 output is checked first; ``speedup`` is the first variant's median over the second's,
 ``<variant>_vs_first`` each variant's against the first.
 
@@ -24,7 +26,7 @@ Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
        [--quants bf16,fp8_w8a8]
-       [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum]]
+       [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq]]
 """
 
 from __future__ import annotations
@@ -60,18 +62,22 @@ class Flags(NamedTuple):
     silu_pairs: bool  # launch.SILU_PAIRS
     fuse_gemm1_static_fp8_max_m: int | None  # ops.FUSE_GEMM1_STATIC_FP8_MAX_M
     sum_topk_in_gemm2_min_m: int | None  # ops.SUM_TOPK_IN_GEMM2_MIN_M
+    quantize_in_routing: bool  # ops.QUANTIZE_IN_ROUTING
 
 
 DEFAULTS = Flags(ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS, ops.FUSE_GEMM1_STATIC_FP8_MAX_M,
-                 ops.SUM_TOPK_IN_GEMM2_MIN_M)  # fmt: skip
+                 ops.SUM_TOPK_IN_GEMM2_MIN_M, ops.QUANTIZE_IN_ROUTING)  # fmt: skip
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
-# over top-k in GEMM2 at every M. The others store GEMM2's slot rows, as the op did before it.
+# over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
+# the routing launch (ops.QUANTIZE_IN_ROUTING) to the other setting. The others store GEMM2's
+# slot rows and quantize the input in its own launch, as the op did before.
 VARIANTS = {
-    "unfused": Flags(False, False, None, None),
-    "fused": Flags(True, False, None, None),
-    "fused-pairs": Flags(True, True, None, None),
+    "unfused": Flags(False, False, None, None, False),
+    "fused": Flags(True, False, None, None, False),
+    "fused-pairs": Flags(True, True, None, None, False),
     "auto": DEFAULTS,
     "auto-sum": DEFAULTS._replace(sum_topk_in_gemm2_min_m=1),
+    "auto-rq": DEFAULTS._replace(quantize_in_routing=not ops.QUANTIZE_IN_ROUTING),
 }
 
 
@@ -103,6 +109,7 @@ def _use(flags: Flags) -> None:
     launch.SILU_PAIRS = flags.silu_pairs
     ops.FUSE_GEMM1_STATIC_FP8_MAX_M = flags.fuse_gemm1_static_fp8_max_m
     ops.SUM_TOPK_IN_GEMM2_MIN_M = flags.sum_topk_in_gemm2_min_m
+    ops.QUANTIZE_IN_ROUTING = flags.quantize_in_routing
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

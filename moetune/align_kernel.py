@@ -23,6 +23,10 @@ the padded offsets, a sort of (expert, slot) keys that gives each slot its rank 
 expert (token order, as the PyTorch version), the padding ids written first and the slots
 after a barrier, and each used block's expert written by the slot that starts it. No counters
 to zero, so one launch instead of three.
+
+``align_and_quantize`` adds the static per-tensor fp8 quantization of the op's input to that
+launch: more programs, each quantizing a piece of the input while program 0 routes, so decode
+pays one launch for both steps.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import triton
 import triton.language as tl
 
 from moetune.align import RoutingBlocks, max_padded_slots
+from moetune.quant import FP8_DTYPES, quant_max
+from moetune.quant_kernel import COLS, fp8_min_exp, quantize_fp8
 
 ONE_PROGRAM_SLOTS = 256  # up to this many slots: one launch, one program
 # 3 to 6 µs faster than three launches at every decode point timed on an NVIDIA H200
@@ -101,9 +107,24 @@ def _place_kernel(
 def _one_program_kernel(
     ids_ptr, sorted_ptr, expert_ids_ptr, total_ptr, map_ptr,
     num_slots, num_experts, max_padded, num_blocks,
+    x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, qmax,
     BLOCK_M: tl.constexpr, E_BINS: tl.constexpr, SLOTS: tl.constexpr, FILL: tl.constexpr,
-    HAS_MAP: tl.constexpr,
+    HAS_MAP: tl.constexpr, QUANT: tl.constexpr = False, COLS: tl.constexpr = 1024,
+    MIN_EXP: tl.constexpr = -6,
 ):  # fmt: skip
+    if QUANT:
+        pid = tl.program_id(0)
+        if pid > 0:
+            # Programs 1, 2, ...: one (row, COLS columns) piece of x each, quantized with the
+            # static scale exactly as quant_kernel's launch does, while program 0 routes.
+            n_col = tl.cdiv(K, COLS)
+            row = ((pid - 1) // n_col).to(tl.int64)
+            cols = ((pid - 1) % n_col) * COLS + tl.arange(0, COLS)
+            mask = cols < K
+            x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            y = quantize_fp8(x, tl.load(scale_ptr), qmax, MIN_EXP)
+            tl.store(q_ptr + row * stride_q + cols, y.to(q_ptr.dtype.element_ty), mask=mask)
+            return
     s = tl.arange(0, SLOTS)
     # Lanes past the end get expert num_experts: counted in a bin never used, sorted last.
     ids = tl.load(ids_ptr + s, mask=s < num_slots, other=num_experts).to(tl.int32)
@@ -139,6 +160,32 @@ def _one_program_kernel(
     tl.store(total_ptr, total)
 
 
+def align_and_quantize(
+    topk_ids: torch.Tensor,
+    block_m: int,
+    num_experts: int,
+    expert_map: torch.Tensor | None,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qdtype: torch.dtype,
+) -> tuple[RoutingBlocks, torch.Tensor] | None:
+    """:func:`moe_align_block_size`'s one-program routing and the static per-tensor fp8
+    quantization of ``x [M, K]`` with ``scale [1]`` in one launch: program 0 routes, the others
+    quantize a piece of ``x`` each, with the bits of
+    :func:`moetune.quant_kernel.quantize_activation_fast`. None where that launch does not apply
+    (more than ONE_PROGRAM_SLOTS slots, the one-program path off, not fp8, or not one scale):
+    the caller takes the two steps."""
+    flat = topk_ids.reshape(-1)
+    if (not ONE_PROGRAM_DEFAULT or flat.numel() > ONE_PROGRAM_SLOTS or qdtype not in FP8_DTYPES
+            or scale.numel() != 1 or x.dim() != 2 or x.numel() == 0):  # fmt: skip
+        return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty(x.shape, dtype=qdtype, device=x.device)
+    quant = (x, q, scale.float().reshape(1).contiguous(), qdtype)
+    return moe_align_block_size(topk_ids, block_m, num_experts, expert_map, _quant=quant), q
+
+
 def moe_align_block_size(
     topk_ids: torch.Tensor,
     block_m: int,
@@ -146,6 +193,7 @@ def moe_align_block_size(
     expert_map: torch.Tensor | None = None,
     *,
     one_program: bool | None = None,
+    _quant: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype] | None = None,
 ) -> RoutingBlocks:
     """Sort the flattened ``topk_ids [M, topk]`` slots by expert, padding each expert to
     ``block_m``; same contract as :func:`moetune.align.moe_align_block_size_torch` (slot order
@@ -169,14 +217,26 @@ def moe_align_block_size(
     if one_program is None:
         one_program = ONE_PROGRAM_DEFAULT
     if one_program and num_slots <= ONE_PROGRAM_SLOTS:
-        _one_program_kernel[(1,)](
+        programs, quant = 1, {}
+        x = q = scale = flat  # unused without _quant
+        K = stride_x = stride_q = 0
+        qmax = 0.0
+        if _quant is not None:
+            x, q, scale, qdtype = _quant
+            K, stride_x, stride_q, qmax = x.shape[1], x.stride(0), q.stride(0), quant_max(qdtype)
+            programs += x.shape[0] * triton.cdiv(K, COLS)
+            quant = dict(QUANT=True, COLS=COLS, MIN_EXP=fp8_min_exp(qdtype))
+        _one_program_kernel[(programs,)](
             flat, sorted_token_ids, expert_ids, total,
             expert_map if expert_map is not None else flat,
             num_slots, num_experts, max_padded, num_blocks,
+            x, q, scale, K, stride_x, stride_q, qmax,
             BLOCK_M=block_m, E_BINS=e_bins, SLOTS=max(16, triton.next_power_of_2(num_slots)),
-            FILL=FILL_CHUNK, HAS_MAP=expert_map is not None,
+            FILL=FILL_CHUNK, HAS_MAP=expert_map is not None, **quant,
         )  # fmt: skip
         return RoutingBlocks(sorted_token_ids, expert_ids, total)
+    if _quant is not None:
+        raise ValueError("quantizing in the routing launch needs its one-program path")
 
     scratch = torch.zeros(2 * num_experts, dtype=torch.int32, device=device)
     counts, cursor = scratch[:num_experts], scratch[num_experts:]

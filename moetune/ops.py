@@ -12,7 +12,7 @@ import torch
 
 from moetune.activation import apply_activation, apply_activation_quantized, apply_activation_torch
 from moetune.align import moe_align_block_size_torch
-from moetune.align_kernel import moe_align_block_size
+from moetune.align_kernel import align_and_quantize, moe_align_block_size
 from moetune.launch import compiling, invoke_moe_gemm
 from moetune.problem import ACTIVATIONS
 from moetune.quant import FP8_DTYPES, static_scale
@@ -40,6 +40,11 @@ FUSE_GEMM1_STATIC_FP8_MAX_M: int | None = 64
 # run (results/kernels/NOTES.md §14). Changing the default changes the op's timings: bump the
 # version.
 SUM_TOPK_IN_GEMM2_MIN_M: int | None = None
+# fp8_w8a8 with one static per-tensor input scale, at decode sizes (the routing's one-program
+# path, align_kernel.ONE_PROGRAM_SLOTS slots): the input's quantization runs in the routing's
+# launch (align_kernel.align_and_quantize), the same bits with one launch fewer. Changing it
+# changes the op's timings: bump the version.
+QUANTIZE_IN_ROUTING = False
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
@@ -178,22 +183,32 @@ def fused_experts(
         if compiling()
         else (moe_align_block_size, apply_activation, quantize_activation)
     )
-    routing = align(topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts, expert_map)
+    qdtype = None
+    if quant in ("fp8_w8a8", "int8_w8a8"):
+        qdtype = w1.dtype
+    group_k = block[1] if block is not None else None
+    routed = None
+    if (QUANTIZE_IN_ROUTING and not compiling() and qdtype in FP8_DTYPES and a1_scale is not None
+            and not per_channel_quant and group_k is None):  # fmt: skip
+        routed = align_and_quantize(topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts,
+                                    expert_map, hidden_states, a1_scale, qdtype)  # fmt: skip
+    if routed is not None:
+        routing, a1 = routed
+        a1s = static_scale(a1_scale, M).contiguous()
+    else:
+        routing = align(topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts, expert_map)
     routing_down = routing
     if config_down["BLOCK_SIZE_M"] != config["BLOCK_SIZE_M"]:
         # The padding of each expert's slots follows BLOCK_SIZE_M: another M tile needs its own.
         routing_down = align(
             topk_ids, config_down["BLOCK_SIZE_M"], args.global_num_experts, expert_map
         )
-    qdtype = None
-    if quant in ("fp8_w8a8", "int8_w8a8"):
-        qdtype = w1.dtype
-    group_k = block[1] if block is not None else None
     common = dict(compute_dtype=dtype, quant=quant, per_channel=per_channel_quant,
                   block_shape=block)  # fmt: skip
 
-    a1, a1s = hidden_states, None
-    if qdtype is not None:
+    if routed is None:
+        a1, a1s = hidden_states, None
+    if routed is None and qdtype is not None:
         a1, a1s = quantize(
             hidden_states, qdtype, scale=a1_scale, per_token=per_channel_quant, group_k=group_k
         )
