@@ -42,9 +42,10 @@ FUSE_GEMM1_STATIC_FP8_MAX_M: int | None = 64
 SUM_TOPK_IN_GEMM2_MIN_M: int | None = None
 # fp8_w8a8 with one static per-tensor input scale, at decode sizes (the routing's one-program
 # path, align_kernel.ONE_PROGRAM_SLOTS slots): the input's quantization runs in the routing's
-# launch (align_kernel.align_and_quantize), the same bits with one launch fewer. Changing it
-# changes the op's timings: bump the version.
-QUANTIZE_IN_ROUTING = False
+# launch (align_kernel.align_and_quantize), the same bits with one launch fewer. 1.7-3.5 µs
+# faster at every such point on an H100 and an H200, e.g. Qwen3-30B-A3B M=1 24.9 -> 22.9 µs on
+# the H100 (results/kernels/NOTES.md §16). Changing it changes the op's timings: bump the version.
+QUANTIZE_IN_ROUTING = True
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
