@@ -2,12 +2,13 @@
 # GPU checks and measurement of the activation in GEMM1's epilogue (ops.FUSE_GEMM1_ACTIVATION),
 # one GPU, one device call (< 600 s):
 #   1. the GPU tests of the fused epilogue (bits equal to the unfused steps in bf16, fp16, fp8),
-#      the op, the re-quantization check, the activation kernel and the fp8 accumulation modes;
+#      the op, the re-quantization check, the activation kernel and the fp8 accumulation modes
+#      (TESTS=... picks other test files);
 #   2. benchmarks/kernel_breakdown.py --compare: each kernel's time per call, and the op in the
 #      VARIANTS (default unfused, fused, auto) timed interleaved, each checked first, for
 #      the three reference problems in bf16 and fp8 (static scales) at the seven batch sizes of
 #      issue 5, with the floor;
-#      (TESTS=... picks other test files, QUANTS=fp8_w8a8 only the fp8 points);
+#      (QUANTS=fp8_w8a8: only the fp8 points);
 #   3. with VERIFY=1, `moetune verify` of every shipped table (four at a time on the one GPU:
 #      numerics only), so every shipped config has compiled and passed in the fused kernel.
 # Usage: bash benchmarks/gpu_fused.sh   (everything in $OUT/fused.tgz; the table printed last)

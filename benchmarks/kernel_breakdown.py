@@ -218,6 +218,9 @@ def main(argv: list[str]) -> None:
             names = argv[i + 1].split(",")
         if a == "--quants":  # e.g. fp8_w8a8 (bf16: none)
             quants = [None if q == "bf16" else q for q in argv[i + 1].split(",")]
+    unknown = [q for q in quants if q not in QUANTS]
+    if unknown:
+        sys.exit(f"Error: --quants takes bf16 and fp8_w8a8, got {unknown}")
     ceilings = measure_ceilings("cuda")
     print(f"{torch.cuda.get_device_name()}; ceilings: {ceilings}", flush=True)
     # Rows go to OUT.jsonl as they are measured (a run cut by a timeout keeps them), then OUT.
@@ -226,8 +229,6 @@ def main(argv: list[str]) -> None:
             if name not in names:
                 continue
             for quant in quants:
-                if quant not in QUANTS:
-                    sys.exit(f"Error: --quants takes bf16 and fp8_w8a8, got {quant}")
                 try:
                     bench_problem(name, tp, quant, ceilings, ms, sink)
                 except Exception as e:  # report and go on with the next problem
@@ -236,7 +237,9 @@ def main(argv: list[str]) -> None:
     with open(out + "l") as f:
         rows = [json.loads(line) for line in f]
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "ceilings": str(ceilings)}  # fmt: skip
+            "ceilings": str(ceilings),
+            "variants": ({n: VARIANTS[n]._asdict() for n in _variants()}
+                         if "--compare" in argv else None)}  # fmt: skip
     with open(out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
 
