@@ -187,8 +187,15 @@ class WorkerPool:
         self.t0 = time.time()
         self.ready_after: list[float] = []  # seconds from the pool's start to each first ready
         self.phases: list[dict[str, float]] = []  # where each first start-up went (worker_main)
-        for wid in range(len(self.slots)):
-            self._start(wid)
+        try:
+            for wid in range(len(self.slots)):
+                self._start(wid)
+        except BaseException:
+            # A stop signal (raised once a start ends, procs.start_helper) must not orphan the
+            # workers already started: one still unpickling its start-up data when the sweep
+            # exits finds the queue's semaphore gone and prints a traceback. close() joins it.
+            self.close()
+            raise
 
     def startup_note(self, forked: bool = False) -> str:
         """ "workers ready after 6.9-7.0 s (...; slowest: start 0.1 s, imports 0.0 s, CUDA 1.2 s,

@@ -130,3 +130,26 @@ def test_startup_note_names_the_slowest_workers_phases():
     )
     pool.phases = []
     assert pool.startup_note() == "workers ready after 6.9-7.0 s"
+
+
+def test_a_stop_signal_while_starting_leaves_no_worker_behind(monkeypatch):
+    """SIGTERM during the pool's start is raised once the worker's start ends (procs.start_helper):
+    the pool must still stop that worker. Left behind, it kept unpickling after the sweep exited,
+    found the queue's semaphore unlinked and printed a traceback on the sweep's stderr."""
+    from moetune import workers
+
+    started = []
+    real = workers.start_helper
+
+    def start_then_stop(proc):
+        real(proc)
+        started.append(proc)
+        raise KeyboardInterrupt  # as the deferred signal is raised
+
+    monkeypatch.setattr(workers, "start_helper", start_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        WorkerPool(problem_dict(PROBLEM), "interpreter", "cpu", [1], "uniform", None,
+                   timeout_s=60)  # fmt: skip
+    assert len(started) == 1
+    assert not started[0].is_alive(), "the started worker was left running"
+    assert started[0].exitcode is not None
