@@ -198,6 +198,12 @@ def fused_experts(
         a1s = static_scale(a1_scale, M).contiguous()
     else:
         routing = align(topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts, expert_map)
+        a1, a1s = hidden_states, None
+        if qdtype is not None:
+            a1, a1s = quantize(
+                hidden_states, qdtype, scale=a1_scale, per_token=per_channel_quant,
+                group_k=group_k,
+            )  # fmt: skip
     routing_down = routing
     if config_down["BLOCK_SIZE_M"] != config["BLOCK_SIZE_M"]:
         # The padding of each expert's slots follows BLOCK_SIZE_M: another M tile needs its own.
@@ -207,12 +213,6 @@ def fused_experts(
     common = dict(compute_dtype=dtype, quant=quant, per_channel=per_channel_quant,
                   block_shape=block)  # fmt: skip
 
-    if routed is None:
-        a1, a1s = hidden_states, None
-    if routed is None and qdtype is not None:
-        a1, a1s = quantize(
-            hidden_states, qdtype, scale=a1_scale, per_token=per_channel_quant, group_k=group_k
-        )
     gemm1 = dict(routing=routing, config=config, top_k=topk, a_scale=a1s, b_scale=w1_scale,
                  bias=w1_bias, **common)  # fmt: skip
     static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None

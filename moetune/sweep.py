@@ -217,14 +217,10 @@ def compile_keys(
     rest = [M for M in batch_sizes if M not in at]
     if (execution.strategy == "halving" and rest
             and all((k, M) in done for k, _ in keyed for M in at)):  # fmt: skip
-        made = [r for r in journal.records if r.get("kind") == "survivors"]
         if execution.budget_s is None:
             keep = survivors(journal, keyed, at, execution.keep)
-        elif made:
-            keys = set(made[-1]["keys"])
-            keep = [(k, c) for k, c in keyed if k in keys]
         else:
-            keep = None
+            keep = _journaled_survivors(journal, keyed)
         if keep is not None:
             pairs = [(k, c, M) for k, c in keep for M in rest]
             pairs += incumbent_pairs(keyed, incumbent, rest, {k for k, _ in keep})
@@ -266,10 +262,9 @@ def _budgeted(journal: Journal, keyed, at: list[int], rest: list[int], batch_siz
     """Halving's survivors under --budget. The choice depends on the time it was made at, so it
     is journaled: a resumed or repeated run goes on with the same candidates instead of a new
     choice from a fresh clock."""
-    made = [r for r in journal.records if r.get("kind") == "survivors"]
-    if made:
-        keys = set(made[-1]["keys"])
-        return [(k, c) for k, c in keyed if k in keys], " (--budget: as chosen before)"
+    keep = _journaled_survivors(journal, keyed)
+    if keep is not None:
+        return keep, " (--budget: as chosen before)"
     ex = runner.execution
     fixed = FINALISTS * len(batch_sizes) * len(_roles(ex.gemms)) * FINAL_COST + len(batch_sizes)
     spent = time.time() - runner.t0
@@ -278,6 +273,16 @@ def _budgeted(journal: Journal, keyed, at: list[int], rest: list[int], batch_siz
     journal.append({"kind": "survivors", "keys": [k for k, _ in keep], "budget_s": ex.budget_s,
                     "t": round(time.time(), 2)})  # fmt: skip
     return keep, how
+
+
+def _journaled_survivors(journal: Journal, keyed: list) -> list | None:
+    """The keyed candidates of the last survivors choice journaled under --budget; None when
+    none was made yet."""
+    made = [r for r in journal.records if r.get("kind") == "survivors"]
+    if not made:
+        return None
+    keys = set(made[-1]["keys"])
+    return [(k, c) for k, c in keyed if k in keys]
 
 
 def _keyed(candidates: list[Candidate], gemms: str) -> list[tuple[str, Candidate]]:
