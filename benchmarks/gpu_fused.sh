@@ -46,7 +46,7 @@ except KeyError:  # cut by its timeout: the rows written as they were measured
         rows = [json.loads(line) for line in t.extractfile("fused/breakdown.jsonl")]
     except KeyError:
         rows = []
-names = ["unfused", "fused", "fused-pairs", "auto", "auto-sum", "auto-rq"]
+names = ["unfused", "fused", "fused-pairs", "auto", "auto-sum", "auto-rq", "auto-ts"]
 groups, every = {}, {}
 for r in rows:
     head = f"{r['problem'][:8]} {r['quant']:>8} M={r['M']:<5}"

@@ -18,7 +18,9 @@ fused, except static fp8 above ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` tokens) and `
 (``auto`` with the sum over top-k in GEMM2's epilogue at every M, ``ops.SUM_TOPK_IN_GEMM2_MIN_M``
 = 1: fp32 atomic adds instead of the ``[slots, K]`` store and torch's reduce) and ``auto-rq``
 (``auto`` with ``ops.QUANTIZE_IN_ROUTING`` switched: the input's static fp8 quantization in the
-routing launch at decode sizes, or in its own launch). Each variant's
+routing launch at decode sizes, or in its own launch) and ``auto-ts`` (``auto`` with
+``ops.TOPK_SUM_KERNEL`` switched: the sum over top-k in moetune's Triton kernel or PyTorch's
+reduce). Each variant's
 output is checked first; ``speedup`` is the first variant's median over the second's,
 ``<variant>_vs_first`` each variant's against the first.
 
@@ -26,7 +28,7 @@ Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
        [--quants bf16,fp8_w8a8]
-       [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq]]
+       [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts]]
 """
 
 from __future__ import annotations
@@ -63,21 +65,31 @@ class Flags(NamedTuple):
     fuse_gemm1_static_fp8_max_m: int | None  # ops.FUSE_GEMM1_STATIC_FP8_MAX_M
     sum_topk_in_gemm2_min_m: int | None  # ops.SUM_TOPK_IN_GEMM2_MIN_M
     quantize_in_routing: bool  # ops.QUANTIZE_IN_ROUTING
+    topk_sum_kernel: bool  # ops.TOPK_SUM_KERNEL
 
 
-DEFAULTS = Flags(ops.FUSE_GEMM1_ACTIVATION, launch.SILU_PAIRS, ops.FUSE_GEMM1_STATIC_FP8_MAX_M,
-                 ops.SUM_TOPK_IN_GEMM2_MIN_M, ops.QUANTIZE_IN_ROUTING)  # fmt: skip
+DEFAULTS = Flags(
+    ops.FUSE_GEMM1_ACTIVATION,
+    launch.SILU_PAIRS,
+    ops.FUSE_GEMM1_STATIC_FP8_MAX_M,
+    ops.SUM_TOPK_IN_GEMM2_MIN_M,
+    ops.QUANTIZE_IN_ROUTING,
+    ops.TOPK_SUM_KERNEL,
+)
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
-# the routing launch (ops.QUANTIZE_IN_ROUTING) to the other setting. The others store GEMM2's
-# slot rows and quantize the input in its own launch, as the op did before.
+# the routing launch (ops.QUANTIZE_IN_ROUTING) to the other setting; "auto-ts" switches the
+# sum over top-k between moetune's kernel and PyTorch's reduce (ops.TOPK_SUM_KERNEL). The others
+# store GEMM2's slot rows, quantize the input in its own launch and sum in PyTorch, as the op
+# did before.
 VARIANTS = {
-    "unfused": Flags(False, False, None, None, False),
-    "fused": Flags(True, False, None, None, False),
-    "fused-pairs": Flags(True, True, None, None, False),
+    "unfused": Flags(False, False, None, None, False, False),
+    "fused": Flags(True, False, None, None, False, False),
+    "fused-pairs": Flags(True, True, None, None, False, False),
     "auto": DEFAULTS,
     "auto-sum": DEFAULTS._replace(sum_topk_in_gemm2_min_m=1),
     "auto-rq": DEFAULTS._replace(quantize_in_routing=not ops.QUANTIZE_IN_ROUTING),
+    "auto-ts": DEFAULTS._replace(topk_sum_kernel=not ops.TOPK_SUM_KERNEL),
 }
 
 
@@ -110,6 +122,7 @@ def _use(flags: Flags) -> None:
     ops.FUSE_GEMM1_STATIC_FP8_MAX_M = flags.fuse_gemm1_static_fp8_max_m
     ops.SUM_TOPK_IN_GEMM2_MIN_M = flags.sum_topk_in_gemm2_min_m
     ops.QUANTIZE_IN_ROUTING = flags.quantize_in_routing
+    ops.TOPK_SUM_KERNEL = flags.topk_sum_kernel
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

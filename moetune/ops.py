@@ -18,6 +18,7 @@ from moetune.problem import ACTIVATIONS
 from moetune.quant import FP8_DTYPES, static_scale
 from moetune.quant import quantize_activation as quantize_activation_torch
 from moetune.quant_kernel import quantize_activation_fast as quantize_activation
+from moetune.topk_sum import topk_sum
 from moetune.validate import validate_moe_args
 
 # The activation and a static-scale fp8 re-quantization in one launch (same bits as the two
@@ -46,6 +47,10 @@ SUM_TOPK_IN_GEMM2_MIN_M: int | None = None
 # faster at every such point on an H100 and an H200, e.g. Qwen3-30B-A3B M=1 24.9 -> 22.9 µs on
 # the H100 (results/kernels/NOTES.md §16). Changing it changes the op's timings: bump the version.
 QUANTIZE_IN_ROUTING = True
+# The sum over top-k in moetune's own Triton kernel (topk_sum.py: fp32 in slot order, one cast)
+# instead of PyTorch's reduce over the middle dimension of [M, topk, K]. Changing it changes the
+# op's timings: bump the version.
+TOPK_SUM_KERNEL = True
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
@@ -251,6 +256,10 @@ def fused_experts(
         return out.to(dtype)  # one cast, as torch's sum of the cache casts its fp32 total
     cache3 = _empty((num_slots, K), dtype, device)
     invoke_moe_gemm(a2, w2, cache3, routing_down, **gemm2)
+    if topk == 1:  # nothing to sum: the slot rows are the token rows
+        return cache3
+    if TOPK_SUM_KERNEL and not compiling():
+        return topk_sum(cache3, topk)
     return cache3.view(M, topk, K).sum(dim=1)
 
 
