@@ -6,6 +6,7 @@ import warnings
 import pytest
 from typer.testing import CliRunner
 
+from moetune import sweep
 from moetune.cli import app
 from moetune.journal import read_journal
 from moetune.lookup import get_config
@@ -98,6 +99,7 @@ def test_skewed_sweep_is_its_own_journal_identity(tmp_path, monkeypatch):
 
 def test_halving_runs_only_survivors_past_the_anchor_batch_sizes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "FINALISTS", 1)  # re-timing is not what this test is about
     args = ["sweep", "--E", "4", "--N", "32", "--K", "64", "--topk", "2", "--dtype", "float16",
             "--batch-sizes", "12,16,20,24,32", "--space", "tiny", "--strategy", "halving",
             "--keep", "0.1", "--journal", "j.jsonl", "--out", "t"]  # fmt: skip
@@ -159,6 +161,7 @@ def test_incumbent_that_is_not_a_table_is_refused(tmp_path, monkeypatch, content
 
 def test_budget_implies_halving_and_a_large_one_keeps_everyone(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "FINALISTS", 1)  # re-timing is not what this test is about
     args = ["sweep", "--E", "4", "--N", "32", "--K", "64", "--topk", "2", "--dtype", "float16",
             "--batch-sizes", "12,16,20,24", "--space", "tiny", "--restrict", "BLOCK_SIZE_K=32",
             "--journal", "j.jsonl", "--out", "t"]  # fmt: skip
