@@ -328,19 +328,20 @@ def test_gpu_floor_is_a_lower_bound_and_the_naive_loop_runs_without_a_graph():
     torch.randn(4, device="cuda")  # no failed capture left the CUDA generator in capture state
 
 
-def test_tuned_variant_runs_the_down_table_too(tmp_path, monkeypatch):
+def test_tuned_variant_runs_the_down_table_too(tmp_path, monkeypatch, device):
     """With a main table and a _down table for the problem, 'tuned' is what the op would run:
     both configs, the down one from the _down table."""
+    from moetune.platform import detect_platform
     from moetune.tables import gemm_suffix, table_filename, write_table
 
     up = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
           "num_warps": 4, "num_stages": 2}  # fmt: skip
-    device = "cpu_interpreter"
+    name_of = detect_platform().device_name  # the lookup's name: cpu_interpreter without a GPU
     for gemm, cfg in (("up", up), ("down", OTHER_CONFIG)):
-        name = table_filename(TINY.E, TINY.N, device, None, None, suffix=gemm_suffix(gemm))
+        name = table_filename(TINY.E, TINY.N, name_of, None, None, suffix=gemm_suffix(gemm))
         write_table(tmp_path / name, {1: cfg}, triton_version="3.9.0")
     monkeypatch.setenv("MOETUNE_CONFIG_DIR", str(tmp_path))
-    result = run_bench(TINY, [1], device="cpu", replays=1)
+    result = run_bench(TINY, [1], device=device, replays=1)
     assert result.tuned_source == "table"
     tuned = result.rows[0].tuned
     assert tuned.ok, tuned.reason
