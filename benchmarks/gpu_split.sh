@@ -4,7 +4,8 @@
 # narrowed by RESTRICT (default: the tiles the shipped fp8 tables choose from: BLOCK_SIZE_K
 # 128/256, 3-5 stages, GROUP_SIZE_M 1/16), `verify` of the two tables it exports, then
 # `moetune bench` of the shipped (joint) table and of the split pair, in the order joint, split,
-# joint (static scales for a quant), at issue 5's seven batch sizes.
+# joint (static scales for a quant; BENCH="split joint1" for fewer), at issue 5's seven batch
+# sizes. BATCH_SIZES narrows the sweep's batch sizes (default: vLLM's 18).
 # Usage: bash benchmarks/gpu_split.sh   (everything in $OUT/split.tgz; the comparison printed last)
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 COLUMNS=150
@@ -19,13 +20,15 @@ done
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$R/summary.txt"
 /usr/bin/time -f "sweep wall=%e s" timeout "${SWEEP_S:-330}" python3 -m moetune.cli sweep \
   --model "$model" --tp "$tp" "${q[@]}" --space full "${restrict[@]}" --strategy halving \
-  --keep 0.05 --gemms split --journal "$R/split.jsonl" --out "$R/configs" --json \
+  --keep 0.05 --gemms split ${BATCH_SIZES:+--batch-sizes "$BATCH_SIZES"} \
+  --journal "$R/split.jsonl" --out "$R/configs" --json \
   > "$R/sweep.json" 2> "$R/sweep.stderr.txt"
 echo "sweep rc=$? $(tail -1 "$R/sweep.stderr.txt")" | tee -a "$R/summary.txt"
+grep "pairs:" "$R/sweep.stderr.txt" | tee -a "$R/summary.txt"
 ls "$R/configs" | tee -a "$R/summary.txt"
 timeout 90 python3 -m moetune.cli verify "$R/configs" > "$R/verify.txt" 2>&1
 echo "verify rc=$? $(tail -1 "$R/verify.txt")" | tee -a "$R/summary.txt"
-for run in joint1 split joint2; do
+for run in ${BENCH:-joint1 split joint2}; do
   dir=configs; [ $run = split ] && dir=$R/configs
   MOETUNE_CONFIG_DIR=$dir timeout 100 python3 -m moetune.cli bench --model "$model" --tp "$tp" \
     "${q[@]}" "${s[@]}" --batch-sizes 1,8,32,128,512,2048,4096 --out "$R/bench/$run" \

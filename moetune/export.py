@@ -57,7 +57,9 @@ def _header_problem(header: dict[str, Any], path: Path) -> Problem:
 def _ranked(r: dict[str, Any], path: Path, line: int) -> tuple[int, tuple] | None:
     """``(M, (median_us, rank, config))`` of a passing record, None for any other record."""
     if r.get("kind") == "winner":
-        rank = 0  # a re-checked winner outranks plain records
+        # A re-checked winner outranks plain records; a split sweep's winners settled by timing
+        # the pair together (moetune.pairs) outrank the per-GEMM winners they replace.
+        rank = -1 if r.get("settled") else 0
     elif r.get("status") == "ok" and r.get("candidate") != "default":
         rank = 1
     else:
@@ -149,15 +151,16 @@ def _down_entries(
 ) -> dict[int, dict[str, Any]] | None:
     """The down winners checked together with ``up``'s entry of their batch size (the fastest
     when several journals have one); None, with a warning, unless every batch size has one."""
-    best: dict[int, tuple[float, dict[str, Any]]] = {}
+    best: dict[int, tuple[tuple[int, float], dict[str, Any]]] = {}
     for _, j in journals:
         for r in j.records:
             if r.get("kind") != "winner" or r.get("gemm") != "down":
                 continue
             M, us = r.get("M"), (r.get("timing") or {}).get("median_us")
             checked = M in up and r.get("pair_up") == up[M] and isinstance(us, (int, float))
-            if checked and (M not in best or us < best[M][0]):
-                best[M] = (float(us), r["config"])
+            rank = (0 if r.get("settled") else 1, us)  # settled pairs first (moetune.pairs)
+            if checked and (M not in best or rank < best[M][0]):
+                best[M] = (rank, r["config"])
     missing = sorted(set(up) - set(best))
     if missing:
         warnings.append(

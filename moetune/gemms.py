@@ -8,6 +8,10 @@ round. Both runs check and time the whole op, so the numbers are comparable with
 The role travels in the journal's candidate key (``up:<key>``, ``down:<key>``, and
 ``final:up:<key>`` when re-timed), so workers need nothing beyond the (key, config) pair they
 already get, and resume skips what is done exactly as in a joint sweep.
+
+Each winner was timed with the *other* GEMM at the heuristic default, so the two winners are
+also timed together before they count (:mod:`moetune.pairs`): a pair's key is
+``pair:<up key>|<down key>`` and its config ``{"up": {...}, "down": {...}}``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ GEMM_MODES = ("joint", "split")
 GEMMS = ("up", "down")
 # Journal keys of finalists (re-timed with more replays, and re-checked on fresh inputs).
 FINAL_PREFIX = "final:"
+# Journal keys of an (up, down) pair of configs timed together (split sweeps, moetune.pairs).
+PAIR_PREFIX = "pair:"
 
 
 def split_key(gemm: str, key: str) -> str:
@@ -28,8 +34,17 @@ def split_key(gemm: str, key: str) -> str:
     return f"{gemm}:{key}"
 
 
+def pair_key(up: str, down: str) -> str:
+    """The journal key of candidate ``up`` on the up GEMM together with ``down`` on the down one
+    (bare candidate keys, no role prefix)."""
+    return f"{PAIR_PREFIX}{up}|{down}"
+
+
 def gemm_of(key: str) -> str | None:
-    """The GEMM a journal key tunes alone, or None for a joint key (or ``default``)."""
+    """The GEMM a journal key tunes alone, ``"pair"`` for a pair of configs timed together, or
+    None for a joint key (or ``default``)."""
+    if key.startswith(PAIR_PREFIX):
+        return "pair"
     bare = key.removeprefix(FINAL_PREFIX)
     role = bare.split(":", 1)[0]
     return role if role in GEMMS and ":" in bare else None
@@ -46,8 +61,11 @@ def gemm_configs(
     problem: Problem, key: str, config: dict[str, Any], M: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The (up, down) configs a journal key runs with: ``config`` on its GEMM and the heuristic
-    default on the other for a split key; ``config`` on both for a joint one."""
+    default on the other for a split key; ``config["up"]`` and ``config["down"]`` for a pair;
+    ``config`` on both for a joint one."""
     gemm = gemm_of(key)
+    if gemm == "pair":
+        return config["up"], config["down"]
     if gemm == "up":
         return config, heuristic(problem, M)
     if gemm == "down":

@@ -9,7 +9,9 @@ size are timed again more carefully, then re-checked on fresh inputs before they
 
 ``Execution.gemms="split"`` tunes the two GEMMs apart (:mod:`moetune.gemms`): every candidate
 runs once per GEMM, the finalists and winners are chosen per GEMM, and a down winner counts only
-when it also passes a check together with that batch size's up winner.
+when it also passes a check together with that batch size's up winner. The two winners are then
+timed together, beside the up winner on both GEMMs and the incumbent on both, and the fastest
+pair is what counts (:mod:`moetune.pairs`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from moetune.halving import (
     survivors_within,
 )
 from moetune.journal import Journal, open_journal, provenance
+from moetune.pairs import options as pair_options
+from moetune.pairs import settle
 from moetune.platform import Platform
 from moetune.precompile import Compiler
 from moetune.problem import Problem
@@ -157,6 +161,7 @@ def run_sweep(
         if progress:
             progress(0, 0, f"first pass done after {time.time() - t0:.1f} s")
         _time_finalists(journal, batch_sizes, execution, progress, runner)
+        _time_pairs(journal, batch_sizes, execution, progress, runner, incumbent or {})
         runner.close()
         if progress:
             progress(0, 0, f"finalists done, workers stopped after {time.time() - t0:.1f} s")
@@ -267,6 +272,8 @@ def _budgeted(journal: Journal, keyed, at: list[int], rest: list[int], batch_siz
         return keep, " (--budget: as chosen before)"
     ex = runner.execution
     fixed = FINALISTS * len(batch_sizes) * len(_roles(ex.gemms)) * FINAL_COST + len(batch_sizes)
+    if ex.gemms == "split":  # the winners timed together: up to three pairs per batch size
+        fixed += 3 * len(batch_sizes) * FINAL_COST
     spent = time.time() - runner.t0
     keep, how = survivors_within(journal, keyed, at, len(rest), ex.budget_s, spent,
                                  runner.parallel, fixed, ex.keep)  # fmt: skip
@@ -366,6 +373,27 @@ def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progres
     runner.run(work, on_record)
 
 
+def _time_pairs(journal: Journal, batch_sizes, execution: Execution, progress, runner: Runner,
+                incumbent: dict[int, dict[str, Any]]) -> None:  # fmt: skip
+    """A split sweep's winners timed together, beside the up winner on both GEMMs and the
+    incumbent on both (:mod:`moetune.pairs`), with the finalists' replays, on the sweep's
+    workers (recorded as ``pair:<up>|<down>``, so a resume skips them)."""
+    if execution.gemms != "split":
+        return
+    done = journal.done()
+    work = [(key, config, M, FINAL_REPLAYS) for M in batch_sizes
+            for key, config in pair_options(journal, M, incumbent.get(M))
+            if (key, M) not in done]  # fmt: skip
+
+    def on_record(record: dict[str, Any]) -> None:
+        record.update(phase="pair", gemm="pair", t=round(time.time(), 2))
+        journal.append(record)
+
+    if work and progress:
+        progress(0, 0, f"timing {len(work)} up/down pairs together")
+    runner.run(work, on_record)
+
+
 def _finish(
     problem, platform, journal: Journal, batch_sizes, device, progress, execution: Execution
 ) -> list[BatchResult]:
@@ -385,8 +413,8 @@ def _finish(
     winners = {(r["M"], r.get("gemm")): r for r in journal.records if r.get("kind") == "winner"}
     results = []
     for M in batch_sizes:
-        recs = [r for r in journal.records
-                if r.get("M") == M and "candidate" in r and r.get("phase") != "final"]  # fmt: skip
+        recs = [r for r in journal.records if r.get("M") == M and "candidate" in r
+                and r.get("phase") not in ("final", "pair")]  # fmt: skip
         finals = [r for r in journal.records if r.get("M") == M and r.get("phase") == "final"]
         counts: dict[str, int] = {}
         reasons: dict[str, int] = {}
@@ -409,6 +437,11 @@ def _finish(
             winners[M, gemm] = (
                 None if gemm == "down" and partner is None
                 else _pick_winner(problem, workload, mine, M, journal, progress, partner)
+            )  # fmt: skip
+        if winners.get((M, "up")) is not None and winners.get((M, "down")) is not None:
+            winners[M, "up"], winners[M, "down"] = settle(
+                problem, workload, journal, M, winners[M, "up"], winners[M, "down"],
+                (lambda msg: progress(0, 0, msg)) if progress else None,
             )  # fmt: skip
         best = winners[M, _roles(execution.gemms)[0]]
         if best is not None and default is not None and best.get("default_us") is None:

@@ -201,11 +201,17 @@ def test_split_sweep_exports_both_tables_resumes_and_feeds_the_op(tmp_path, monk
     journal = read_journal(tmp_path / "j.jsonl")
     assert journal.header["gemms"] == "split"
     keys = {r["candidate"] for r in journal.records if "candidate" in r}
-    assert {k.split(":")[0] for k in keys if k != "default"} == {"up", "down", "final"}
-    winners = [r for r in journal.records if r.get("kind") == "winner"]
-    assert sorted((r["M"], r["gemm"]) for r in winners) == [(1, "down"), (1, "up"), (8, "down"),
-                                                             (8, "up")]  # fmt: skip
-    assert all(r["pair_recheck"]["ok"] for r in winners if r["gemm"] == "down")
+    assert {k.split(":")[0] for k in keys if k != "default"} == {"up", "down", "final", "pair"}
+    # The winners, then at each M the pairs timed together and the choice (moetune.pairs): the
+    # last winner record of each GEMM is the one that counts (a settled pair's, if it won).
+    winners = {(r["M"], r["gemm"]): r for r in journal.records if r.get("kind") == "winner"}
+    assert sorted(winners) == [(1, "down"), (1, "up"), (8, "down"), (8, "up")]
+    assert all(r["pair_recheck"]["ok"] for r in winners.values() if r["gemm"] == "down")
+    pairs_timed = {(r["M"], r["candidate"]) for r in journal.records if r.get("phase") == "pair"}
+    assert {M for M, _ in pairs_timed} == {1, 8} and len(pairs_timed) >= 2
+    choices = [r for r in journal.records if r.get("kind") == "pair-choice"]
+    assert sorted(r["M"] for r in choices) == [1, 8]
+    winners = list(winners.values())
     main = json.loads((tmp_path / "tables" / "E=4,N=32,device_name=cpu_interpreter.json")
                       .read_text())  # fmt: skip
     down = json.loads((tmp_path / "tables" / "E=4,N=32,device_name=cpu_interpreter_down.json")

@@ -1,0 +1,145 @@
+"""A split sweep's winners timed together (moetune.pairs), from hand-written journals.
+
+What is asserted, and why:
+
+- the pairs timed at a batch size are the winners together (W), the up winner on both GEMMs
+  (U) and the incumbent on both (I), each once;
+- the fastest pair that passes a check on fresh inputs counts: W keeps the winners; U or I
+  replaces them with ``settled`` records, which export ranks above the per-GEMM winners in
+  both tables, even though those show faster times (measured with the other GEMM at the
+  heuristic default, they are not comparable);
+- a pair that fails its check is passed over for the next;
+- without W timed, nothing changes; a decision is journaled and a second call keeps it.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moetune import pairs
+from moetune.export import export_configs
+from moetune.gemms import gemm_configs, gemm_of, pair_key
+from moetune.journal import read_journal
+from moetune.problem import Problem
+
+PROBLEM = Problem(E=4, N=32, K=64, topk=2, dtype="float16")
+HEADER = {"kind": "moetune-journal", "device_name": "cpu_interpreter", "interpreter": True,
+          "triton": "3.9.0", "space_id": "abc", "moetune": "0.2.6", "gemms": "split",
+          "problem": {"E": 4, "N": 32, "K": 64, "topk": 2, "dtype": "float16", "quant": None,
+                      "block_shape": None, "per_channel": False, "bias": False,
+                      "activation": "silu"}}  # fmt: skip
+
+
+def _cfg(**kw) -> dict:
+    return {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1,
+            "num_warps": 4, "num_stages": 2, **kw}  # fmt: skip
+
+
+UP, DOWN, INC = _cfg(BLOCK_SIZE_N=64), _cfg(BLOCK_SIZE_K=64), _cfg(num_warps=8)
+UP_K, DOWN_K, INC_K = "M16-N64-K32-G1-w4-s2", "M16-N32-K64-G1-w4-s2", "M16-N32-K32-G1-w8-s2"
+
+
+def _final(gemm: str, key: str, us: float, config: dict, ok: bool = True) -> dict:
+    return {"candidate": f"final:{gemm}:{key}", "M": 8, "status": "ok", "config": config,
+            "timing": {"median_us": us}, "phase": "final", "gemm": gemm,
+            "recheck": {"ok": ok}}  # fmt: skip
+
+
+def _winner(gemm: str, key: str, us: float, config: dict) -> dict:
+    extra = {"pair_up": UP, "pair_recheck": {"ok": True}} if gemm == "down" else {}
+    return {"kind": "winner", "M": 8, "gemm": gemm, "winner": f"{gemm}:{key}", "config": config,
+            "timing": {"median_us": us}, "recheck": {"ok": True}, **extra}  # fmt: skip
+
+
+def _pair(up_k: str, down_k: str, us: float, up: dict, down: dict) -> dict:
+    return {"candidate": pair_key(up_k, down_k), "M": 8, "status": "ok", "phase": "pair",
+            "gemm": "pair", "config": {"up": up, "down": down},
+            "timing": {"median_us": us}}  # fmt: skip
+
+
+def _journal(tmp_path: Path, records: list[dict]):
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [HEADER, *records]))
+    return read_journal(path)
+
+
+def _finished(tmp_path, w_us: float, u_us: float, i_us: float):
+    """Per-GEMM winners at M=8 (faster on their own than any pair) and the three pairs timed."""
+    return _journal(tmp_path, [
+        _final("up", UP_K, 4.0, UP), _final("down", DOWN_K, 3.0, DOWN),
+        _winner("up", UP_K, 4.0, UP), _winner("down", DOWN_K, 3.0, DOWN),
+        _pair(UP_K, DOWN_K, w_us, UP, DOWN), _pair(UP_K, UP_K, u_us, UP, UP),
+        _pair(INC_K, INC_K, i_us, INC, INC),
+    ])  # fmt: skip
+
+
+def _settle(journal, monkeypatch, check_ok=lambda up, down: True):
+    checked = []
+
+    def fake_recheck(problem, workload, config, M, seed, config_down=None):
+        checked.append((config, config_down))
+        ok = check_ok(config, config_down)
+        return {"ok": ok, "reason": "" if ok else "wrong"}
+
+    monkeypatch.setattr(pairs, "recheck", fake_recheck)
+    up, down = [r for r in journal.records if r.get("kind") == "winner"]
+    return pairs.settle(PROBLEM, lambda: None, journal, 8, up, down), checked
+
+
+def test_options_are_the_winners_the_up_winner_and_the_incumbent_once_each(tmp_path):
+    j = _journal(tmp_path, [_final("up", UP_K, 4.0, UP), _final("down", DOWN_K, 3.0, DOWN),
+                            _final("down", "x", 2.0, _cfg(), ok=False)])  # fmt: skip
+    got = dict(pairs.options(j, 8, INC))
+    assert got == {pair_key(UP_K, DOWN_K): {"up": UP, "down": DOWN},
+                   pair_key(UP_K, UP_K): {"up": UP, "down": UP},
+                   pair_key(INC_K, INC_K): {"up": INC, "down": INC}}  # fmt: skip
+    assert len(dict(pairs.options(j, 8, UP))) == 2, "the incumbent is the up winner: once"
+    assert pairs.options(j, 1, INC) == [], "no winners at M=1"
+    assert pairs.config_name({"BLOCK_SIZE_M": 16}) == "incumbent"
+    key = pair_key(UP_K, DOWN_K)
+    assert gemm_of(key) == "pair"
+    assert gemm_configs(PROBLEM, key, {"up": UP, "down": DOWN}, 8) == (UP, DOWN)
+
+
+def test_the_winners_stand_when_their_pair_is_fastest(tmp_path, monkeypatch):
+    j = _finished(tmp_path, w_us=10.0, u_us=11.0, i_us=12.0)
+    (up, down), checked = _settle(j, monkeypatch)
+    assert (up["config"], down["config"]) == (UP, DOWN) and not up.get("settled")
+    assert checked == []
+    assert j.records[-1] == {"kind": "pair-choice", "M": 8, "chosen": pair_key(UP_K, DOWN_K),
+                             "kept": True}  # fmt: skip
+
+
+@pytest.mark.parametrize(("u_us", "i_us", "want"), [(9.0, 12.0, (UP, UP)), (11.0, 8.0, (INC, INC))])
+def test_a_faster_pair_replaces_the_winners_and_export_takes_it(tmp_path, monkeypatch, u_us,
+                                                                i_us, want):  # fmt: skip
+    j = _finished(tmp_path, w_us=10.0, u_us=u_us, i_us=i_us)
+    (up, down), checked = _settle(j, monkeypatch)
+    assert (up["config"], down["config"]) == want and up["settled"] and down["settled"]
+    assert checked == [want], "the replacing pair is checked on fresh inputs first"
+    assert down["pair_up"] == want[0] and up["timing"]["median_us"] == min(u_us, i_us)
+    res = export_configs([j.path], tmp_path / "out")
+    assert res.entries == {8: want[0]} and res.down_entries == {8: want[1]}
+    n = len(read_journal(j.path).records)
+    again = read_journal(j.path)
+    w = {r["gemm"]: r for r in again.records if r.get("kind") == "winner"}  # the last of each
+    assert pairs.settle(PROBLEM, lambda: None, again, 8, w["up"], w["down"]) == (w["up"], w["down"])
+    assert len(again.records) == n, "a second call decided again"
+
+
+def test_a_pair_that_fails_its_check_is_passed_over(tmp_path, monkeypatch):
+    j = _finished(tmp_path, w_us=10.0, u_us=9.0, i_us=8.0)
+    (up, down), checked = _settle(j, monkeypatch, check_ok=lambda u, d: u != INC)
+    assert checked == [(INC, INC), (UP, UP)]
+    assert (up["config"], down["config"]) == (UP, UP)
+    failed = [r for r in j.records if r.get("kind") == "recheck-failed"]
+    assert [r["failed"] for r in failed] == [pair_key(INC_K, INC_K)]
+
+
+def test_nothing_changes_without_the_winners_pair_timed(tmp_path, monkeypatch):
+    j = _journal(tmp_path, [_winner("up", UP_K, 4.0, UP), _winner("down", DOWN_K, 3.0, DOWN),
+                            _pair(INC_K, INC_K, 1.0, INC, INC)])  # fmt: skip
+    n = len(j.records)
+    (up, down), checked = _settle(j, monkeypatch)
+    assert (up["config"], down["config"]) == (UP, DOWN) and checked == [] and len(j.records) == n
