@@ -350,13 +350,18 @@ def _render_sweep(result, exported, note: str, json_out: bool) -> None:
             "M": b.M,
             "best": b.best["winner"] if b.best else None,
             "config": b.best["config"] if b.best else None,
-            "time_us": b.best["timing"]["median_us"] if b.best else None,
+            "time_us": b.time_us,
             "default_us": b.default_us,
             "speedup_vs_default": round(b.speedup, 3) if b.speedup else None,
             "counts": b.counts,
             "rejected_or_failed": b.reasons,
+            # A split sweep's time_us is the two winners timed together (pair_us) where they
+            # were; time_up_us and time_down_us are each winner's own, the other GEMM at the
+            # heuristic default.
             **({"best_down": b.best_down["winner"] if b.best_down else None,
                 "config_down": b.best_down["config"] if b.best_down else None,
+                "pair_us": b.pair_us,
+                "time_up_us": b.best["timing"]["median_us"] if b.best else None,
                 "time_down_us": b.best_down["timing"]["median_us"] if b.best_down else None}
                if split else {}),
         })  # fmt: skip

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moetune.gemms import FINAL_PREFIX
+from moetune.gemms import FINAL_PREFIX, committed, counts
 from moetune.journal import Journal, identity, read_journal
 from moetune.problem import Problem
 from moetune.tables import (
@@ -101,7 +101,9 @@ def best_entries(
     careful re-timing and it alone passed the re-check on fresh inputs. Several journals of the
     same problem and device combine (e.g. spaces swept separately); the fastest winner (else the
     fastest passing record) wins across all of them. The journals' warnings go to ``warnings``.
-    ``gemm`` ("up" or "down") takes a split sweep's records for that GEMM.
+    ``gemm`` ("up" or "down") takes a split sweep's records for that GEMM; there a pair of
+    winners settled by timing them together (:mod:`moetune.pairs`) outranks the per-GEMM
+    winners, and counts only once its sweep committed it.
     """
     return _best_entries(_read_all(journal_paths), warnings, gemm)
 
@@ -118,6 +120,7 @@ def _best_entries(
     rejected = _failed_rechecks(j for _, j in journals)
     for path, j in journals:
         _header_problem(j.header, path)
+        done = committed(j.records)
         if warnings is not None:
             warnings.extend(j.warnings)
         if header is None:
@@ -127,8 +130,8 @@ def _best_entries(
                 if identity(j.header, key) != identity(header, key):
                     raise ExportError(f"{path} is a sweep of another {key} than {journals[0][0]}")
         for line, r in enumerate(j.records, start=2):  # line 1 is the header
-            if r.get("gemm") != gemm:
-                continue
+            if r.get("gemm") != gemm or not counts(r, done):
+                continue  # another GEMM's, or a settled pair its sweep never committed
             ranked = _ranked(r, path, line)
             if ranked is None:
                 continue
@@ -149,12 +152,14 @@ def _best_entries(
 def _down_entries(
     journals: list[tuple[Path, Journal]], up: dict[int, dict[str, Any]], warnings: list[str]
 ) -> dict[int, dict[str, Any]] | None:
-    """The down winners checked together with ``up``'s entry of their batch size (the fastest
-    when several journals have one); None, with a warning, unless every batch size has one."""
+    """The down winners checked together with ``up``'s entry of their batch size (a committed
+    settled pair's first, then the fastest when several journals have one); None, with a
+    warning, unless every batch size has one."""
     best: dict[int, tuple[tuple[int, float], dict[str, Any]]] = {}
     for _, j in journals:
+        done = committed(j.records)
         for r in j.records:
-            if r.get("kind") != "winner" or r.get("gemm") != "down":
+            if r.get("kind") != "winner" or r.get("gemm") != "down" or not counts(r, done):
                 continue
             M, us = r.get("M"), (r.get("timing") or {}).get("median_us")
             checked = M in up and r.get("pair_up") == up[M] and isinstance(us, (int, float))

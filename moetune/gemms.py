@@ -16,6 +16,7 @@ also timed together before they count (:mod:`moetune.pairs`): a pair's key is
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from moetune.defaults import default_config
@@ -38,6 +39,17 @@ def pair_key(up: str, down: str) -> str:
     """The journal key of candidate ``up`` on the up GEMM together with ``down`` on the down one
     (bare candidate keys, no role prefix)."""
     return f"{PAIR_PREFIX}{up}|{down}"
+
+
+def committed(records: Iterable[dict[str, Any]]) -> set[tuple[Any, Any]]:
+    """``(M, pair key)`` of each pair a ``pair-choice`` record committed as the new winners."""
+    return {(r.get("M"), r.get("chosen")) for r in records
+            if r.get("kind") == "pair-choice" and not r.get("kept")}  # fmt: skip
+
+
+def counts(record: dict[str, Any], done: set[tuple[Any, Any]]) -> bool:
+    """Whether a winner record counts: not settled, or settled and committed (``done``)."""
+    return not record.get("settled") or (record.get("M"), record.get("pair")) in done
 
 
 def gemm_of(key: str) -> str | None:

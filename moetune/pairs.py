@@ -2,16 +2,20 @@
 
 Each GEMM's winner was timed with the other GEMM at the heuristic default, so the pair of
 winners itself was never timed, and on one H100 it came out 5.5% slower than the joint table it
-replaced at one batch size (Qwen3-30B-A3B fp8 M=2048, results/tables/h100-0.2.6-split/). So at
-each batch size a split sweep also times, with the finalists' replays:
+replaced at one batch size (Qwen3-30B-A3B fp8 M=2048, results/tables/h100-0.2.6-split/). So
+once the winners are chosen (the down one checked together with the up one), a split sweep
+also times at each batch size, with the finalists' replays:
 
 - ``W``: the up winner with the down winner (what moetune's op runs from the two tables);
 - ``U``: the up winner on both GEMMs (what vLLM runs: it reads the main table only);
 - ``I``: the incumbent table's entry on both GEMMs, when there is one (what runs today).
 
-If ``W`` is the fastest, the winners stand. Otherwise the fastest pair becomes the two winners
-(``settled`` records, which outrank the per-GEMM winners in export) once it passes a check on
-fresh inputs. A ``pair-choice`` record keeps the decision, so a resumed sweep keeps it too.
+If ``W`` passed and is the fastest, the winners stand. Otherwise the fastest passing pair
+replaces them once it also passes a check on fresh inputs: two ``settled`` winner records, then
+a ``pair-choice`` record that commits them. Settled records count only once committed (export
+and a resumed sweep skip uncommitted ones, as a sweep killed between the appends leaves them),
+and a committed decision is never taken again. A ``W`` that failed its check with no passing
+alternative is kept with a warning: the tables then hold what the per-GEMM checks passed.
 """
 
 from __future__ import annotations
@@ -41,37 +45,36 @@ def config_name(config: dict[str, Any]) -> str:
         return "incumbent"
 
 
-def provisional(journal: Journal, M: int, gemm: str) -> tuple[str, dict[str, Any]] | None:
-    """``(bare key, config)`` of the winner the sweep will pick for ``gemm`` at ``M``: the
-    journaled winner, else the fastest re-timed finalist whose re-check passed."""
-    for r in reversed(journal.records):
-        if r.get("kind") == "winner" and r.get("M") == M and r.get("gemm") == gemm:
-            return bare(r["winner"]), r["config"]
-    finals = [r for r in journal.records if r.get("M") == M and r.get("phase") == "final"
-              and r.get("gemm") == gemm and r.get("status") == "ok"
-              and (r.get("recheck") or {}).get("ok")]  # fmt: skip
-    if not finals:
-        return None
-    best = min(finals, key=lambda r: r["timing"]["median_us"])
-    return bare(best["candidate"]), best["config"]
+def decided(journal: Journal, M: int) -> bool:
+    return any(r.get("kind") == "pair-choice" and r.get("M") == M for r in journal.records)
 
 
 def options(
-    journal: Journal, M: int, incumbent: dict[str, Any] | None
+    up: dict[str, Any], down: dict[str, Any], incumbent: dict[str, Any] | None
 ) -> list[tuple[str, dict[str, Any]]]:
-    """``(pair key, {"up": ..., "down": ...})`` of W, U and I at ``M`` (see the module doc),
-    without repeats; none without an up and a down winner."""
-    up, down = provisional(journal, M, "up"), provisional(journal, M, "down")
-    if up is None or down is None:
-        return []
-    found = [(up, down), (up, up)]
+    """``(pair key, {"up": ..., "down": ...})`` of W, U and I for the winner records ``up`` and
+    ``down`` (see the module doc), without repeats."""
+    un, dn = bare(up["winner"]), bare(down["winner"])
+    found = [((un, up["config"]), (dn, down["config"])), ((un, up["config"]), (un, up["config"]))]
     if incumbent is not None:
         name = config_name(incumbent)
         found.append(((name, incumbent), (name, incumbent)))
     out: dict[str, dict[str, Any]] = {}
-    for (un, uc), (dn, dc) in found:
-        out.setdefault(pair_key(un, dn), {"up": uc, "down": dc})
+    for (uk, uc), (dk, dc) in found:
+        out.setdefault(pair_key(uk, dk), {"up": uc, "down": dc})
     return list(out.items())
+
+
+def _timed(journal: Journal, M: int) -> dict[str, dict[str, Any]]:
+    return {r["candidate"]: r for r in journal.records
+            if r.get("M") == M and r.get("phase") == "pair"}  # fmt: skip
+
+
+def pair_time(journal: Journal, M: int, up: dict[str, Any], down: dict[str, Any]) -> float | None:
+    """The time (µs) of the winners ``up`` and ``down`` timed together at ``M``, if they were
+    and passed."""
+    r = _timed(journal, M).get(pair_key(bare(up["winner"]), bare(down["winner"])))
+    return r["timing"]["median_us"] if r is not None and r.get("status") == "ok" else None
 
 
 def settle(
@@ -84,27 +87,24 @@ def settle(
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The (up, down) winner records at ``M`` after the pairs timed there (see the module doc).
-    Unchanged when ``W`` was not timed (its down winner changed after the pairs ran: a pair
-    check turned the first one down) or was the fastest."""
-    if any(r.get("kind") == "pair-choice" and r.get("M") == M for r in journal.records):
-        return up, down  # decided before: its settled winners (if any) are the records given
-    timed = {
-        r["candidate"]: r
-        for r in journal.records
-        if r.get("M") == M and r.get("phase") == "pair" and r.get("status") == "ok"
-    }
+    Unchanged when decided before (``up`` and ``down`` are then the committed ones) or when
+    ``W`` has no record yet (a sweep cut before timing it: the next run decides)."""
+    if decided(journal, M):
+        return up, down
+    timed = _timed(journal, M)
     mine = pair_key(bare(up["winner"]), bare(down["winner"]))
     if mine not in timed:
         return up, down
-    ranked = sorted(timed.values(), key=lambda r: r["timing"]["median_us"])
+    mine_ok = timed[mine].get("status") == "ok"
+    ranked = sorted((r for r in timed.values() if r.get("status") == "ok"),
+                    key=lambda r: r["timing"]["median_us"])  # fmt: skip
     say = ", ".join(f"{r['candidate'].removeprefix(PAIR_PREFIX)} "
                     f"{r['timing']['median_us']:.1f} µs" for r in ranked)  # fmt: skip
+    if not mine_ok:
+        say += f"; the winners together: {timed[mine].get('reason', 'not ok')}"
     for best in ranked:
         if best["candidate"] == mine:
-            journal.append({"kind": "pair-choice", "M": M, "chosen": mine, "kept": True})
-            if progress:
-                progress(f"M={M} pairs: {say}: the winners stand")
-            return up, down
+            break
         cu, cd = best["config"]["up"], best["config"]["down"]
         check = recheck(problem, workload(), cu, M, seed=PAIR_SEED + M, config_down=cd)
         if not check["ok"]:
@@ -125,4 +125,29 @@ def settle(
             progress(f"M={M} pairs: {say}: {best['candidate'].removeprefix(PAIR_PREFIX)} "
                      "replaces the winners")  # fmt: skip
         return new_up, new_down
-    return up, down  # unreachable: the winners' own pair is among those ranked
+    choice = {"kind": "pair-choice", "M": M, "chosen": mine, "kept": True}
+    if not mine_ok:
+        choice["warning"] = "the winners' pair failed its check and no other pair passed"
+    journal.append(choice)
+    if progress:
+        verdict = "the winners stand" if mine_ok else (
+            "WARNING: no pair passed; the winners stand on their own checks")  # fmt: skip
+        progress(f"M={M} pairs: {say}: {verdict}{_vllm_note(ranked, up, mine)}")
+    return up, down
+
+
+def _vllm_note(ranked: list[dict[str, Any]], up: dict[str, Any], mine: str) -> str:
+    """Where the winners stand but the up winner on both GEMMs (U: what vLLM runs from the main
+    table) timed slower than the incumbent on both (I): by how much, so a vLLM user can tell."""
+    u_key = pair_key(bare(up["winner"]), bare(up["winner"]))
+    u = next((r for r in ranked if r["candidate"] == u_key), None)
+    rest = [r for r in ranked if r["candidate"] not in (mine, u_key)]  # I, if it passed
+    if u is None or not rest:
+        return ""
+    slower = u["timing"]["median_us"] / rest[0]["timing"]["median_us"] - 1
+    if slower <= 0.01:
+        return ""
+    return (
+        f" (vLLM, which runs the main table's entry on both GEMMs, would be {slower:.1%} "
+        "slower than the incumbent here)"
+    )

@@ -26,7 +26,16 @@ from typing import Any
 
 from moetune.accum import fp8_accum_mode
 from moetune.evaluate import RECHECK_SEED, Workload, recheck
-from moetune.gemms import FINAL_PREFIX, GEMMS, gemm_configs, gemm_of, heuristic, split_key
+from moetune.gemms import (
+    FINAL_PREFIX,
+    GEMMS,
+    committed,
+    counts,
+    gemm_configs,
+    gemm_of,
+    heuristic,
+    split_key,
+)
 from moetune.halving import (
     FINAL_COST,
     anchors,
@@ -36,8 +45,8 @@ from moetune.halving import (
     survivors_within,
 )
 from moetune.journal import Journal, open_journal, provenance
+from moetune.pairs import decided, pair_time, settle
 from moetune.pairs import options as pair_options
-from moetune.pairs import settle
 from moetune.platform import Platform
 from moetune.precompile import Compiler
 from moetune.problem import Problem
@@ -87,12 +96,23 @@ class BatchResult:
     counts: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
     best_down: dict[str, Any] | None = None  # the down GEMM's winner record (split sweeps)
+    # Split sweeps: the two winners timed together (moetune.pairs); each winner's own time was
+    # taken with the other GEMM at the heuristic default.
+    pair_us: float | None = None
+
+    @property
+    def time_us(self) -> float | None:
+        """What the table's entries take: the winner's time; in a split sweep with a down
+        winner, the two timed together (None where they were not)."""
+        if self.best_down is not None:
+            return self.pair_us
+        return self.best["timing"]["median_us"] if self.best is not None else None
 
     @property
     def speedup(self) -> float | None:
-        if self.best is None or not self.default_us:
+        if self.time_us is None or not self.default_us:
             return None
-        return self.default_us / self.best["timing"]["median_us"]
+        return self.default_us / self.time_us
 
 
 @dataclass
@@ -161,12 +181,11 @@ def run_sweep(
         if progress:
             progress(0, 0, f"first pass done after {time.time() - t0:.1f} s")
         _time_finalists(journal, batch_sizes, execution, progress, runner)
-        _time_pairs(journal, batch_sizes, execution, progress, runner, incumbent or {})
         runner.close()
         if progress:
             progress(0, 0, f"finalists done, workers stopped after {time.time() - t0:.1f} s")
         batches = _finish(problem, platform, journal, batch_sizes, device, progress,
-                          execution)  # fmt: skip
+                          execution, runner, incumbent or {})  # fmt: skip
     finally:
         runner.close()
         journal.close()
@@ -373,17 +392,20 @@ def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progres
     runner.run(work, on_record)
 
 
-def _time_pairs(journal: Journal, batch_sizes, execution: Execution, progress, runner: Runner,
+def _time_pairs(journal: Journal, batch_sizes, progress, runner: Runner, winners: dict,
                 incumbent: dict[int, dict[str, Any]]) -> None:  # fmt: skip
     """A split sweep's winners timed together, beside the up winner on both GEMMs and the
     incumbent on both (:mod:`moetune.pairs`), with the finalists' replays, on the sweep's
     workers (recorded as ``pair:<up>|<down>``, so a resume skips them)."""
-    if execution.gemms != "split":
-        return
     done = journal.done()
-    work = [(key, config, M, FINAL_REPLAYS) for M in batch_sizes
-            for key, config in pair_options(journal, M, incumbent.get(M))
-            if (key, M) not in done]  # fmt: skip
+    work = []
+    for M in batch_sizes:
+        up, down = winners.get((M, "up")), winners.get((M, "down"))
+        if up is None or down is None or decided(journal, M):
+            continue
+        work += [(key, config, M, FINAL_REPLAYS)
+                 for key, config in pair_options(up, down, incumbent.get(M))
+                 if (key, M) not in done]  # fmt: skip
 
     def on_record(record: dict[str, Any]) -> None:
         record.update(phase="pair", gemm="pair", t=round(time.time(), 2))
@@ -395,12 +417,14 @@ def _time_pairs(journal: Journal, batch_sizes, execution: Execution, progress, r
 
 
 def _finish(
-    problem, platform, journal: Journal, batch_sizes, device, progress, execution: Execution
-) -> list[BatchResult]:
+    problem, platform, journal: Journal, batch_sizes, device, progress, execution: Execution,
+    runner: Runner, incumbent: dict[int, dict[str, Any]],
+) -> list[BatchResult]:  # fmt: skip
     """Per batch size: record the winner, the fastest re-timed finalist whose re-check on fresh
     inputs passed (one per GEMM in a split sweep, the down one also checked together with the up
-    one). Finalists come re-checked from the workers; only the pair checks of a split sweep and
-    finalists of older journals are checked here, on inputs built when first needed."""
+    one, then settled by the pairs timed together: :func:`moetune.pairs.settle`). Finalists
+    come re-checked from the workers; only the pair checks of a split sweep and finalists of
+    older journals are checked here, on inputs built when first needed."""
     built: list[Workload] = []
 
     def workload() -> Workload:
@@ -410,24 +434,12 @@ def _finish(
                                   timing=False))  # fmt: skip
         return built[0]
 
-    winners = {(r["M"], r.get("gemm")): r for r in journal.records if r.get("kind") == "winner"}
-    results = []
+    # The last record of each (M, GEMM) counts; settled ones only once committed (moetune.pairs).
+    done = committed(journal.records)
+    winners = {(r["M"], r.get("gemm")): r for r in journal.records
+               if r.get("kind") == "winner" and counts(r, done)}  # fmt: skip
     for M in batch_sizes:
-        recs = [r for r in journal.records if r.get("M") == M and "candidate" in r
-                and r.get("phase") not in ("final", "pair")]  # fmt: skip
         finals = [r for r in journal.records if r.get("M") == M and r.get("phase") == "final"]
-        counts: dict[str, int] = {}
-        reasons: dict[str, int] = {}
-        for r in recs:
-            if r["candidate"] == "default":
-                continue
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-            if r["status"] in ("rejected", "failed"):
-                short = r["reason"].split(":")[0]
-                reasons[short] = reasons.get(short, 0) + 1
-        default = next((r for r in recs if r["candidate"] == "default" and r["status"] == "ok"),
-                       None)  # fmt: skip
-        default_us = default["timing"]["median_us"] if default else None
         for gemm in _roles(execution.gemms):
             if (M, gemm) in winners:
                 continue
@@ -438,16 +450,37 @@ def _finish(
                 None if gemm == "down" and partner is None
                 else _pick_winner(problem, workload, mine, M, journal, progress, partner)
             )  # fmt: skip
-        if winners.get((M, "up")) is not None and winners.get((M, "down")) is not None:
-            winners[M, "up"], winners[M, "down"] = settle(
-                problem, workload, journal, M, winners[M, "up"], winners[M, "down"],
-                (lambda msg: progress(0, 0, msg)) if progress else None,
-            )  # fmt: skip
-        best = winners[M, _roles(execution.gemms)[0]]
+    if execution.gemms == "split":
+        _time_pairs(journal, batch_sizes, progress, runner, winners, incumbent)
+        runner.close()
+        for M in batch_sizes:
+            if winners.get((M, "up")) is not None and winners.get((M, "down")) is not None:
+                winners[M, "up"], winners[M, "down"] = settle(
+                    problem, workload, journal, M, winners[M, "up"], winners[M, "down"],
+                    (lambda msg: progress(0, 0, msg)) if progress else None,
+                )  # fmt: skip
+    results = []
+    for M in batch_sizes:
+        recs = [r for r in journal.records if r.get("M") == M and "candidate" in r
+                and r.get("phase") not in ("final", "pair")]  # fmt: skip
+        counted: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        for r in recs:
+            if r["candidate"] == "default":
+                continue
+            counted[r["status"]] = counted.get(r["status"], 0) + 1
+            if r["status"] in ("rejected", "failed"):
+                short = r["reason"].split(":")[0]
+                reasons[short] = reasons.get(short, 0) + 1
+        default = next((r for r in recs if r["candidate"] == "default" and r["status"] == "ok"),
+                       None)  # fmt: skip
+        default_us = default["timing"]["median_us"] if default else None
+        best = winners.get((M, _roles(execution.gemms)[0]))
         if best is not None and default is not None and best.get("default_us") is None:
             best["default_us"] = default_us
-        results.append(BatchResult(M, best, default_us, counts, reasons,
-                                   winners.get((M, "down"))))  # fmt: skip
+        down = winners.get((M, "down"))
+        both = pair_time(journal, M, best, down) if best and down else None
+        results.append(BatchResult(M, best, default_us, counted, reasons, down, both))
     return results
 
 

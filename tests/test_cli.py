@@ -198,6 +198,8 @@ def test_split_sweep_exports_both_tables_resumes_and_feeds_the_op(tmp_path, monk
     payload = json.loads(result.stdout[result.stdout.index("{") :])
     assert all(b["best"].startswith("up:") and b["best_down"].startswith("down:")
                for b in payload["batches"])  # fmt: skip
+    # The time shown is the two tables' entries timed together, not either winner's own.
+    assert all(b["pair_us"] and b["time_us"] == b["pair_us"] for b in payload["batches"])
     journal = read_journal(tmp_path / "j.jsonl")
     assert journal.header["gemms"] == "split"
     keys = {r["candidate"] for r in journal.records if "candidate" in r}

@@ -8,7 +8,10 @@ What is asserted, and why:
   replaces them with ``settled`` records, which export ranks above the per-GEMM winners in
   both tables, even though those show faster times (measured with the other GEMM at the
   heuristic default, they are not comparable);
-- a pair that fails its check is passed over for the next;
+- a pair that fails its check is passed over for the next; a W that failed on the sweep's
+  inputs loses to any passing pair, and with none it stands with a warning;
+- settled records count only once a ``pair-choice`` commits them: a sweep killed between the
+  appends leaves records that export ignores and that the next run decides again;
 - without W timed, nothing changes; a decision is journaled and a second call keeps it.
 """
 
@@ -52,10 +55,11 @@ def _winner(gemm: str, key: str, us: float, config: dict) -> dict:
             "timing": {"median_us": us}, "recheck": {"ok": True}, **extra}  # fmt: skip
 
 
-def _pair(up_k: str, down_k: str, us: float, up: dict, down: dict) -> dict:
-    return {"candidate": pair_key(up_k, down_k), "M": 8, "status": "ok", "phase": "pair",
-            "gemm": "pair", "config": {"up": up, "down": down},
-            "timing": {"median_us": us}}  # fmt: skip
+def _pair(up_k: str, down_k: str, us: float, up: dict, down: dict, status: str = "ok") -> dict:
+    rec = {"candidate": pair_key(up_k, down_k), "M": 8, "status": status, "phase": "pair",
+           "gemm": "pair", "config": {"up": up, "down": down}}  # fmt: skip
+    rec.update({"timing": {"median_us": us}} if status == "ok" else {"reason": "check failed"})
+    return rec
 
 
 def _journal(tmp_path: Path, records: list[dict]):
@@ -64,12 +68,12 @@ def _journal(tmp_path: Path, records: list[dict]):
     return read_journal(path)
 
 
-def _finished(tmp_path, w_us: float, u_us: float, i_us: float):
+def _finished(tmp_path, w_us: float, u_us: float, i_us: float, w_status: str = "ok"):
     """Per-GEMM winners at M=8 (faster on their own than any pair) and the three pairs timed."""
     return _journal(tmp_path, [
         _final("up", UP_K, 4.0, UP), _final("down", DOWN_K, 3.0, DOWN),
         _winner("up", UP_K, 4.0, UP), _winner("down", DOWN_K, 3.0, DOWN),
-        _pair(UP_K, DOWN_K, w_us, UP, DOWN), _pair(UP_K, UP_K, u_us, UP, UP),
+        _pair(UP_K, DOWN_K, w_us, UP, DOWN, w_status), _pair(UP_K, UP_K, u_us, UP, UP),
         _pair(INC_K, INC_K, i_us, INC, INC),
     ])  # fmt: skip
 
@@ -87,15 +91,14 @@ def _settle(journal, monkeypatch, check_ok=lambda up, down: True):
     return pairs.settle(PROBLEM, lambda: None, journal, 8, up, down), checked
 
 
-def test_options_are_the_winners_the_up_winner_and_the_incumbent_once_each(tmp_path):
-    j = _journal(tmp_path, [_final("up", UP_K, 4.0, UP), _final("down", DOWN_K, 3.0, DOWN),
-                            _final("down", "x", 2.0, _cfg(), ok=False)])  # fmt: skip
-    got = dict(pairs.options(j, 8, INC))
+def test_options_are_the_winners_the_up_winner_and_the_incumbent_once_each():
+    up, down = _winner("up", UP_K, 4.0, UP), _winner("down", DOWN_K, 3.0, DOWN)
+    got = dict(pairs.options(up, down, INC))
     assert got == {pair_key(UP_K, DOWN_K): {"up": UP, "down": DOWN},
                    pair_key(UP_K, UP_K): {"up": UP, "down": UP},
                    pair_key(INC_K, INC_K): {"up": INC, "down": INC}}  # fmt: skip
-    assert len(dict(pairs.options(j, 8, UP))) == 2, "the incumbent is the up winner: once"
-    assert pairs.options(j, 1, INC) == [], "no winners at M=1"
+    assert len(dict(pairs.options(up, down, UP))) == 2, "the incumbent is the up winner: once"
+    assert len(dict(pairs.options(up, {**down, "winner": "down:" + UP_K}, None))) == 1
     assert pairs.config_name({"BLOCK_SIZE_M": 16}) == "incumbent"
     key = pair_key(UP_K, DOWN_K)
     assert gemm_of(key) == "pair"
@@ -105,8 +108,16 @@ def test_options_are_the_winners_the_up_winner_and_the_incumbent_once_each(tmp_p
 def test_the_winners_stand_when_their_pair_is_fastest(tmp_path, monkeypatch):
     j = _finished(tmp_path, w_us=10.0, u_us=11.0, i_us=12.0)
     (up, down), checked = _settle(j, monkeypatch)
+    # W stands, but U (what vLLM runs) is slower than I: the sweep says so.
+    said = []
+    (tmp_path / "b").mkdir()
+    j2 = _finished(tmp_path / "b", w_us=10.0, u_us=12.0, i_us=11.0)
+    up2, down2 = [r for r in j2.records if r.get("kind") == "winner"]
+    assert pairs.settle(PROBLEM, lambda: None, j2, 8, up2, down2, said.append) == (up2, down2)
+    assert "the winners stand" in said[0] and "vLLM" in said[0] and "9.1% slower" in said[0]
     assert (up["config"], down["config"]) == (UP, DOWN) and not up.get("settled")
     assert checked == []
+    assert pairs.pair_time(j, 8, up, down) == 10.0, "the pair's time, not either winner's own"
     assert j.records[-1] == {"kind": "pair-choice", "M": 8, "chosen": pair_key(UP_K, DOWN_K),
                              "kept": True}  # fmt: skip
 
@@ -119,6 +130,7 @@ def test_a_faster_pair_replaces_the_winners_and_export_takes_it(tmp_path, monkey
     assert (up["config"], down["config"]) == want and up["settled"] and down["settled"]
     assert checked == [want], "the replacing pair is checked on fresh inputs first"
     assert down["pair_up"] == want[0] and up["timing"]["median_us"] == min(u_us, i_us)
+    assert pairs.pair_time(j, 8, up, down) == min(u_us, i_us)
     res = export_configs([j.path], tmp_path / "out")
     assert res.entries == {8: want[0]} and res.down_entries == {8: want[1]}
     n = len(read_journal(j.path).records)
@@ -143,3 +155,46 @@ def test_nothing_changes_without_the_winners_pair_timed(tmp_path, monkeypatch):
     n = len(j.records)
     (up, down), checked = _settle(j, monkeypatch)
     assert (up["config"], down["config"]) == (UP, DOWN) and checked == [] and len(j.records) == n
+
+
+@pytest.mark.parametrize(("u_us", "ok_pairs", "want", "warned"), [
+    (9.0, {"U", "I"}, (UP, UP), False),  # W failed: the fastest passing pair, though slower
+    (9.0, set(), (UP, DOWN), True),  # nothing else passes: W stands, with a warning
+])  # fmt: skip
+def test_a_winners_pair_that_failed_its_check_loses(tmp_path, monkeypatch, u_us, ok_pairs, want,
+                                                    warned):  # fmt: skip
+    j = _finished(tmp_path, w_us=5.0, u_us=u_us, i_us=12.0, w_status="rejected")
+
+    def name(u):
+        return "U" if u == UP else "I" if u == INC else None
+
+    (up, down), _ = _settle(j, monkeypatch, check_ok=lambda u, d: name(u) in ok_pairs)
+    assert (up["config"], down["config"]) == want
+    choice = j.records[-1]
+    assert choice["kind"] == "pair-choice" and ("warning" in choice) == warned
+    assert pairs.pair_time(j, 8, up, down) == (u_us if want == (UP, UP) else None)
+
+
+def test_settled_records_count_only_once_committed(tmp_path, monkeypatch):
+    """A sweep killed after its settled records but before the pair-choice: export ignores
+    them (the per-GEMM winners count), and the next run decides again."""
+    j = _finished(tmp_path, w_us=10.0, u_us=11.0, i_us=8.0)
+    (up, _), _ = _settle(j, monkeypatch)
+    assert up["settled"]
+    lines = j.path.read_text().splitlines()
+    assert json.loads(lines[-1])["kind"] == "pair-choice"
+    j.path.write_text("\n".join(lines[:-2]) + "\n")  # killed after the settled up record
+    res = export_configs([j.path], tmp_path / "out")
+    assert res.entries == {8: UP} and res.down_entries == {8: DOWN}
+    again = read_journal(j.path)
+    assert not pairs.decided(again, 8)
+    orig = [r for r in again.records if r.get("kind") == "winner" and not r.get("settled")]
+    (up2, down2), _ = _settle_with(again, monkeypatch, *orig)
+    assert (up2["config"], down2["config"]) == (INC, INC)
+    res = export_configs([j.path], tmp_path / "out2")
+    assert res.entries == {8: INC} and res.down_entries == {8: INC}
+
+
+def _settle_with(journal, monkeypatch, up, down):
+    monkeypatch.setattr(pairs, "recheck", lambda *a, **k: {"ok": True, "reason": ""})
+    return pairs.settle(PROBLEM, lambda: None, journal, 8, up, down), None
