@@ -356,8 +356,8 @@ def _render_sweep(result, exported, note: str, json_out: bool) -> None:
             "counts": b.counts,
             "rejected_or_failed": b.reasons,
             # A split sweep's time_us is the two winners timed together (pair_us) where they
-            # were; time_up_us and time_down_us are each winner's own, the other GEMM at the
-            # heuristic default.
+            # were; time_up_us and time_down_us are each winner's own record's time: the other
+            # GEMM at the heuristic default, or the pair's for winners a pair settled.
             **({"best_down": b.best_down["winner"] if b.best_down else None,
                 "config_down": b.best_down["config"] if b.best_down else None,
                 "pair_us": b.pair_us,

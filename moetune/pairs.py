@@ -85,13 +85,17 @@ def settle(
     up: dict[str, Any],
     down: dict[str, Any],
     progress: Callable[[str], None] | None = None,
+    *,
+    incumbent: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The (up, down) winner records at ``M`` after the pairs timed there (see the module doc).
-    Unchanged when decided before (``up`` and ``down`` are then the committed ones) or when
-    ``W`` has no record yet (a sweep cut before timing it: the next run decides)."""
+    """The (up, down) winner records at ``M`` after the pairs timed there (see the module doc):
+    only W, U and I of these winners and this ``incumbent`` count, not pairs an earlier run
+    timed for others. Unchanged when decided before (``up`` and ``down`` are then the committed
+    ones) or when ``W`` has no record yet (a sweep cut before timing it: the next run decides)."""
     if decided(journal, M):
         return up, down
-    timed = _timed(journal, M)
+    mine_opts = dict(options(up, down, incumbent))
+    timed = {k: r for k, r in _timed(journal, M).items() if k in mine_opts}
     mine = pair_key(bare(up["winner"]), bare(down["winner"]))
     if mine not in timed:
         return up, down
@@ -132,19 +136,23 @@ def settle(
     if progress:
         verdict = "the winners stand" if mine_ok else (
             "WARNING: no pair passed; the winners stand on their own checks")  # fmt: skip
-        progress(f"M={M} pairs: {say}: {verdict}{_vllm_note(ranked, up, mine)}")
+        inc = (
+            None if incumbent is None else pair_key(config_name(incumbent), config_name(incumbent))
+        )
+        progress(f"M={M} pairs: {say}: {verdict}{_vllm_note(ranked, up, inc)}")
     return up, down
 
 
-def _vllm_note(ranked: list[dict[str, Any]], up: dict[str, Any], mine: str) -> str:
+def _vllm_note(ranked: list[dict[str, Any]], up: dict[str, Any], inc: str | None) -> str:
     """Where the winners stand but the up winner on both GEMMs (U: what vLLM runs from the main
-    table) timed slower than the incumbent on both (I): by how much, so a vLLM user can tell."""
-    u_key = pair_key(bare(up["winner"]), bare(up["winner"]))
-    u = next((r for r in ranked if r["candidate"] == u_key), None)
-    rest = [r for r in ranked if r["candidate"] not in (mine, u_key)]  # I, if it passed
-    if u is None or not rest:
+    table) timed slower than the incumbent on both (I, key ``inc``): by how much, so a vLLM user
+    can tell."""
+    by_key = {r["candidate"]: r for r in ranked}
+    u = by_key.get(pair_key(bare(up["winner"]), bare(up["winner"])))
+    i = by_key.get(inc) if inc is not None else None
+    if u is None or i is None or u is i:
         return ""
-    slower = u["timing"]["median_us"] / rest[0]["timing"]["median_us"] - 1
+    slower = u["timing"]["median_us"] / i["timing"]["median_us"] - 1
     if slower <= 0.01:
         return ""
     return (

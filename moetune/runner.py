@@ -3,7 +3,8 @@ worker), Ray actors, or the sweep's own process.
 
 Local workers are started once, before compiling, and serve the whole sweep (first pass,
 halving's second round, defaults, finalists): a worker's start (CUDA context, inputs for every
-batch size) is paid once.
+batch size) is paid once. A split sweep starts them once more to time its winners' pairs
+(moetune.pairs), after checking those winners in its own process.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 class Runner:
     """Runs evaluation work where ``execution`` says. Local worker processes are started once,
     before compiling, and serve the whole sweep (first pass, halving's second round, defaults,
-    finalists): a worker's start (CUDA context, inputs for every batch size) is paid once. Local
+    finalists; a split sweep's pairs get a second start): a worker's start (CUDA context, inputs
+    for every batch size) is paid once. Local
     workers take a candidate once ``compiler`` has it ready; Ray and in-process runs wait for the
     whole compile first."""
 

@@ -451,6 +451,10 @@ def _finish(
                 else _pick_winner(problem, workload, mine, M, journal, progress, partner)
             )  # fmt: skip
     if execution.gemms == "split":
+        if built and device == "cuda":  # the pair checks' memory back before workers restart
+            import torch
+
+            torch.cuda.empty_cache()
         _time_pairs(journal, batch_sizes, progress, runner, winners, incumbent)
         runner.close()
         for M in batch_sizes:
@@ -458,6 +462,7 @@ def _finish(
                 winners[M, "up"], winners[M, "down"] = settle(
                     problem, workload, journal, M, winners[M, "up"], winners[M, "down"],
                     (lambda msg: progress(0, 0, msg)) if progress else None,
+                    incumbent=incumbent.get(M),
                 )  # fmt: skip
     results = []
     for M in batch_sizes:

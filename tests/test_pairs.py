@@ -88,7 +88,7 @@ def _settle(journal, monkeypatch, check_ok=lambda up, down: True):
 
     monkeypatch.setattr(pairs, "recheck", fake_recheck)
     up, down = [r for r in journal.records if r.get("kind") == "winner"]
-    return pairs.settle(PROBLEM, lambda: None, journal, 8, up, down), checked
+    return pairs.settle(PROBLEM, lambda: None, journal, 8, up, down, incumbent=INC), checked
 
 
 def test_options_are_the_winners_the_up_winner_and_the_incumbent_once_each():
@@ -113,7 +113,8 @@ def test_the_winners_stand_when_their_pair_is_fastest(tmp_path, monkeypatch):
     (tmp_path / "b").mkdir()
     j2 = _finished(tmp_path / "b", w_us=10.0, u_us=12.0, i_us=11.0)
     up2, down2 = [r for r in j2.records if r.get("kind") == "winner"]
-    assert pairs.settle(PROBLEM, lambda: None, j2, 8, up2, down2, said.append) == (up2, down2)
+    got = pairs.settle(PROBLEM, lambda: None, j2, 8, up2, down2, said.append, incumbent=INC)
+    assert got == (up2, down2)
     assert "the winners stand" in said[0] and "vLLM" in said[0] and "9.1% slower" in said[0]
     assert (up["config"], down["config"]) == (UP, DOWN) and not up.get("settled")
     assert checked == []
@@ -197,4 +198,27 @@ def test_settled_records_count_only_once_committed(tmp_path, monkeypatch):
 
 def _settle_with(journal, monkeypatch, up, down):
     monkeypatch.setattr(pairs, "recheck", lambda *a, **k: {"ok": True, "reason": ""})
-    return pairs.settle(PROBLEM, lambda: None, journal, 8, up, down), None
+    return pairs.settle(PROBLEM, lambda: None, journal, 8, up, down, incumbent=INC), None
+
+
+def test_pairs_timed_for_other_winners_or_incumbents_do_not_count(tmp_path, monkeypatch):
+    """An earlier run's pair (a down winner that lost its check with the up winner, or another
+    incumbent) is faster than W but is none of this run's W, U or I: it is ignored."""
+    stale = _cfg(BLOCK_SIZE_N=128)
+    j = _finished(tmp_path, w_us=10.0, u_us=11.0, i_us=12.0)
+    j.append(_pair(UP_K, "M16-N128-K32-G1-w4-s2", 5.0, UP, stale))
+    (up, down), checked = _settle(j, monkeypatch)
+    assert (up["config"], down["config"]) == (UP, DOWN) and checked == []
+    said = []
+    (tmp_path / "b").mkdir()
+    j2 = _finished(tmp_path / "b", w_us=10.0, u_us=11.0, i_us=12.0)
+    up2, down2 = [r for r in j2.records if r.get("kind") == "winner"]
+    pairs.settle(PROBLEM, lambda: None, j2, 8, up2, down2, said.append, incumbent=None)
+    assert "vLLM" not in said[0], "no incumbent given: nothing to compare U with"
+
+
+def test_export_warns_about_a_winners_pair_that_failed(tmp_path, monkeypatch):
+    j = _finished(tmp_path, w_us=5.0, u_us=9.0, i_us=12.0, w_status="rejected")
+    _settle(j, monkeypatch, check_ok=lambda u, d: False)
+    res = export_configs([j.path], tmp_path / "out")
+    assert any("M=8" in w and "failed its check" in w for w in res.warnings)
