@@ -49,20 +49,26 @@ def decided(journal: Journal, M: int) -> bool:
     return any(r.get("kind") == "pair-choice" and r.get("M") == M for r in journal.records)
 
 
+def roles(
+    up: dict[str, Any], down: dict[str, Any], incumbent: dict[str, Any] | None
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{"W"|"U"|"I": (pair key, {"up": ..., "down": ...})}`` for the winner records ``up`` and
+    ``down`` and the ``incumbent`` entry (see the module doc; no ``I`` without one)."""
+    un, dn = bare(up["winner"]), bare(down["winner"])
+    named = {"W": (pair_key(un, dn), {"up": up["config"], "down": down["config"]}),
+             "U": (pair_key(un, un), {"up": up["config"], "down": up["config"]})}  # fmt: skip
+    if incumbent is not None:
+        name = config_name(incumbent)
+        named["I"] = (pair_key(name, name), {"up": incumbent, "down": incumbent})
+    return named
+
+
 def options(
     up: dict[str, Any], down: dict[str, Any], incumbent: dict[str, Any] | None
 ) -> list[tuple[str, dict[str, Any]]]:
-    """``(pair key, {"up": ..., "down": ...})`` of W, U and I for the winner records ``up`` and
-    ``down`` (see the module doc), without repeats."""
-    un, dn = bare(up["winner"]), bare(down["winner"])
-    found = [((un, up["config"]), (dn, down["config"])), ((un, up["config"]), (un, up["config"]))]
-    if incumbent is not None:
-        name = config_name(incumbent)
-        found.append(((name, incumbent), (name, incumbent)))
-    out: dict[str, dict[str, Any]] = {}
-    for (uk, uc), (dk, dc) in found:
-        out.setdefault(pair_key(uk, dk), {"up": uc, "down": dc})
-    return list(out.items())
+    """``(pair key, {"up": ..., "down": ...})`` of W, U and I (:func:`roles`), without repeats:
+    the pairs to time."""
+    return list(dict(roles(up, down, incumbent).values()).items())
 
 
 def _timed(journal: Journal, M: int) -> dict[str, dict[str, Any]]:
@@ -94,9 +100,10 @@ def settle(
     ones) or when ``W`` has no record yet (a sweep cut before timing it: the next run decides)."""
     if decided(journal, M):
         return up, down
-    mine_opts = dict(options(up, down, incumbent))
-    timed = {k: r for k, r in _timed(journal, M).items() if k in mine_opts}
-    mine = pair_key(bare(up["winner"]), bare(down["winner"]))
+    named = roles(up, down, incumbent)
+    keys = {key for key, _ in named.values()}
+    timed = {k: r for k, r in _timed(journal, M).items() if k in keys}
+    mine = named["W"][0]
     if mine not in timed:
         return up, down
     mine_ok = timed[mine].get("status") == "ok"
@@ -136,20 +143,17 @@ def settle(
     if progress:
         verdict = "the winners stand" if mine_ok else (
             "WARNING: no pair passed; the winners stand on their own checks")  # fmt: skip
-        inc = (
-            None if incumbent is None else pair_key(config_name(incumbent), config_name(incumbent))
-        )
-        progress(f"M={M} pairs: {say}: {verdict}{_vllm_note(ranked, up, inc)}")
+        progress(f"M={M} pairs: {say}: {verdict}{_vllm_note(ranked, named)}")
     return up, down
 
 
-def _vllm_note(ranked: list[dict[str, Any]], up: dict[str, Any], inc: str | None) -> str:
+def _vllm_note(ranked: list[dict[str, Any]], named: dict[str, tuple[str, Any]]) -> str:
     """Where the winners stand but the up winner on both GEMMs (U: what vLLM runs from the main
-    table) timed slower than the incumbent on both (I, key ``inc``): by how much, so a vLLM user
-    can tell."""
+    table) timed slower than the incumbent on both (I): by how much, so a vLLM user can tell.
+    ``named``: :func:`roles`."""
     by_key = {r["candidate"]: r for r in ranked}
-    u = by_key.get(pair_key(bare(up["winner"]), bare(up["winner"])))
-    i = by_key.get(inc) if inc is not None else None
+    u = by_key.get(named["U"][0])
+    i = by_key.get(named["I"][0]) if "I" in named else None
     if u is None or i is None or u is i:
         return ""
     slower = u["timing"]["median_us"] / i["timing"]["median_us"] - 1

@@ -78,7 +78,9 @@ def _finished(tmp_path, w_us: float, u_us: float, i_us: float, w_status: str = "
     ])  # fmt: skip
 
 
-def _settle(journal, monkeypatch, check_ok=lambda up, down: True):
+def _settle(journal, monkeypatch, check_ok=lambda up, down: True, winners=None):
+    """``settle`` at M=8 with a stand-in fresh check; ``winners`` (default: the journal's two
+    winner records) are the (up, down) records handed in."""
     checked = []
 
     def fake_recheck(problem, workload, config, M, seed, config_down=None):
@@ -87,7 +89,7 @@ def _settle(journal, monkeypatch, check_ok=lambda up, down: True):
         return {"ok": ok, "reason": "" if ok else "wrong"}
 
     monkeypatch.setattr(pairs, "recheck", fake_recheck)
-    up, down = [r for r in journal.records if r.get("kind") == "winner"]
+    up, down = winners or [r for r in journal.records if r.get("kind") == "winner"]
     return pairs.settle(PROBLEM, lambda: None, journal, 8, up, down, incumbent=INC), checked
 
 
@@ -190,15 +192,10 @@ def test_settled_records_count_only_once_committed(tmp_path, monkeypatch):
     again = read_journal(j.path)
     assert not pairs.decided(again, 8)
     orig = [r for r in again.records if r.get("kind") == "winner" and not r.get("settled")]
-    (up2, down2), _ = _settle_with(again, monkeypatch, *orig)
+    (up2, down2), _ = _settle(again, monkeypatch, winners=orig)
     assert (up2["config"], down2["config"]) == (INC, INC)
     res = export_configs([j.path], tmp_path / "out2")
     assert res.entries == {8: INC} and res.down_entries == {8: INC}
-
-
-def _settle_with(journal, monkeypatch, up, down):
-    monkeypatch.setattr(pairs, "recheck", lambda *a, **k: {"ok": True, "reason": ""})
-    return pairs.settle(PROBLEM, lambda: None, journal, 8, up, down, incumbent=INC), None
 
 
 def test_pairs_timed_for_other_winners_or_incumbents_do_not_count(tmp_path, monkeypatch):
