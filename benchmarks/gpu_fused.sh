@@ -46,7 +46,8 @@ except KeyError:  # cut by its timeout: the rows written as they were measured
         rows = [json.loads(line) for line in t.extractfile("fused/breakdown.jsonl")]
     except KeyError:
         rows = []
-names = ["unfused", "fused", "fused-pairs", "auto", "auto-sum", "auto-rq", "auto-ts"]
+names = ["unfused", "fused", "fused-pairs", "auto", "auto-sum", "auto-rq", "auto-ts", "auto-pairs",
+         "auto-tma"]
 groups, every = {}, {}
 for r in rows:
     head = f"{r['problem'][:8]} {r['quant']:>8} M={r['M']:<5}"

@@ -20,7 +20,8 @@ fused, except static fp8 above ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` tokens) and `
 (``auto`` with ``ops.QUANTIZE_IN_ROUTING`` switched: the input's static fp8 quantization in the
 routing launch at decode sizes, or in its own launch) and ``auto-ts`` (``auto`` with
 ``ops.TOPK_SUM_KERNEL`` switched: the sum over top-k in moetune's Triton kernel or PyTorch's
-reduce). Each variant's
+reduce), ``auto-pairs`` (``launch.SILU_PAIRS`` switched) and ``auto-tma`` (``launch.WEIGHTS_TMA``
+switched: the weights' tiles through TMA descriptors, with silu's pairs tile). Each variant's
 output is checked first; ``speedup`` is the first variant's median over the second's,
 ``<variant>_vs_first`` each variant's against the first.
 
@@ -28,7 +29,8 @@ Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
        [--quants bf16,fp8_w8a8]
-       [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts]]
+       [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
+       auto-tma]]
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Flags(NamedTuple):
     sum_topk_in_gemm2_min_m: int | None  # ops.SUM_TOPK_IN_GEMM2_MIN_M
     quantize_in_routing: bool  # ops.QUANTIZE_IN_ROUTING
     topk_sum_kernel: bool  # ops.TOPK_SUM_KERNEL
+    weights_tma: bool = launch.WEIGHTS_TMA  # launch.WEIGHTS_TMA
 
 
 DEFAULTS = Flags(
@@ -75,11 +78,14 @@ DEFAULTS = Flags(
     ops.SUM_TOPK_IN_GEMM2_MIN_M,
     ops.QUANTIZE_IN_ROUTING,
     ops.TOPK_SUM_KERNEL,
+    launch.WEIGHTS_TMA,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
 # the routing launch (ops.QUANTIZE_IN_ROUTING) to the other setting; "auto-ts" switches the
-# sum over top-k between moetune's kernel and PyTorch's reduce (ops.TOPK_SUM_KERNEL). The others
+# sum over top-k between moetune's kernel and PyTorch's reduce (ops.TOPK_SUM_KERNEL); "auto-pairs"
+# switches launch.SILU_PAIRS and "auto-tma" the weights' TMA loads (launch.WEIGHTS_TMA, which
+# takes silu's pairs tile with it). The others
 # store GEMM2's slot rows, quantize the input in its own launch and sum in PyTorch, as the op
 # did before.
 VARIANTS = {
@@ -90,6 +96,8 @@ VARIANTS = {
     "auto-sum": DEFAULTS._replace(sum_topk_in_gemm2_min_m=1),
     "auto-rq": DEFAULTS._replace(quantize_in_routing=not ops.QUANTIZE_IN_ROUTING),
     "auto-ts": DEFAULTS._replace(topk_sum_kernel=not ops.TOPK_SUM_KERNEL),
+    "auto-pairs": DEFAULTS._replace(silu_pairs=not launch.SILU_PAIRS),
+    "auto-tma": DEFAULTS._replace(weights_tma=not launch.WEIGHTS_TMA),
 }
 
 
@@ -123,6 +131,7 @@ def _use(flags: Flags) -> None:
     ops.SUM_TOPK_IN_GEMM2_MIN_M = flags.sum_topk_in_gemm2_min_m
     ops.QUANTIZE_IN_ROUTING = flags.quantize_in_routing
     ops.TOPK_SUM_KERNEL = flags.topk_sum_kernel
+    launch.WEIGHTS_TMA = flags.weights_tma
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

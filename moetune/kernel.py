@@ -39,6 +39,7 @@ def fused_moe_kernel(
     # Pointers
     a_ptr,  # [T_a, K]        activations: compute dtype, or fp8/int8 for w8a8
     b_ptr,  # [E, N, K]       weights: compute dtype, fp8 or int8
+    b_desc,  # B_TMA: a TMA descriptor of b viewed as [E * N, K]; else unused (None)
     c_ptr,  # [T_c, N] output rows, one per routed slot (compute dtype); [T_c, N / 2] after
     # ACTIVATION (compute dtype, or fp8 with QUANT_OUT); [T_c / SUM_TOPK, N] fp32 with SUM_TOPK
     bias_ptr,  # [E, N]       optional, any float dtype
@@ -99,6 +100,11 @@ def fused_moe_kernel(
     # k > 0 (ACTIVATION 0 only): atomically add slot rows into token rows slot // k of an fp32 c
     # instead of storing them. Its own parameter: GEMM2 runs with top_k = 1 (its A rows are slots).
     SUM_TOPK: tl.constexpr = 0,
+    # Load B's tiles through b_desc (Hopper's TMA) instead of pointers. Its blocks are
+    # [BLOCK_SIZE_N, BLOCK_SIZE_K] rows of the [E * N, K] view, or with silu [BLOCK_SIZE_N / 2,
+    # BLOCK_SIZE_K]: the gate and up halves load as two tiles into two accumulators, joined into
+    # SILU_PAIRS's column pairs after the loop (the launcher sets SILU_PAIRS with it).
+    B_TMA: tl.constexpr = False,
 ):
     """Grid: ``(cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N),)``.
 
@@ -165,6 +171,8 @@ def fused_moe_kernel(
         b_ptr + off_expert * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
     )
 
+    a_scale_ptrs = a_scale_ptr  # block quantization's per-K-group scale rows (set below)
+    b_scale_ptrs = b_scale_ptr
     if use_int8_w8a16:
         b_scale = tl.load(b_scale_ptr + off_expert * stride_bse + offs_bn * stride_bsn)
     if use_fp8_w8a8 or use_int8_w8a8:
@@ -178,36 +186,47 @@ def fused_moe_kernel(
             a_scale = tl.load(a_scale_ptr)
             b_scale = tl.load(b_scale_ptr + off_expert)
 
-    if use_int8_w8a8 and group_k == 0:
-        accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.int32)
-    else:
-        accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    # With silu under B_TMA the gate and up halves accumulate apart: HALF columns each.
+    HALVES: tl.constexpr = B_TMA and ACTIVATION == 1
+    TILE_N: tl.constexpr = BLOCK_SIZE_N // 2 if HALVES else BLOCK_SIZE_N
+    acc_dtype = tl.int32 if use_int8_w8a8 and group_k == 0 else tl.float32
+    accumulator = tl.zeros((BLOCK_SIZE_M, TILE_N), dtype=acc_dtype)
+    if B_TMA:
+        # Row of the [E * N, K] view where this tile's B rows start; past the expert's rows
+        # (N's tail) the tile reads the next expert's, or zeros past the last: those columns
+        # are masked at the store, as the pointer loads' wrapped columns are.
+        b_row = (off_expert * N).to(tl.int32) + pid_n * TILE_N
+        if HALVES:
+            up_accumulator = tl.zeros((BLOCK_SIZE_M, TILE_N), dtype=acc_dtype)
+            half_cols = (pid_n * TILE_N + tl.arange(0, TILE_N).to(tl.int64)) % (N // 2)
+            b_scale_ptrs_up = b_scale_ptr + off_expert * stride_bse
+            if group_k > 0:
+                b_scale_ptrs = b_scale_ptrs_up + (half_cols // group_n) * stride_bsn
+                b_scale_ptrs_up += ((half_cols + N // 2) // group_n) * stride_bsn
 
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_remaining = K - k * BLOCK_SIZE_K
         a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
-        if use_int8_w8a16:
-            accumulator = tl.dot(a, b.to(compute_type), acc=accumulator)
-        elif (use_fp8_w8a8 or use_int8_w8a8) and group_k > 0:
-            # Block quantization: one scale per (token, K-group) and (N-group, K-group); a K tile
-            # never straddles two groups (BLOCK_SIZE_K divides group_k, checked by the launcher).
-            k_group = (k * BLOCK_SIZE_K) // group_k
-            a_s = tl.load(a_scale_ptrs + k_group * stride_ask, mask=token_mask, other=0.0)
-            b_s = tl.load(b_scale_ptrs + k_group * stride_bsk)
-            if use_int8_w8a8:
-                partial = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
-            else:
-                partial = tl.dot(a, b, max_num_imprecise_acc=FP8_MAX_IMPRECISE_ACC)
-            accumulator += partial * a_s[:, None] * b_s[None, :]
-        elif use_int8_w8a8:
-            accumulator = tl.dot(a, b, acc=accumulator, out_dtype=tl.int32)
-        elif use_fp8_w8a8:
-            accumulator = tl.dot(a, b, acc=accumulator, max_num_imprecise_acc=FP8_MAX_IMPRECISE_ACC)
+        if B_TMA:  # TMA fills the K tail with zeros
+            b = b_desc.load([b_row, k * BLOCK_SIZE_K]).T
         else:
-            accumulator = tl.dot(a, b, acc=accumulator, input_precision=DOT_PRECISION)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+        accumulator = _dot_step(
+            accumulator, a, b, k, a_scale_ptrs, b_scale_ptrs, token_mask, stride_ask, stride_bsk,
+            group_k, BLOCK_SIZE_K, use_fp8_w8a8, use_int8_w8a8, use_int8_w8a16, compute_type,
+            DOT_PRECISION, FP8_MAX_IMPRECISE_ACC,
+        )  # fmt: skip
+        if HALVES:
+            b_up = b_desc.load([b_row + N // 2, k * BLOCK_SIZE_K]).T
+            up_accumulator = _dot_step(
+                up_accumulator, a, b_up, k, a_scale_ptrs, b_scale_ptrs_up, token_mask,
+                stride_ask, stride_bsk, group_k, BLOCK_SIZE_K, use_fp8_w8a8, use_int8_w8a8,
+                use_int8_w8a16, compute_type, DOT_PRECISION, FP8_MAX_IMPRECISE_ACC,
+            )  # fmt: skip
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
+    if HALVES:  # column 2j: gate of output j, 2j+1: its up (SILU_PAIRS's tile)
+        accumulator = tl.reshape(tl.join(accumulator, up_accumulator), (BLOCK_SIZE_M, BLOCK_SIZE_N))
 
     # Epilogue, DESIGN §1: dequantize in fp32, then bias, then router weight, then one cast.
     acc = accumulator.to(tl.float32)
@@ -254,3 +273,46 @@ def fused_moe_kernel(
             out = out.to(compute_type).to(tl.float32)
             out = quantize_fp8(out, scale, qmax, MIN_EXP)
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _dot_step(
+    acc,
+    a,
+    b,
+    k,
+    a_scale_ptrs,
+    b_scale_ptrs,
+    token_mask,
+    stride_ask,
+    stride_bsk,
+    group_k: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    use_fp8_w8a8: tl.constexpr,
+    use_int8_w8a8: tl.constexpr,
+    use_int8_w8a16: tl.constexpr,
+    compute_type: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    FP8_MAX_IMPRECISE_ACC: tl.constexpr,
+):
+    """``acc`` plus one K tile's ``a · b`` in the quantization's arithmetic."""
+    if use_int8_w8a16:
+        acc = tl.dot(a, b.to(compute_type), acc=acc)
+    elif (use_fp8_w8a8 or use_int8_w8a8) and group_k > 0:
+        # Block quantization: one scale per (token, K-group) and (N-group, K-group); a K tile
+        # never straddles two groups (BLOCK_SIZE_K divides group_k, checked by the launcher).
+        k_group = (k * BLOCK_SIZE_K) // group_k
+        a_s = tl.load(a_scale_ptrs + k_group * stride_ask, mask=token_mask, other=0.0)
+        b_s = tl.load(b_scale_ptrs + k_group * stride_bsk)
+        if use_int8_w8a8:
+            partial = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+        else:
+            partial = tl.dot(a, b, max_num_imprecise_acc=FP8_MAX_IMPRECISE_ACC)
+        acc += partial * a_s[:, None] * b_s[None, :]
+    elif use_int8_w8a8:
+        acc = tl.dot(a, b, acc=acc, out_dtype=tl.int32)
+    elif use_fp8_w8a8:
+        acc = tl.dot(a, b, acc=acc, max_num_imprecise_acc=FP8_MAX_IMPRECISE_ACC)
+    else:
+        acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+    return acc

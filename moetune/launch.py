@@ -6,6 +6,7 @@ import moetune._interpret  # noqa: F401  (must run before triton is imported)
 
 # isort: split
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moetune.accum import fp8_max_imprecise_acc
 from moetune.activation import SWIGLU_ALPHA, SWIGLU_LIMIT
@@ -29,6 +31,10 @@ ACTIVATION_CODES = {"silu": 1, "swigluoai": 2}
 # the pairs avoid its permute across threads but have not run on a GPU yet. Changing the default
 # changes the kernel's timings: bump the version (part of a sweep journal's identity) with it.
 SILU_PAIRS = False
+# Load the weights' tiles with Hopper's TMA (a host-side tensor descriptor of B viewed as
+# [E * N, K]) where the GPU and B allow it (:func:`weights_tma`), else with pointer loads.
+# Changing the default changes the kernel's timings: bump the version with it.
+WEIGHTS_TMA = False
 META_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
 LAUNCH_KEYS = ("num_warps", "num_stages")
 _compile_only = False
@@ -89,6 +95,28 @@ def clamp_block_k(config: dict[str, Any], block_shape: tuple[int, int] | None) -
         return None
     config["BLOCK_SIZE_K"] = cap
     return old
+
+
+def weights_tma(b: torch.Tensor, block_k: int) -> bool:
+    """Whether :data:`WEIGHTS_TMA` applies to weights ``b`` ([E, N, K]): on NVIDIA GPUs of
+    compute capability 9 or more (and Triton's interpreter), for contiguous weights whose rows
+    are whole 16-byte units, as TMA needs."""
+    if not WEIGHTS_TMA:
+        return False
+    # Compile processes (compile_only) build the GPU's kernels from CPU tensors.
+    if b.device.type == "cuda" or (_compile_only and torch.cuda.is_available()):
+        device = b.device if b.device.type == "cuda" else None
+        if torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] < 9:
+            return False
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    size = b.element_size()
+    return (
+        b.is_contiguous()
+        and (b.shape[2] * size) % 16 == 0
+        and b.data_ptr() % 16 == 0
+        and block_k * size >= 16
+    )
 
 
 def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
@@ -157,6 +185,13 @@ def invoke_moe_gemm(
         launch.update({k: config[k] for k in ROCM_KEYS if k in config})
 
     dummy = c
+    b_tma = weights_tma(b, config["BLOCK_SIZE_K"])
+    b_desc = None
+    if b_tma:
+        tile_n = bn // 2 if act == ACTIVATION_CODES["silu"] else bn
+        b_desc = TensorDescriptor.from_tensor(
+            b.view(b.shape[0] * N, K), block_shape=[tile_n, config["BLOCK_SIZE_K"]]
+        )
     if _compile_only:
 
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -168,6 +203,7 @@ def invoke_moe_gemm(
     run(
         a,
         b,
+        b_desc,
         c,
         bias if bias is not None else dummy,
         a_scale if a_scale is not None else dummy,
@@ -213,10 +249,11 @@ def invoke_moe_gemm(
             fp8_max_imprecise_acc(bm, config["BLOCK_SIZE_K"]) if quant == "fp8_w8a8" else 0
         ),
         ACTIVATION=act,
-        SILU_PAIRS=SILU_PAIRS and act == ACTIVATION_CODES["silu"],
+        SILU_PAIRS=(SILU_PAIRS or b_tma) and act == ACTIVATION_CODES["silu"],
         QUANT_OUT=quant_out,
         PER_ROW_SCALE=out_scale is not None and out_scale.numel() > 1,
         MIN_EXP=fp8_min_exp(c.dtype) if quant_out else -6,
         SUM_TOPK=sum_topk,
+        B_TMA=b_tma,
         **launch,
     )
