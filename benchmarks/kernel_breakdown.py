@@ -21,7 +21,9 @@ fused, except static fp8 above ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` tokens) and `
 routing launch at decode sizes, or in its own launch) and ``auto-ts`` (``auto`` with
 ``ops.TOPK_SUM_KERNEL`` switched: the sum over top-k in moetune's Triton kernel or PyTorch's
 reduce), ``auto-pairs`` (``launch.SILU_PAIRS`` switched) and ``auto-tma`` (``launch.WEIGHTS_TMA``
-switched: the weights' tiles through TMA descriptors, with silu's pairs tile). Each variant's
+switched: the weights' tiles through TMA descriptors, with silu's pairs tile) and ``auto-bound``
+(``align.TIGHT_BOUND`` switched: the routing's padding bounded by every expert, or by those that
+can hold a slot). Each variant's
 output is checked first; ``speedup`` is the first variant's median over the second's,
 ``<variant>_vs_first`` each variant's against the first.
 
@@ -30,7 +32,7 @@ Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
        [--quants bf16,fp8_w8a8]
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
-       auto-tma]]
+       auto-tma,auto-bound]]
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import NamedTuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moetune import launch, ops
+from moetune import align, launch, ops
 from moetune.check import check_op
 from moetune.inputs import static_activation_scales, timing_input_sets
 from moetune.lookup import config_for
@@ -69,6 +71,7 @@ class Flags(NamedTuple):
     quantize_in_routing: bool  # ops.QUANTIZE_IN_ROUTING
     topk_sum_kernel: bool  # ops.TOPK_SUM_KERNEL
     weights_tma: bool = launch.WEIGHTS_TMA  # launch.WEIGHTS_TMA
+    tight_bound: bool = align.TIGHT_BOUND  # align.TIGHT_BOUND
 
 
 DEFAULTS = Flags(
@@ -79,13 +82,15 @@ DEFAULTS = Flags(
     ops.QUANTIZE_IN_ROUTING,
     ops.TOPK_SUM_KERNEL,
     launch.WEIGHTS_TMA,
+    align.TIGHT_BOUND,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
 # the routing launch (ops.QUANTIZE_IN_ROUTING) to the other setting; "auto-ts" switches the
 # sum over top-k between moetune's kernel and PyTorch's reduce (ops.TOPK_SUM_KERNEL); "auto-pairs"
-# switches launch.SILU_PAIRS and "auto-tma" the weights' TMA loads (launch.WEIGHTS_TMA, which
-# takes silu's pairs tile with it). The others
+# switches launch.SILU_PAIRS, "auto-tma" the weights' TMA loads (launch.WEIGHTS_TMA, which
+# takes silu's pairs tile with it) and "auto-bound" the routing's padding bound
+# (align.TIGHT_BOUND). The others
 # store GEMM2's slot rows, quantize the input in its own launch and sum in PyTorch, as the op
 # did before.
 VARIANTS = {
@@ -98,6 +103,7 @@ VARIANTS = {
     "auto-ts": DEFAULTS._replace(topk_sum_kernel=not ops.TOPK_SUM_KERNEL),
     "auto-pairs": DEFAULTS._replace(silu_pairs=not launch.SILU_PAIRS),
     "auto-tma": DEFAULTS._replace(weights_tma=not launch.WEIGHTS_TMA),
+    "auto-bound": DEFAULTS._replace(tight_bound=not align.TIGHT_BOUND),
 }
 
 
@@ -132,6 +138,7 @@ def _use(flags: Flags) -> None:
     ops.QUANTIZE_IN_ROUTING = flags.quantize_in_routing
     ops.TOPK_SUM_KERNEL = flags.topk_sum_kernel
     launch.WEIGHTS_TMA = flags.weights_tma
+    align.TIGHT_BOUND = flags.tight_bound
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

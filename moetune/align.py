@@ -17,10 +17,20 @@ class RoutingBlocks(NamedTuple):
     num_tokens_post_padded: torch.Tensor  # [1] int32, used length of sorted_token_ids
 
 
+# Bound the padding by the experts that can hold a slot, min(slots, experts), instead of every
+# expert: at decode most experts hold none, and every block of the bound is a program of both
+# GEMMs' grids (Qwen3-30B-A3B at M=1: 8 blocks of 16 instead of 121). A switch for the
+# measurement (results/kernels/NOTES.md §18).
+TIGHT_BOUND = True
+
+
 def max_padded_slots(num_slots: int, num_experts: int, block_m: int) -> int:
-    """Static upper bound on the padded length: each expert wastes < block_m slots."""
-    bound = num_slots + num_experts * (block_m - 1)
-    return -(-bound // block_m) * block_m
+    """Static upper bound on the padded length: each expert that holds a slot wastes fewer
+    than block_m slots, and at most ``min(num_slots, num_experts)`` experts hold one. At least
+    one block."""
+    holders = min(num_slots, num_experts) if TIGHT_BOUND else num_experts
+    bound = num_slots + holders * (block_m - 1)
+    return max(block_m, -(-bound // block_m) * block_m)
 
 
 def moe_align_block_size_torch(

@@ -26,15 +26,19 @@ from moetune.quant_kernel import fp8_min_exp
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 # The kernel's ACTIVATION codes (0: the plain GEMM).
 ACTIVATION_CODES = {"silu": 1, "swigluoai": 2}
-# silu's gate and up rows interleaved in the fused epilogue's tile (the kernel's SILU_PAIRS).
-# Off: the stacked-halves tile is the one measured on an H100 (results/kernels/NOTES.md §12);
-# the pairs avoid its permute across threads but have not run on a GPU yet. Changing the default
-# changes the kernel's timings: bump the version (part of a sweep journal's identity) with it.
+# silu's gate and up rows interleaved in the fused epilogue's tile (the kernel's SILU_PAIRS) with
+# pointer loads. Off: on an H100 the pairs were no faster than the stacked-halves tile (42
+# points: 1.261 against 1.256 time/floor, results/kernels/NOTES.md §18); TMA loads take the
+# pairs tile regardless (two half tiles into two accumulators). Changing the default changes the
+# kernel's timings: bump the version (part of a sweep journal's identity) with it.
 SILU_PAIRS = False
 # Load the weights' tiles with Hopper's TMA (a host-side tensor descriptor of B viewed as
-# [E * N, K]) where the GPU and B allow it (:func:`weights_tma`), else with pointer loads.
-# Changing the default changes the kernel's timings: bump the version with it.
-WEIGHTS_TMA = False
+# [E * N, K]) where the GPU and B allow it (:func:`weights_tma`), for tiles of at least
+# WEIGHTS_TMA_MIN_BLOCK_M rows; pointer loads otherwise. On an H100 TMA was 0-7% faster with the
+# 64- and 128-row tiles of prefill and up to 15% slower with the 16-row tiles of decode
+# (results/kernels/NOTES.md §18). Changing either changes the kernel's timings: bump the version.
+WEIGHTS_TMA = True
+WEIGHTS_TMA_MIN_BLOCK_M = 64
 META_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
 LAUNCH_KEYS = ("num_warps", "num_stages")
 _compile_only = False
@@ -97,18 +101,25 @@ def clamp_block_k(config: dict[str, Any], block_shape: tuple[int, int] | None) -
     return old
 
 
-def weights_tma(b: torch.Tensor, block_k: int) -> bool:
-    """Whether :data:`WEIGHTS_TMA` applies to weights ``b`` ([E, N, K]): on NVIDIA GPUs of
-    compute capability 9 or more (and Triton's interpreter), for contiguous weights whose rows
-    are whole 16-byte units, as TMA needs."""
-    if not WEIGHTS_TMA:
+def weights_tma(b: torch.Tensor, block_m: int, block_k: int) -> bool:
+    """Whether the kernel loads weights ``b`` ([E, N, K]) through TMA for tiles of ``block_m``
+    by ``block_k``: with :data:`WEIGHTS_TMA` on, from :data:`WEIGHTS_TMA_MIN_BLOCK_M` rows, on
+    NVIDIA GPUs of compute capability 9 or more (and Triton's interpreter), for contiguous
+    weights whose rows are whole 16-byte units, as TMA needs."""
+    if not WEIGHTS_TMA or block_m < WEIGHTS_TMA_MIN_BLOCK_M:
         return False
-    # Compile processes (compile_only) build the GPU's kernels from CPU tensors.
-    if b.device.type == "cuda" or (_compile_only and torch.cuda.is_available()):
-        device = b.device if b.device.type == "cuda" else None
-        if torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] < 9:
+    if b.device.type == "cuda":
+        if torch.version.hip is not None or torch.cuda.get_device_capability(b.device)[0] < 9:
             return False
-    elif os.environ.get("TRITON_INTERPRET") != "1":
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        pass
+    elif _compile_only:
+        # Compile processes build the GPU's kernels from CPU tensors, for the target Triton
+        # was told (moetune.precompile.pin_target) or asks the GPU for.
+        target = _compile_target()
+        if target.backend != "cuda" or int(target.arch) < 90:
+            return False
+    else:
         return False
     size = b.element_size()
     return (
@@ -117,6 +128,12 @@ def weights_tma(b: torch.Tensor, block_k: int) -> bool:
         and b.data_ptr() % 16 == 0
         and block_k * size >= 16
     )
+
+
+def _compile_target() -> Any:
+    from triton.runtime import driver
+
+    return driver.active.get_current_target()
 
 
 def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
@@ -185,7 +202,7 @@ def invoke_moe_gemm(
         launch.update({k: config[k] for k in ROCM_KEYS if k in config})
 
     dummy = c
-    b_tma = weights_tma(b, config["BLOCK_SIZE_K"])
+    b_tma = weights_tma(b, bm, config["BLOCK_SIZE_K"])
     b_desc = None
     if b_tma:
         tile_n = bn // 2 if act == ACTIVATION_CODES["silu"] else bn

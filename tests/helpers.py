@@ -116,7 +116,7 @@ def record_launches_and_warmups(monkeypatch) -> dict[str, list]:
 
     def signature(args, kwargs):
         types = tuple(str(a.dtype) if torch.is_tensor(a) else type(a).__name__ for a in args)
-        return types, kwargs, tuple(args[2].shape)
+        return types, kwargs, tuple(args[3].shape)  # c (after a, b and b_desc)
 
     class Recording:
         def warmup(self, *args, grid, **kwargs):

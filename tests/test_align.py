@@ -70,6 +70,26 @@ def test_blocks_cover_every_slot_once(M, E, topk, block_m, skew, device, align):
 
 
 @IMPLS
+@pytest.mark.parametrize(("M", "E", "topk"), [(1, 128, 8), (3, 128, 8), (4, 8, 2), (40, 8, 2)])
+def test_padding_bound_is_the_worst_case(M, E, topk, device, align):
+    """The padded length is min(slots, experts) experts' worth of padding over the slots, and
+    routing that spreads the slots over as many experts as it can fills it: the bound is tight.
+    (Qwen3-30B-A3B at M=1: 8 blocks of 16, not the 121 that padding every expert would give.)"""
+    block_m = 16
+    num_slots = M * topk
+    # slot i on expert i mod E: min(slots, E) experts hold a slot, as few slots each as can be
+    ids = (torch.arange(num_slots, device=device) % E).to(torch.int32).reshape(M, topk)
+    r = align(ids, block_m, E)
+    holders = min(num_slots, E)
+    bound = -(-(num_slots + holders * (block_m - 1)) // block_m) * block_m
+    assert r.sorted_token_ids.numel() == bound == max_padded_slots(num_slots, E, block_m)
+    per_expert = -(-num_slots // E) if num_slots > E else 1
+    assert int(r.num_tokens_post_padded) == holders * block_m * -(-per_expert // block_m)
+    if num_slots <= E:  # one slot per expert: every block of the bound is used
+        assert int(r.num_tokens_post_padded) == bound
+
+
+@IMPLS
 def test_expert_map_marks_remote_blocks(device, align):
     _, ids = random_routing(30, 4, 2, device)
     expert_map = torch.tensor([0, -1, 1, -1], device=device)

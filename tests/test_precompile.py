@@ -77,6 +77,19 @@ def test_compile_only_compiles_the_variant_the_op_launches(
     )
 
 
+def test_compile_only_compiles_the_tma_variant_the_op_launches(monkeypatch, device):
+    """64-row tiles load the weights through TMA (launch.WEIGHTS_TMA_MIN_BLOCK_M): the compile
+    processes' warmups must pass the descriptor too."""
+    seen = record_launches_and_warmups(monkeypatch)
+    case = make_case(16, 4, 32, 64, 2, torch.float16, device, bias=True)
+    config = {**CONFIG, "BLOCK_SIZE_M": 64}
+    ops.fused_experts(*case.args(), config=config, **case.kwargs)
+    with compile_only():
+        ops.fused_experts(*case.args(), config=config, **case.kwargs)
+    assert seen["warmup"] == seen["launch"]
+    assert [kw["B_TMA"] for _, kw, _ in seen["launch"]] == [True, True]
+
+
 def test_compiler_reports_first_and_gpu_compiled_candidates():
     """Reports from compile processes (simulated: no process started) reach ``ready`` and the
     timeline; a candidate reported while processes are gone is left to the sweep."""
@@ -150,6 +163,23 @@ def test_pin_target_answers_without_the_gpu_and_undoes():
     assert drv.get_current_device() == 3 and drv.get_current_stream(0) == 1234
     with pytest.raises(AssertionError, match="asked the GPU"):
         drv.get_current_target()
+
+
+def test_compile_processes_take_tma_from_the_pinned_target(monkeypatch):
+    """Outside the interpreter a compile process knows its GPU from the target it pinned
+    (Triton's driver stood in for): sm90 takes TMA for 64-row tiles, sm80 does not."""
+    drv = _Driver()
+    monkeypatch.setattr(launch, "_compile_target", lambda: drv.get_current_target())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w = torch.zeros(2, 64, 64, dtype=torch.float16)
+    for capability, tma in ((90, True), (80, False)):
+        undo = pin_target(capability, drv)
+        try:
+            with compile_only():
+                assert launch.weights_tma(w, 64, 32) == tma
+        finally:
+            undo()
+    assert not launch.weights_tma(w, 64, 32)  # CPU weights, no interpreter, not compiling
 
 
 class _LazyProxy:

@@ -24,6 +24,12 @@ MODES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _tma_on_every_tile(monkeypatch):
+    """The tests' tiles are 16 rows: TMA from there on, unless a test says otherwise."""
+    monkeypatch.setattr(launch, "WEIGHTS_TMA_MIN_BLOCK_M", 16)
+
+
 def _run(case, *, tma: bool, fuse: bool, monkeypatch) -> torch.Tensor:
     monkeypatch.setattr(launch, "WEIGHTS_TMA", tma)
     monkeypatch.setattr(ops, "FUSE_GEMM1_ACTIVATION", fuse)
@@ -70,14 +76,34 @@ def test_last_experts_tail_reads_zeros_not_poison(device, monkeypatch):
 def test_weights_tma_only_where_tma_can_load(device, monkeypatch):
     w = torch.zeros(2, 64, 72, dtype=torch.float16, device=device)
     monkeypatch.setattr(launch, "WEIGHTS_TMA", False)
-    assert not launch.weights_tma(w, 32)  # off
+    assert not launch.weights_tma(w, 64, 32)  # off
     monkeypatch.setattr(launch, "WEIGHTS_TMA", True)
-    assert launch.weights_tma(w, 32)
-    assert not launch.weights_tma(w.transpose(1, 2), 32)  # K not contiguous
+    assert launch.weights_tma(w, 64, 32)
+    assert not launch.weights_tma(w.transpose(1, 2), 64, 32)  # K not contiguous
     # rows of 70 halves: 140 bytes, not whole 16-byte units
-    assert not launch.weights_tma(torch.zeros(2, 64, 70, dtype=torch.float16, device=device), 32)
+    w70 = torch.zeros(2, 64, 70, dtype=torch.float16, device=device)
+    assert not launch.weights_tma(w70, 64, 32)
     # an 8-byte K tile (int8, BLOCK_SIZE_K 8 is below any config, but the rule is TMA's)
-    assert not launch.weights_tma(torch.zeros(2, 64, 64, dtype=torch.int8, device=device), 8)
+    assert not launch.weights_tma(torch.zeros(2, 64, 64, dtype=torch.int8, device=device), 64, 8)
+    # tiles below the row threshold (decode's) keep pointer loads
+    monkeypatch.setattr(launch, "WEIGHTS_TMA_MIN_BLOCK_M", 64)
+    assert launch.weights_tma(w, 64, 32) and not launch.weights_tma(w, 32, 32)
+
+
+def test_default_takes_tma_from_64_rows(device, monkeypatch):
+    """The op's default (the fixture aside): 16-row tiles on pointers, 64-row ones on TMA."""
+    monkeypatch.undo()
+    assert launch.WEIGHTS_TMA and launch.WEIGHTS_TMA_MIN_BLOCK_M == 64
+    case = make_case(70, 4, NOUT, K, 2, torch.float16, device, bias=True)
+    launches = record_launches(monkeypatch, run=True)
+    outs = []
+    for block_m in (16, 64):
+        with poisoned_workspace():
+            config = dict(CONFIG, BLOCK_SIZE_M=block_m)
+            outs.append(fused_experts(*case.args(), config=config, **case.kwargs))
+    assert [k["B_TMA"] for k in launches] == [False, False, True, True]
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    assert all(check_close(out, ref, dtype=torch.float16).ok for out in outs)
 
 
 def test_weights_tma_falls_back_where_tma_cannot_load(device, monkeypatch):
