@@ -5,7 +5,8 @@
 # 128/256, 3-5 stages, GROUP_SIZE_M 1/16), `verify` of the two tables it exports, then
 # `moetune bench` of the shipped (joint) table and of the split pair, in the order joint, split,
 # joint (static scales for a quant; BENCH="split joint1" for fewer), at issue 5's seven batch
-# sizes. BATCH_SIZES narrows the sweep's batch sizes (default: vLLM's 18).
+# sizes. BATCH_SIZES narrows the sweep's batch sizes (default: vLLM's 18). RESUME_FROM resumes
+# a journal (say, one whose pair choices were taken out, to decide them again).
 # Usage: bash benchmarks/gpu_split.sh   (everything in $OUT/split.tgz; the comparison printed last)
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 COLUMNS=150
@@ -18,12 +19,20 @@ for r in ${RESTRICT:-BLOCK_SIZE_K=128,256 num_stages=3,4,5 GROUP_SIZE_M=1,16}; d
   restrict+=(--restrict "$r")
 done
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$R/summary.txt"
+# RESUME_FROM: a journal (.jsonl or .jsonl.gz) the sweep resumes instead of starting afresh
+if [ -n "${RESUME_FROM:-}" ]; then
+  case "$RESUME_FROM" in *.gz) gunzip -c "$RESUME_FROM" ;; *) cat "$RESUME_FROM" ;; esac > "$R/split.jsonl"
+fi
 /usr/bin/time -f "sweep wall=%e s" timeout "${SWEEP_S:-330}" python3 -m moetune.cli sweep \
   --model "$model" --tp "$tp" "${q[@]}" --space full "${restrict[@]}" --strategy halving \
   --keep 0.05 --gemms split ${BATCH_SIZES:+--batch-sizes "$BATCH_SIZES"} \
   --journal "$R/split.jsonl" --out "$R/configs" --json \
   > "$R/sweep.json" 2> "$R/sweep.stderr.txt"
-echo "sweep rc=$? $(tail -1 "$R/sweep.stderr.txt")" | tee -a "$R/summary.txt"
+rc=$?
+echo "sweep rc=$rc $(tail -1 "$R/sweep.stderr.txt")" | tee -a "$R/summary.txt"
+if [ $rc != 0 ] && [ $rc != 124 ]; then  # refused (a journal of another GPU, ...): say why, stop
+  tail -5 "$R/sweep.stderr.txt"; (cd "$OUT" && tar czf split.tgz split && rm -rf split); exit 1
+fi
 grep "pairs:" "$R/sweep.stderr.txt" | tee -a "$R/summary.txt"
 ls "$R/configs" | tee -a "$R/summary.txt"
 timeout 90 python3 -m moetune.cli verify "$R/configs" > "$R/verify.txt" 2>&1

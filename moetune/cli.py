@@ -150,6 +150,15 @@ def sweep(
             "down GEMMs apart: also writes a _down table)."
         ),
     ] = "joint",
+    vllm_safe: Annotated[
+        bool,
+        typer.Option(
+            help="With --gemms split: the main table (vLLM runs its entry on both GEMMs) holds "
+            "the up winner only where that entry on both is at most 1% slower than the "
+            "incumbent's; elsewhere the fastest pair whose up entry is the incumbent's. "
+            "--no-vllm-safe: the fastest pair for moetune's op."
+        ),
+    ] = True,
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: start a local one).")
     ] = None,
@@ -222,7 +231,8 @@ def sweep(
         raise UsageError(f"--gemms must be joint or split, got {gemms!r}")
     act_scales = _act_scales(prob, act_scales)
     execution = dataclasses.replace(execution, strategy=strategy, keep=keep, gemms=gemms,
-                                    budget_s=budget, act_scales=act_scales)  # fmt: skip
+                                    budget_s=budget, act_scales=act_scales,
+                                    vllm_safe=vllm_safe)  # fmt: skip
     if compile_workers is None:
         compile_workers = default_compile_workers(len(execution.gpus or [0]))
     journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space, skew, gemms,

@@ -207,11 +207,10 @@ def export_configs(
     split = bool(journals) and journals[0][1].header.get("gemms") == "split"
     header, entries = _best_entries(journals, warnings, "up" if split else None)
     down = _down_entries(journals, entries, warnings) if split else None
-    for path, j in journals:  # a split sweep's pair that failed its check with nothing better
+    for path, j in journals:  # a split sweep's pair choice that kept winners with a caveat
         for r in j.records:
             if r.get("kind") == "pair-choice" and r.get("warning"):
-                warnings.append(f"{path}: M={r.get('M')}: {r['warning']}; its winners stand on "
-                                "their own checks")  # fmt: skip
+                warnings.append(f"{path}: M={r.get('M')}: {r['warning']}")
     recorded = header["device_name"]
     device_name = device_name or recorded
     if header.get("interpreter") and device_name != recorded:

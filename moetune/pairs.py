@@ -8,10 +8,18 @@ also times at each batch size, with the finalists' replays:
 
 - ``W``: the up winner with the down winner (what moetune's op runs from the two tables);
 - ``U``: the up winner on both GEMMs (what vLLM runs: it reads the main table only);
-- ``I``: the incumbent table's entry on both GEMMs, when there is one (what runs today).
+- ``I``: the incumbent table's entry on both GEMMs, when there is one (what runs today);
+- ``V``: the incumbent's entry on the up GEMM with the down winner, when there is an incumbent
+  (a pair whose main-table entry is the incumbent's: vLLM runs the same as today).
 
-If ``W`` passed and is the fastest, the winners stand. Otherwise the fastest passing pair
-replaces them once it also passes a check on fresh inputs: two ``settled`` winner records, then
+vLLM reads only the main table and runs its entry, the up winner, on both GEMMs: that is ``U``.
+On an H200 a split sweep's ``U`` was up to 18% slower than ``I`` (results/tables/h200-0.2.7-split/).
+So by default (``vllm_safe``) a pair whose up entry is the up winner (``W``, ``U``) counts only if
+``U`` passed and is at most :data:`VLLM_MARGIN` slower than ``I``; ``I`` and ``V`` always count.
+
+If ``W`` counts, passed and is the fastest, the winners stand. Otherwise the fastest passing pair
+that counts replaces them once it also passes a check on fresh inputs: two ``settled`` winner
+records, then
 a ``pair-choice`` record that commits them. Settled records count only once committed (export
 and a resumed sweep skip uncommitted ones, as a sweep killed between the appends leaves them),
 and a committed decision is never taken again. A ``W`` that failed its check with no passing
@@ -20,6 +28,7 @@ alternative is kept with a warning: the tables then hold what the per-GEMM check
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +39,9 @@ from moetune.problem import Problem
 from moetune.space import Candidate
 
 PAIR_SEED = 3 * RECHECK_SEED  # a settled pair's check on fresh inputs: other draws than rechecks
+# How much slower than the incumbent on both GEMMs the main table's entry on both (U) may be for
+# a pair with that entry to count under vllm_safe: about the spread of re-timing one op.
+VLLM_MARGIN = 0.01
 
 
 def bare(name: str) -> str:
@@ -52,22 +64,24 @@ def decided(journal: Journal, M: int) -> bool:
 def roles(
     up: dict[str, Any], down: dict[str, Any], incumbent: dict[str, Any] | None
 ) -> dict[str, tuple[str, dict[str, Any]]]:
-    """``{"W"|"U"|"I": (pair key, {"up": ..., "down": ...})}`` for the winner records ``up`` and
-    ``down`` and the ``incumbent`` entry (see the module doc; no ``I`` without one)."""
+    """``{"W"|"U"|"I"|"V": (pair key, {"up": ..., "down": ...})}`` for the winner records ``up``
+    and ``down`` and the ``incumbent`` entry (see the module doc; no ``I`` or ``V`` without
+    one)."""
     un, dn = bare(up["winner"]), bare(down["winner"])
     named = {"W": (pair_key(un, dn), {"up": up["config"], "down": down["config"]}),
              "U": (pair_key(un, un), {"up": up["config"], "down": up["config"]})}  # fmt: skip
     if incumbent is not None:
         name = config_name(incumbent)
         named["I"] = (pair_key(name, name), {"up": incumbent, "down": incumbent})
+        named["V"] = (pair_key(name, dn), {"up": incumbent, "down": down["config"]})
     return named
 
 
 def options(
     up: dict[str, Any], down: dict[str, Any], incumbent: dict[str, Any] | None
 ) -> list[tuple[str, dict[str, Any]]]:
-    """``(pair key, {"up": ..., "down": ...})`` of W, U and I (:func:`roles`), without repeats:
-    the pairs to time."""
+    """``(pair key, {"up": ..., "down": ...})`` of W, U, I and V (:func:`roles`), without
+    repeats: the pairs to time."""
     return list(dict(roles(up, down, incumbent).values()).items())
 
 
@@ -93,11 +107,13 @@ def settle(
     progress: Callable[[str], None] | None = None,
     *,
     incumbent: dict[str, Any] | None = None,
+    vllm_safe: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The (up, down) winner records at ``M`` after the pairs timed there (see the module doc):
-    only W, U and I of these winners and this ``incumbent`` count, not pairs an earlier run
-    timed for others. Unchanged when decided before (``up`` and ``down`` are then the committed
-    ones) or when ``W`` has no record yet (a sweep cut before timing it: the next run decides)."""
+    only W, U, I and V of these winners and this ``incumbent`` count, not pairs an earlier run
+    timed for others; with ``vllm_safe`` W and U only where U is safe for vLLM. Unchanged when
+    decided before (``up`` and ``down`` are then the committed ones) or when ``W`` has no record
+    yet (a sweep cut before timing it: the next run decides)."""
     if decided(journal, M):
         return up, down
     named = roles(up, down, incumbent)
@@ -113,7 +129,17 @@ def settle(
                     f"{r['timing']['median_us']:.1f} µs" for r in ranked)  # fmt: skip
     if not mine_ok:
         say += f"; the winners together: {timed[mine].get('reason', 'not ok')}"
+    penalty = _vllm_penalty(timed, named)
+    unsafe = vllm_safe and penalty is not None and penalty > VLLM_MARGIN
+    up_name = bare(up["winner"])
+    why = ""
+    if unsafe:
+        why = (" (vLLM-safe: the up winner on both GEMMs, which vLLM runs from the main table, "
+               + ("failed its check" if penalty == math.inf else f"is {penalty:.1%} slower")
+               + " against the incumbent)")  # fmt: skip
     for best in ranked:
+        if unsafe and _up_name(best) == up_name:
+            continue  # its main-table entry is the up winner: vLLM would run U
         if best["candidate"] == mine:
             break
         cu, cd = best["config"]["up"], best["config"]["down"]
@@ -134,17 +160,43 @@ def settle(
                         "kept": False})  # fmt: skip
         if progress:
             progress(f"M={M} pairs: {say}: {best['candidate'].removeprefix(PAIR_PREFIX)} "
-                     "replaces the winners")  # fmt: skip
+                     f"replaces the winners{why}")  # fmt: skip
         return new_up, new_down
     choice = {"kind": "pair-choice", "M": M, "chosen": mine, "kept": True}
     if not mine_ok:
-        choice["warning"] = "the winners' pair failed its check and no other pair passed"
+        choice["warning"] = ("the winners' pair failed its check and no other pair passed; its "
+                             "winners stand on their own checks")  # fmt: skip
+    elif unsafe:
+        choice["warning"] = ("no vLLM-safe pair passed: the main table holds the up winner, "
+                             "which vLLM runs on both GEMMs")  # fmt: skip
     journal.append(choice)
     if progress:
-        verdict = "the winners stand" if mine_ok else (
-            "WARNING: no pair passed; the winners stand on their own checks")  # fmt: skip
+        verdict = "the winners stand"
+        if not mine_ok:
+            verdict = "WARNING: no pair passed; the winners stand on their own checks"
+        elif unsafe:
+            verdict = "WARNING: no vLLM-safe pair passed; the winners stand"
         progress(f"M={M} pairs: {say}: {verdict}{_vllm_note(ranked, named)}")
     return up, down
+
+
+def _up_name(record: dict[str, Any]) -> str:
+    """The up GEMM's candidate key of a pair record."""
+    return record["candidate"].removeprefix(PAIR_PREFIX).split("|", 1)[0]
+
+
+def _vllm_penalty(
+    timed: dict[str, dict[str, Any]], named: dict[str, tuple[str, Any]]
+) -> float | None:
+    """How much slower U (the up winner on both GEMMs) timed than I (the incumbent on both), as
+    a fraction (``inf`` when U did not pass); None without an I that passed, or without U timed."""
+    i = timed.get(named["I"][0]) if "I" in named else None
+    u = timed.get(named["U"][0])
+    if i is None or i.get("status") != "ok" or u is None:
+        return None
+    if u.get("status") != "ok":
+        return math.inf
+    return u["timing"]["median_us"] / i["timing"]["median_us"] - 1
 
 
 def _vllm_note(ranked: list[dict[str, Any]], named: dict[str, tuple[str, Any]]) -> str:

@@ -86,6 +86,9 @@ class Execution:
     keep: float = 0.25
     budget_s: float | None = None  # halving: keep as many as fit this wall time (moetune.halving)
     gemms: str = "joint"  # "split": tune the up and down GEMMs apart (moetune.gemms)
+    # split: keep the main table's entry, which vLLM runs on both GEMMs, within
+    # moetune.pairs.VLLM_MARGIN of the incumbent's time (moetune.pairs).
+    vllm_safe: bool = True
 
 
 @dataclass
@@ -462,7 +465,7 @@ def _finish(
                 winners[M, "up"], winners[M, "down"] = settle(
                     problem, workload, journal, M, winners[M, "up"], winners[M, "down"],
                     (lambda msg: progress(0, 0, msg)) if progress else None,
-                    incumbent=incumbent.get(M),
+                    incumbent=incumbent.get(M), vllm_safe=execution.vllm_safe,
                 )  # fmt: skip
     results = []
     for M in batch_sizes:

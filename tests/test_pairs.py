@@ -3,7 +3,11 @@
 What is asserted, and why:
 
 - the pairs timed at a batch size are the winners together (W), the up winner on both GEMMs
-  (U) and the incumbent on both (I), each once;
+  (U), the incumbent on both (I) and the incumbent's up entry with the down winner (V), each
+  once;
+- by default (vLLM-safe) W and U count only where U, which vLLM runs from the main table, is at
+  most 1% slower than I: elsewhere the fastest of I and V replaces the winners, and with none
+  passing the winners stand with a warning export repeats;
 - the fastest pair that passes a check on fresh inputs counts: W keeps the winners; U or I
   replaces them with ``settled`` records, which export ranks above the per-GEMM winners in
   both tables, even though those show faster times (measured with the other GEMM at the
@@ -68,17 +72,21 @@ def _journal(tmp_path: Path, records: list[dict]):
     return read_journal(path)
 
 
-def _finished(tmp_path, w_us: float, u_us: float, i_us: float, w_status: str = "ok"):
-    """Per-GEMM winners at M=8 (faster on their own than any pair) and the three pairs timed."""
+def _finished(tmp_path, w_us: float, u_us: float, i_us: float, w_status: str = "ok",
+              v_us: float | None = None, u_status: str = "ok"):  # fmt: skip
+    """Per-GEMM winners at M=8 (faster on their own than any pair) and the pairs timed (V only
+    with ``v_us``)."""
+    v = [_pair(INC_K, DOWN_K, v_us, INC, DOWN)] if v_us is not None else []
     return _journal(tmp_path, [
         _final("up", UP_K, 4.0, UP), _final("down", DOWN_K, 3.0, DOWN),
         _winner("up", UP_K, 4.0, UP), _winner("down", DOWN_K, 3.0, DOWN),
-        _pair(UP_K, DOWN_K, w_us, UP, DOWN, w_status), _pair(UP_K, UP_K, u_us, UP, UP),
-        _pair(INC_K, INC_K, i_us, INC, INC),
+        _pair(UP_K, DOWN_K, w_us, UP, DOWN, w_status), _pair(UP_K, UP_K, u_us, UP, UP, u_status),
+        _pair(INC_K, INC_K, i_us, INC, INC), *v,
     ])  # fmt: skip
 
 
-def _settle(journal, monkeypatch, check_ok=lambda up, down: True, winners=None):
+def _settle(journal, monkeypatch, check_ok=lambda up, down: True, winners=None,
+            vllm_safe=True, said=None):  # fmt: skip
     """``settle`` at M=8 with a stand-in fresh check; ``winners`` (default: the journal's two
     winner records) are the (up, down) records handed in."""
     checked = []
@@ -90,15 +98,19 @@ def _settle(journal, monkeypatch, check_ok=lambda up, down: True, winners=None):
 
     monkeypatch.setattr(pairs, "recheck", fake_recheck)
     up, down = winners or [r for r in journal.records if r.get("kind") == "winner"]
-    return pairs.settle(PROBLEM, lambda: None, journal, 8, up, down, incumbent=INC), checked
+    got = pairs.settle(PROBLEM, lambda: None, journal, 8, up, down,
+                       said.append if said is not None else None, incumbent=INC,
+                       vllm_safe=vllm_safe)  # fmt: skip
+    return got, checked
 
 
-def test_options_are_the_winners_the_up_winner_and_the_incumbent_once_each():
+def test_options_are_the_winners_the_up_winner_the_incumbent_and_its_up_once_each():
     up, down = _winner("up", UP_K, 4.0, UP), _winner("down", DOWN_K, 3.0, DOWN)
     got = dict(pairs.options(up, down, INC))
     assert got == {pair_key(UP_K, DOWN_K): {"up": UP, "down": DOWN},
                    pair_key(UP_K, UP_K): {"up": UP, "down": UP},
-                   pair_key(INC_K, INC_K): {"up": INC, "down": INC}}  # fmt: skip
+                   pair_key(INC_K, INC_K): {"up": INC, "down": INC},
+                   pair_key(INC_K, DOWN_K): {"up": INC, "down": DOWN}}  # fmt: skip
     assert len(dict(pairs.options(up, down, UP))) == 2, "the incumbent is the up winner: once"
     assert len(dict(pairs.options(up, {**down, "winner": "down:" + UP_K}, None))) == 1
     assert pairs.config_name({"BLOCK_SIZE_M": 16}) == "incumbent"
@@ -115,7 +127,8 @@ def test_the_winners_stand_when_their_pair_is_fastest(tmp_path, monkeypatch):
     (tmp_path / "b").mkdir()
     j2 = _finished(tmp_path / "b", w_us=10.0, u_us=12.0, i_us=11.0)
     up2, down2 = [r for r in j2.records if r.get("kind") == "winner"]
-    got = pairs.settle(PROBLEM, lambda: None, j2, 8, up2, down2, said.append, incumbent=INC)
+    got = pairs.settle(PROBLEM, lambda: None, j2, 8, up2, down2, said.append, incumbent=INC,
+                       vllm_safe=False)  # fmt: skip
     assert got == (up2, down2)
     assert "the winners stand" in said[0] and "vLLM" in said[0] and "9.1% slower" in said[0]
     assert (up["config"], down["config"]) == (UP, DOWN) and not up.get("settled")
@@ -144,7 +157,7 @@ def test_a_faster_pair_replaces_the_winners_and_export_takes_it(tmp_path, monkey
 
 
 def test_a_pair_that_fails_its_check_is_passed_over(tmp_path, monkeypatch):
-    j = _finished(tmp_path, w_us=10.0, u_us=9.0, i_us=8.0)
+    j = _finished(tmp_path, w_us=10.0, u_us=8.05, i_us=8.0)  # U within 1% of I: vLLM-safe
     (up, down), checked = _settle(j, monkeypatch, check_ok=lambda u, d: u != INC)
     assert checked == [(INC, INC), (UP, UP)]
     assert (up["config"], down["config"]) == (UP, UP)
@@ -219,3 +232,46 @@ def test_export_warns_about_a_winners_pair_that_failed(tmp_path, monkeypatch):
     _settle(j, monkeypatch, check_ok=lambda u, d: False)
     res = export_configs([j.path], tmp_path / "out")
     assert any("M=8" in w and "failed its check" in w for w in res.warnings)
+
+
+@pytest.mark.parametrize(("v_us", "want"), [(10.5, (INC, DOWN)), (None, (INC, INC))])
+def test_vllm_safe_keeps_the_incumbents_entry_where_vllm_would_run_slower(
+    tmp_path, monkeypatch, v_us, want
+):
+    """W is the fastest, but U (the up winner on both GEMMs, what vLLM runs from the main
+    table) is 9% slower than I: the fastest pair whose up entry is the incumbent's (V, else I)
+    replaces the winners, so the main table keeps the incumbent's entry; export takes it."""
+    j = _finished(tmp_path, w_us=10.0, u_us=12.0, i_us=11.0, v_us=v_us)
+    said: list[str] = []
+    (up, down), checked = _settle(j, monkeypatch, said=said)
+    assert (up["config"], down["config"]) == want and up["settled"]
+    assert checked == [want]
+    assert "vLLM-safe" in said[0] and "9.1% slower" in said[0]
+    res = export_configs([j.path], tmp_path / "out")
+    assert res.entries == {8: INC} and res.down_entries == {8: want[1]}
+    assert not res.warnings
+
+
+def test_vllm_safe_passes_over_an_up_winner_that_failed_on_both(tmp_path, monkeypatch):
+    """U failed its check: vLLM would run an entry that fails on the down GEMM. W, though the
+    fastest, does not count; V does."""
+    j = _finished(tmp_path, w_us=10.0, u_us=9.0, i_us=12.0, v_us=11.0, u_status="rejected")
+    (up, down), _ = _settle(j, monkeypatch)
+    assert (up["config"], down["config"]) == (INC, DOWN)
+
+
+def test_vllm_safe_with_nothing_safe_passing_keeps_the_winners_and_warns(tmp_path, monkeypatch):
+    j = _finished(tmp_path, w_us=10.0, u_us=12.0, i_us=11.0, v_us=10.5)
+    said: list[str] = []
+    (up, down), checked = _settle(j, monkeypatch, check_ok=lambda u, d: u != INC, said=said)
+    assert (up["config"], down["config"]) == (UP, DOWN) and not up.get("settled")
+    assert checked == [(INC, DOWN), (INC, INC)]
+    assert "no vLLM-safe pair passed" in said[0]
+    res = export_configs([j.path], tmp_path / "out")
+    assert any("M=8" in w and "vLLM-safe" in w for w in res.warnings)
+
+
+def test_no_vllm_safe_takes_the_fastest_pair(tmp_path, monkeypatch):
+    j = _finished(tmp_path, w_us=10.0, u_us=12.0, i_us=11.0, v_us=10.5)
+    (up, down), checked = _settle(j, monkeypatch, vllm_safe=False)
+    assert (up["config"], down["config"]) == (UP, DOWN) and checked == []
