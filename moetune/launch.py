@@ -101,12 +101,14 @@ def clamp_block_k(config: dict[str, Any], block_shape: tuple[int, int] | None) -
     return old
 
 
-def weights_tma(b: torch.Tensor, block_m: int, block_k: int) -> bool:
-    """Whether the kernel loads weights ``b`` ([E, N, K]) through TMA for tiles of ``block_m``
-    by ``block_k``: with :data:`WEIGHTS_TMA` on, from :data:`WEIGHTS_TMA_MIN_BLOCK_M` rows, on
-    NVIDIA GPUs of compute capability 9 or more (and Triton's interpreter), for contiguous
-    weights whose rows are whole 16-byte units, as TMA needs."""
+def weights_tma(b: torch.Tensor, block_m: int, block_n: int, block_k: int) -> bool:
+    """Whether the kernel loads weights ``b`` ([E, N, K]) through TMA for a config's tiles:
+    with :data:`WEIGHTS_TMA` on, from :data:`WEIGHTS_TMA_MIN_BLOCK_M` rows, on NVIDIA GPUs of
+    compute capability 9 or more (and Triton's interpreter), for contiguous weights whose rows
+    are whole 16-byte units and tiles TMA can copy (at most 256 per side, K at least 16 bytes)."""
     if not WEIGHTS_TMA or block_m < WEIGHTS_TMA_MIN_BLOCK_M:
+        return False
+    if block_n > 256 or block_k > 256:
         return False
     if b.device.type == "cuda":
         if torch.version.hip is not None or torch.cuda.get_device_capability(b.device)[0] < 9:
@@ -202,7 +204,7 @@ def invoke_moe_gemm(
         launch.update({k: config[k] for k in ROCM_KEYS if k in config})
 
     dummy = c
-    b_tma = weights_tma(b, bm, config["BLOCK_SIZE_K"])
+    b_tma = weights_tma(b, bm, bn, config["BLOCK_SIZE_K"])
     b_desc = None
     if b_tma:
         tile_n = bn // 2 if act == ACTIVATION_CODES["silu"] else bn

@@ -176,10 +176,10 @@ def test_compile_processes_take_tma_from_the_pinned_target(monkeypatch):
         undo = pin_target(capability, drv)
         try:
             with compile_only():
-                assert launch.weights_tma(w, 64, 32) == tma
+                assert launch.weights_tma(w, 64, 64, 32) == tma
         finally:
             undo()
-    assert not launch.weights_tma(w, 64, 32)  # CPU weights, no interpreter, not compiling
+    assert not launch.weights_tma(w, 64, 64, 32)  # CPU weights, no interpreter, not compiling
 
 
 class _LazyProxy:

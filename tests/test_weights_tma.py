@@ -84,18 +84,21 @@ def test_last_experts_tail_reads_zeros_not_poison(device, monkeypatch):
 def test_weights_tma_only_where_tma_can_load(device, monkeypatch):
     w = torch.zeros(2, 64, 72, dtype=torch.float16, device=device)
     monkeypatch.setattr(launch, "WEIGHTS_TMA", False)
-    assert not launch.weights_tma(w, 64, 32)  # off
+    assert not launch.weights_tma(w, 64, 64, 32)  # off
     monkeypatch.setattr(launch, "WEIGHTS_TMA", True)
-    assert launch.weights_tma(w, 64, 32)
-    assert not launch.weights_tma(w.transpose(1, 2), 64, 32)  # K not contiguous
+    assert launch.weights_tma(w, 64, 64, 32)
+    assert not launch.weights_tma(w.transpose(1, 2), 64, 64, 32)  # K not contiguous
     # rows of 70 halves: 140 bytes, not whole 16-byte units
     w70 = torch.zeros(2, 64, 70, dtype=torch.float16, device=device)
-    assert not launch.weights_tma(w70, 64, 32)
+    assert not launch.weights_tma(w70, 64, 64, 32)
     # an 8-byte K tile (int8, BLOCK_SIZE_K 8 is below any config, but the rule is TMA's)
-    assert not launch.weights_tma(torch.zeros(2, 64, 64, dtype=torch.int8, device=device), 64, 8)
+    w8 = torch.zeros(2, 64, 64, dtype=torch.int8, device=device)
+    assert not launch.weights_tma(w8, 64, 64, 8)
+    # TMA copies at most 256 rows or columns a side (a restricted space may ask for 512)
+    assert not launch.weights_tma(w, 64, 512, 32) and not launch.weights_tma(w, 64, 64, 512)
     # tiles below the row threshold (decode's) keep pointer loads
     monkeypatch.setattr(launch, "WEIGHTS_TMA_MIN_BLOCK_M", 64)
-    assert launch.weights_tma(w, 64, 32) and not launch.weights_tma(w, 32, 32)
+    assert launch.weights_tma(w, 64, 64, 32) and not launch.weights_tma(w, 32, 64, 32)
 
 
 def test_default_takes_tma_from_64_rows(device, monkeypatch):
