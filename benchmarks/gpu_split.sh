@@ -20,7 +20,7 @@ for r in ${RESTRICT:-BLOCK_SIZE_K=128,256 num_stages=3,4,5 GROUP_SIZE_M=1,16}; d
 done
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$R/summary.txt"
 # RESUME_FROM: a journal (.jsonl or .jsonl.gz) the sweep resumes instead of starting afresh
-if [ -n "${RESUME_FROM:-}" ]; then
+if [ -n "${RESUME_FROM:-}" ] && [ "$RESUME_FROM" != "$R/split.jsonl" ]; then
   case "$RESUME_FROM" in *.gz) gunzip -c "$RESUME_FROM" ;; *) cat "$RESUME_FROM" ;; esac > "$R/split.jsonl"
 fi
 /usr/bin/time -f "sweep wall=%e s" timeout "${SWEEP_S:-330}" python3 -m moetune.cli sweep \

@@ -88,11 +88,10 @@ DEFAULTS = Flags(
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
 # the routing launch (ops.QUANTIZE_IN_ROUTING) to the other setting; "auto-ts" switches the
 # sum over top-k between moetune's kernel and PyTorch's reduce (ops.TOPK_SUM_KERNEL); "auto-pairs"
-# switches launch.SILU_PAIRS, "auto-tma" the weights' TMA loads (launch.WEIGHTS_TMA, which
-# takes silu's pairs tile with it) and "auto-bound" the routing's padding bound
-# (align.TIGHT_BOUND). The others
-# store GEMM2's slot rows, quantize the input in its own launch and sum in PyTorch, as the op
-# did before.
+# switches launch.SILU_PAIRS (with WEIGHTS_TMA on, only tiles below its 64 rows change),
+# "auto-tma" the weights' TMA loads (launch.WEIGHTS_TMA, which takes silu's pairs tile with
+# it) and "auto-bound" the routing's padding bound (align.TIGHT_BOUND). The others store GEMM2's
+# slot rows, quantize the input in its own launch and sum in PyTorch, as the op did before.
 VARIANTS = {
     "unfused": Flags(False, False, None, None, False, False),
     "fused": Flags(True, False, None, None, False, False),

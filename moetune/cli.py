@@ -154,9 +154,10 @@ def sweep(
         bool,
         typer.Option(
             help="With --gemms split: the main table (vLLM runs its entry on both GEMMs) holds "
-            "the up winner only where that entry on both is at most 1% slower than the "
-            "incumbent's; elsewhere the fastest pair whose up entry is the incumbent's. "
-            "--no-vllm-safe: the fastest pair for moetune's op."
+            "the up winner only where that entry on both passed and is at most 1% slower than "
+            "the incumbent's (no incumbent: only where it passed); elsewhere the fastest pair "
+            "whose up entry is the incumbent's. --no-vllm-safe: the fastest pair for "
+            "moetune's op."
         ),
     ] = True,
     ray_address: Annotated[

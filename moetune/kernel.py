@@ -17,6 +17,10 @@ cast to the compute dtype as a store would cast it, is taken back to fp32 and ad
 its token's row ``slot // k`` of an fp32 ``C`` that starts at zero; the caller casts ``C`` once.
 Those are the bits of storing ``[slots, N]`` and summing it in fp32 (as torch's sum does), up to
 the order of the fp32 additions, without that intermediate or the reduce kernel.
+
+B's tiles come through pointer loads, or with ``B_TMA`` through a TMA descriptor (Hopper's bulk
+copies; ``moetune.launch.weights_tma`` decides): silu's gate and up rows then load as two half
+tiles into two accumulators, joined into ``SILU_PAIRS``'s column pairs after the K loop.
 """
 
 from __future__ import annotations
@@ -186,15 +190,16 @@ def fused_moe_kernel(
             a_scale = tl.load(a_scale_ptr)
             b_scale = tl.load(b_scale_ptr + off_expert)
 
-    # With silu under B_TMA the gate and up halves accumulate apart: HALF columns each.
+    # With silu under B_TMA the gate and up halves accumulate apart: TILE_N columns each.
     HALVES: tl.constexpr = B_TMA and ACTIVATION == 1
     TILE_N: tl.constexpr = BLOCK_SIZE_N // 2 if HALVES else BLOCK_SIZE_N
     acc_dtype = tl.int32 if use_int8_w8a8 and group_k == 0 else tl.float32
     accumulator = tl.zeros((BLOCK_SIZE_M, TILE_N), dtype=acc_dtype)
     if B_TMA:
-        # Row of the [E * N, K] view where this tile's B rows start; past the expert's rows
-        # (N's tail) the tile reads the next expert's, or zeros past the last: those columns
-        # are masked at the store, as the pointer loads' wrapped columns are.
+        # Row of the [E * N, K] view where this tile's B rows start. A tile past its rows
+        # (N's tail) reads on into the next rows: silu's gate half into the same expert's up
+        # rows, other tiles into the next expert's, or zeros past the last: those columns are
+        # masked at the store, as the pointer loads' wrapped columns are.
         b_row = (off_expert * N).to(tl.int32) + pid_n * TILE_N
         if HALVES:
             up_accumulator = tl.zeros((BLOCK_SIZE_M, TILE_N), dtype=acc_dtype)

@@ -14,7 +14,11 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:  # host-side TMA descriptors: Triton 3.4 on
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover (older Triton: pointer loads only)
+    TensorDescriptor = None
 
 from moetune.accum import fp8_max_imprecise_acc
 from moetune.activation import SWIGLU_ALPHA, SWIGLU_LIMIT
@@ -106,7 +110,7 @@ def weights_tma(b: torch.Tensor, block_m: int, block_n: int, block_k: int) -> bo
     with :data:`WEIGHTS_TMA` on, from :data:`WEIGHTS_TMA_MIN_BLOCK_M` rows, on NVIDIA GPUs of
     compute capability 9 or more (and Triton's interpreter), for contiguous weights whose rows
     are whole 16-byte units and tiles TMA can copy (at most 256 per side, K at least 16 bytes)."""
-    if not WEIGHTS_TMA or block_m < WEIGHTS_TMA_MIN_BLOCK_M:
+    if not WEIGHTS_TMA or TensorDescriptor is None or block_m < WEIGHTS_TMA_MIN_BLOCK_M:
         return False
     if block_n > 256 or block_k > 256:
         return False

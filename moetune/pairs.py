@@ -133,10 +133,10 @@ def settle(
     unsafe = vllm_safe and penalty is not None and penalty > VLLM_MARGIN
     up_name = bare(up["winner"])
     why = ""
-    if unsafe:
+    if unsafe and ranked and _up_name(ranked[0]) == up_name:  # the rule passed over the fastest
         why = (" (vLLM-safe: the up winner on both GEMMs, which vLLM runs from the main table, "
-               + ("failed its check" if penalty == math.inf else f"is {penalty:.1%} slower")
-               + " against the incumbent)")  # fmt: skip
+               + ("failed its check)" if penalty == math.inf
+                  else f"is {penalty:.1%} slower than the incumbent)"))  # fmt: skip
     for best in ranked:
         if unsafe and _up_name(best) == up_name:
             continue  # its main-table entry is the up winner: vLLM would run U
@@ -157,12 +157,12 @@ def settle(
         journal.append(new_up)
         journal.append(new_down)
         journal.append({"kind": "pair-choice", "M": M, "chosen": best["candidate"],
-                        "kept": False})  # fmt: skip
+                        "kept": False, "vllm_safe": vllm_safe})  # fmt: skip
         if progress:
             progress(f"M={M} pairs: {say}: {best['candidate'].removeprefix(PAIR_PREFIX)} "
                      f"replaces the winners{why}")  # fmt: skip
         return new_up, new_down
-    choice = {"kind": "pair-choice", "M": M, "chosen": mine, "kept": True}
+    choice = {"kind": "pair-choice", "M": M, "chosen": mine, "kept": True, "vllm_safe": vllm_safe}
     if not mine_ok:
         choice["warning"] = ("the winners' pair failed its check and no other pair passed; its "
                              "winners stand on their own checks")  # fmt: skip
@@ -189,13 +189,14 @@ def _vllm_penalty(
     timed: dict[str, dict[str, Any]], named: dict[str, tuple[str, Any]]
 ) -> float | None:
     """How much slower U (the up winner on both GEMMs) timed than I (the incumbent on both), as
-    a fraction (``inf`` when U did not pass); None without an I that passed, or without U timed."""
+    a fraction; ``inf`` when U did not pass (with or without an I); None without U timed or
+    without an I that passed."""
     i = timed.get(named["I"][0]) if "I" in named else None
     u = timed.get(named["U"][0])
+    if u is not None and u.get("status") != "ok":
+        return math.inf  # vLLM would run an entry that fails on the down GEMM
     if i is None or i.get("status") != "ok" or u is None:
         return None
-    if u.get("status") != "ok":
-        return math.inf
     return u["timing"]["median_us"] / i["timing"]["median_us"] - 1
 
 
@@ -209,7 +210,7 @@ def _vllm_note(ranked: list[dict[str, Any]], named: dict[str, tuple[str, Any]]) 
     if u is None or i is None or u is i:
         return ""
     slower = u["timing"]["median_us"] / i["timing"]["median_us"] - 1
-    if slower <= 0.01:
+    if slower <= VLLM_MARGIN:
         return ""
     return (
         f" (vLLM, which runs the main table's entry on both GEMMs, would be {slower:.1%} "

@@ -115,7 +115,13 @@ def record_launches_and_warmups(monkeypatch) -> dict[str, list]:
     seen: dict[str, list] = {"launch": [], "warmup": []}
 
     def signature(args, kwargs):
-        types = tuple(str(a.dtype) if torch.is_tensor(a) else type(a).__name__ for a in args)
+        def kind(a):  # a TMA descriptor's tile shape selects the kernel too
+            if torch.is_tensor(a):
+                return str(a.dtype)
+            shape = getattr(a, "block_shape", None)
+            return type(a).__name__ + (str(list(shape)) if shape is not None else "")
+
+        types = tuple(kind(a) for a in args)
         return types, kwargs, tuple(args[3].shape)  # c (after a, b and b_desc)
 
     class Recording:

@@ -135,7 +135,7 @@ def test_the_winners_stand_when_their_pair_is_fastest(tmp_path, monkeypatch):
     assert checked == []
     assert pairs.pair_time(j, 8, up, down) == 10.0, "the pair's time, not either winner's own"
     assert j.records[-1] == {"kind": "pair-choice", "M": 8, "chosen": pair_key(UP_K, DOWN_K),
-                             "kept": True}  # fmt: skip
+                             "kept": True, "vllm_safe": True}  # fmt: skip
 
 
 @pytest.mark.parametrize(("u_us", "i_us", "want"), [(9.0, 12.0, (UP, UP)), (11.0, 8.0, (INC, INC))])
@@ -258,6 +258,19 @@ def test_vllm_safe_passes_over_an_up_winner_that_failed_on_both(tmp_path, monkey
     j = _finished(tmp_path, w_us=10.0, u_us=9.0, i_us=12.0, v_us=11.0, u_status="rejected")
     (up, down), _ = _settle(j, monkeypatch)
     assert (up["config"], down["config"]) == (INC, DOWN)
+
+
+def test_an_up_winner_that_failed_on_both_is_unsafe_without_an_incumbent(tmp_path, monkeypatch):
+    """No incumbent to compare with, but U failed its check: vLLM would run an entry that fails
+    on the down GEMM. Nothing safe is left (no I, no V): W stands, with a warning."""
+    j = _journal(tmp_path, [_winner("up", UP_K, 4.0, UP), _winner("down", DOWN_K, 3.0, DOWN),
+                            _pair(UP_K, DOWN_K, 10.0, UP, DOWN),
+                            _pair(UP_K, UP_K, 9.0, UP, UP, "rejected")])  # fmt: skip
+    up, down = [r for r in j.records if r.get("kind") == "winner"]
+    said: list[str] = []
+    got = pairs.settle(PROBLEM, lambda: None, j, 8, up, down, said.append, incumbent=None)
+    assert got == (up, down) and "no vLLM-safe pair passed" in said[0]
+    assert "vLLM-safe" in j.records[-1]["warning"] and j.records[-1]["vllm_safe"] is True
 
 
 def test_vllm_safe_with_nothing_safe_passing_keeps_the_winners_and_warns(tmp_path, monkeypatch):

@@ -77,6 +77,11 @@ def test_compile_only_compiles_the_variant_the_op_launches(
     )
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available()
+    and (torch.version.hip is not None or torch.cuda.get_device_capability()[0] < 9),
+    reason="this GPU has no TMA (NVIDIA sm90+)",
+)
 def test_compile_only_compiles_the_tma_variant_the_op_launches(monkeypatch, device):
     """64-row tiles load the weights through TMA (launch.WEIGHTS_TMA_MIN_BLOCK_M): the compile
     processes' warmups must pass the descriptor too."""
@@ -88,6 +93,9 @@ def test_compile_only_compiles_the_tma_variant_the_op_launches(monkeypatch, devi
         ops.fused_experts(*case.args(), config=config, **case.kwargs)
     assert seen["warmup"] == seen["launch"]
     assert [kw["B_TMA"] for _, kw, _ in seen["launch"]] == [True, True]
+    # the descriptors' tiles: silu's half tile for GEMM1, the whole tile for GEMM2
+    descs = [types[2] for types, _, _ in seen["warmup"]]
+    assert descs == ["TensorDescriptor[16, 32]", "TensorDescriptor[32, 32]"]
 
 
 def test_compiler_reports_first_and_gpu_compiled_candidates():
