@@ -18,7 +18,8 @@ mkdir -p $R/configs $R/bench $R/journals $J
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee -a $R/summary.txt
 for spec in "$@"; do
   IFS=: read -r model tp quant <<< "$spec"
-  name=$model-tp$tp-${quant:-bf16}
+  native=bf16; [[ $model == *-FP8 ]] && native=fp8block  # the -FP8 presets: 128x128 block scales
+  name=$model-tp$tp-${quant:-$native}
   q=(); [ -n "${quant:-}" ] && q=(--quant "$quant")
   /usr/bin/time -f "$name sweep wall=%e s" timeout "${SWEEP_S:-540}" python3 -m moetune.cli sweep \
     --model "$model" --tp "$tp" "${q[@]}" --space full --strategy halving --keep 0.05 --json \
@@ -39,7 +40,7 @@ for spec in "$@"; do
     done
   fi
 done
-[ "$J" = $R/journals ] || for s in "$@"; do IFS=: read -r m t q <<< "$s"; cp "$J/$m-tp$t-${q:-bf16}.jsonl" $R/journals/ 2>/dev/null; done
+[ "$J" = $R/journals ] || for s in "$@"; do IFS=: read -r m t q <<< "$s"; n=bf16; [[ $m == *-FP8 ]] && n=fp8block; cp "$J/$m-tp$t-${q:-$n}.jsonl" $R/journals/ 2>/dev/null; done
 timeout "${VERIFY_S:-200}" python3 -m moetune.cli verify $R/configs > $R/verify.txt 2>&1
 echo "verify rc=$?" | tee -a $R/summary.txt; tail -5 $R/verify.txt
 cat $R/bench/*.txt 2>/dev/null | tail -60

@@ -46,6 +46,28 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         ModelPreset("Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B", 128, 2048, 768, 8),
         ModelPreset("Qwen3-235B-A22B", "Qwen/Qwen3-235B-A22B", 128, 4096, 1536, 8),
         ModelPreset(
+            "Qwen3-30B-A3B-FP8",
+            "Qwen/Qwen3-30B-A3B-FP8",
+            128,
+            2048,
+            768,
+            8,
+            quant="fp8_w8a8",
+            block_shape=(128, 128),
+            note="Qwen's fp8 checkpoint: e4m3 weights with 128x128 block scales",
+        ),
+        ModelPreset(
+            "Qwen3-235B-A22B-FP8",
+            "Qwen/Qwen3-235B-A22B-FP8",
+            128,
+            4096,
+            1536,
+            8,
+            quant="fp8_w8a8",
+            block_shape=(128, 128),
+            note="Qwen's fp8 checkpoint: e4m3 weights with 128x128 block scales",
+        ),
+        ModelPreset(
             "DeepSeek-V3",
             "deepseek-ai/DeepSeek-V3",
             256,
@@ -96,7 +118,8 @@ def find_preset(name: str) -> ModelPreset:
     """Preset by name: case-insensitive, org prefix and checkpoint suffixes ignored.
 
     ``mistralai/Mixtral-8x7B-Instruct-v0.1`` finds ``Mixtral-8x7B``; the longest matching
-    preset name wins. Unknown names raise ValueError listing the known ones.
+    preset name wins, and a name ending in ``-FP8`` takes the matching ``-FP8`` preset where
+    there is one. Unknown names raise ValueError listing the known ones.
     """
     wanted = _norm(name)
     best: tuple[int, ModelPreset] | None = None
@@ -110,6 +133,11 @@ def find_preset(name: str) -> ModelPreset:
         raise ValueError(
             f"unknown model preset {name!r}; known presets: {', '.join(MODEL_PRESETS)}"
         )
+    # "Qwen3-30B-A3B-Instruct-2507-FP8" is the fp8 checkpoint of an instruct variant: its
+    # weights are those of the -FP8 preset, not the bf16 one its prefix names.
+    fp8 = MODEL_PRESETS.get(best[1].name + "-FP8")
+    if fp8 is not None and wanted.endswith(("-fp8", "_fp8")):
+        return fp8
     return best[1]
 
 

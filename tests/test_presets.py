@@ -18,6 +18,8 @@ FACTS = [
     ("Mixtral-8x22B", 8, 6144, 16384, 2),
     ("Qwen3-30B-A3B", 128, 2048, 768, 8),
     ("Qwen3-235B-A22B", 128, 4096, 1536, 8),
+    ("Qwen3-30B-A3B-FP8", 128, 2048, 768, 8),
+    ("Qwen3-235B-A22B-FP8", 128, 4096, 1536, 8),
     ("DeepSeek-V3", 256, 7168, 2048, 8),
     ("gpt-oss-20b", 32, 2880, 2880, 4),
     ("gpt-oss-120b", 128, 2880, 2880, 4),
@@ -28,6 +30,11 @@ FACTS = [
 @pytest.mark.parametrize(("name", "E", "K", "inter", "topk"), FACTS)
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_shard_n_is_intermediate_over_tp(name, E, K, inter, topk, tp):
+    block = MODEL_PRESETS[name].block_shape
+    if block is not None and (inter // tp) % block[0]:
+        with pytest.raises(ValueError, match="multiple of block_n"):
+            preset_problem(name, tp)
+        return
     p = preset_problem(name, tp)
     assert (p.E, p.K, p.topk, p.N) == (E, K, topk, inter // tp)
 
@@ -77,6 +84,15 @@ def test_tp_must_divide_intermediate(tp):
         preset_problem("Mixtral-8x7B", tp)
 
 
+def test_fp8_checkpoint_is_its_own_preset():
+    """Qwen's fp8 checkpoint name must not fall back to the bf16 preset by suffix."""
+    p = preset_problem("Qwen/Qwen3-30B-A3B-FP8", 2)
+    assert (p.quant, p.block_shape, p.N) == ("fp8_w8a8", (128, 128), 384)
+    assert preset_problem("Qwen3-30B-A3B", 2).quant is None
+    with pytest.raises(ValueError, match="block_n=128"):
+        preset_problem("Qwen3-30B-A3B-FP8", 4)  # 768 / 4 = 192
+
+
 def test_block_quant_shard_must_hold_whole_blocks():
     """vLLM refuses a shard whose N is not a multiple of block_n: 2048 / 32 = 64 < 128."""
     assert preset_problem("DeepSeek-V3", 16).N == 128
@@ -93,6 +109,10 @@ def test_block_quant_shard_must_hold_whole_blocks():
         ("mistralai/Mixtral-8x7B-Instruct-v0.1", "Mixtral-8x7B"),
         ("Mixtral-8x22B-v0.1", "Mixtral-8x22B"),
         ("Qwen/Qwen3-30B-A3B-Instruct-2507", "Qwen3-30B-A3B"),
+        ("Qwen/Qwen3-30B-A3B-FP8", "Qwen3-30B-A3B-FP8"),
+        ("Qwen/Qwen3-235B-A22B-Instruct-2507-FP8", "Qwen3-235B-A22B-FP8"),
+        ("Qwen/Qwen3-30B-A3B-Thinking-2507", "Qwen3-30B-A3B"),
+        ("mistralai/Mixtral-8x7B-Instruct-v0.1-FP8", "Mixtral-8x7B"),
         ("deepseek-ai/DeepSeek-R1", "DeepSeek-V3"),
         ("openai/gpt-oss-120b", "gpt-oss-120b"),
         ("allenai/OLMoE-1B-7B-0924", "OLMoE-1B-7B"),
