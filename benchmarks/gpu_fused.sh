@@ -8,7 +8,8 @@
 #      VARIANTS (default unfused, fused, auto) timed interleaved, each checked first, for
 #      the three reference problems in bf16 and fp8 (static scales) at the seven batch sizes of
 #      issue 5, with the floor;
-#      (QUANTS=fp8_w8a8: only the fp8 points);
+#      (QUANTS=fp8_w8a8: only the fp8 points; PROBLEMS=Qwen3-30B-A3B-FP8: that problem alone,
+#      in its own block fp8);
 #   3. with VERIFY=1, `moetune verify` of every shipped table (four at a time on the one GPU:
 #      numerics only), so every shipped config has compiled and passed in the fused kernel.
 # Usage: bash benchmarks/gpu_fused.sh   (everything in $OUT/fused.tgz; the table printed last)
@@ -25,7 +26,7 @@ fi
 if [ "${BREAKDOWN:-1}" = 1 ]; then
   timeout "${BREAKDOWN_S:-330}" python3 benchmarks/kernel_breakdown.py "$R/breakdown.json" --compare \
     --variants "${VARIANTS:-unfused,fused,auto}" --m "${MS:-1,8,32,128,512,2048,4096}" \
-    --quants "${QUANTS:-bf16,fp8_w8a8}" \
+    --quants "${QUANTS:-bf16,fp8_w8a8}" ${PROBLEMS:+--problems "$PROBLEMS"} \
     2>&1 | grep -v -i warn > "$R/breakdown.log"
   echo "breakdown rc=$?" | tee -a "$R/summary.txt"
 fi
@@ -47,7 +48,7 @@ except KeyError:  # cut by its timeout: the rows written as they were measured
     except KeyError:
         rows = []
 names = ["unfused", "fused", "fused-pairs", "auto", "auto-sum", "auto-rq", "auto-ts", "auto-pairs",
-         "auto-tma", "auto-bound"]
+         "auto-tma", "auto-bound", "auto-bs"]
 groups, every = {}, {}
 for r in rows:
     head = f"{r['problem'][:8]} {r['quant']:>8} M={r['M']:<5}"

@@ -32,7 +32,11 @@ Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
        [--quants bf16,fp8_w8a8]
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
-       auto-tma,auto-bound]]
+       auto-tma,auto-bound,auto-bs]]
+A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
+quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
+``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
+share an N-group, or a gathered vector).
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ from moetune.roofline import measure_ceilings, roofline
 from moetune.timing import time_op
 
 PROBLEMS = [("Mixtral-8x7B", 2), ("Qwen3-30B-A3B", 2), ("gpt-oss-120b", 1)]
+# Checkpoints with their own quantization (block fp8, dynamic activation scales): only with
+# --problems, and then in that quantization alone (--quants does not apply).
+NATIVE_PROBLEMS = [("Qwen3-30B-A3B-FP8", 2), ("Qwen3-235B-A22B-FP8", 8)]
 QUANTS = [None, "fp8_w8a8"]
 PROFILED_CALLS = 24
 
@@ -72,6 +79,7 @@ class Flags(NamedTuple):
     topk_sum_kernel: bool  # ops.TOPK_SUM_KERNEL
     weights_tma: bool = launch.WEIGHTS_TMA  # launch.WEIGHTS_TMA
     tight_bound: bool = align.TIGHT_BOUND  # align.TIGHT_BOUND
+    block_scale_per_tile: bool = launch.BLOCK_SCALE_PER_TILE  # launch.BLOCK_SCALE_PER_TILE
 
 
 DEFAULTS = Flags(
@@ -83,6 +91,7 @@ DEFAULTS = Flags(
     ops.TOPK_SUM_KERNEL,
     launch.WEIGHTS_TMA,
     align.TIGHT_BOUND,
+    launch.BLOCK_SCALE_PER_TILE,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
@@ -103,6 +112,7 @@ VARIANTS = {
     "auto-pairs": DEFAULTS._replace(silu_pairs=not launch.SILU_PAIRS),
     "auto-tma": DEFAULTS._replace(weights_tma=not launch.WEIGHTS_TMA),
     "auto-bound": DEFAULTS._replace(tight_bound=not align.TIGHT_BOUND),
+    "auto-bs": DEFAULTS._replace(block_scale_per_tile=not launch.BLOCK_SCALE_PER_TILE),
 }
 
 
@@ -138,6 +148,7 @@ def _use(flags: Flags) -> None:
     ops.TOPK_SUM_KERNEL = flags.topk_sum_kernel
     launch.WEIGHTS_TMA = flags.weights_tma
     align.TIGHT_BOUND = flags.tight_bound
+    launch.BLOCK_SCALE_PER_TILE = flags.block_scale_per_tile
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:
@@ -171,21 +182,23 @@ def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str])
 def bench_problem(name: str, tp: int, quant: str | None, ceilings, batch_sizes, sink) -> None:
     """Each batch size's row is printed and written to ``sink`` (a JSON line) as it is done."""
     problem = preset_problem(name, tp, quant=quant)
+    quant, block = problem.quant, problem.block_shape  # a native problem's own
+    label = "fp8block" if block else (quant or "bf16")
     fp8 = detect_platform().fp8_torch_dtype
     sets = timing_input_sets(problem, max(batch_sizes), "cuda", fp8_dtype=fp8)
     for M in batch_sizes:
         ins = [((x[:M], w1, w2, tw[:M], ti[:M]), kw) for (x, w1, w2, tw, ti), kw in sets]
-        if quant:
+        if quant and block is None:  # block scales are dynamic
             ins = [(a, {**k, **static_activation_scales(a, k)}) for a, k in ins]
         cfg = config_for(M, problem.E, problem.N, problem.K, problem.topk,
-                         dtype=problem.torch_dtype, quant=quant, block_shape=None)  # fmt: skip
+                         dtype=problem.torch_dtype, quant=quant, block_shape=block)  # fmt: skip
 
         def run(i: int, ins=ins, cfg=cfg) -> torch.Tensor:
             return ops.fused_experts(*ins[i][0], config=cfg, **ins[i][1])
 
         ref = Reference(*ins[0][0], **ins[0][1])
         chk = check_op(lambda: run(0), ref, dtype=problem.torch_dtype, quant=quant)
-        row = {"problem": name, "tp": tp, "quant": quant or "bf16", "M": M, "config": cfg,
+        row = {"problem": name, "tp": tp, "quant": label, "M": M, "config": cfg,
                "ok": chk.ok, "rel_err": chk.worst_row_err}  # fmt: skip
         if chk.ok:
             row["graph_us"] = time_op(run, len(ins), device="cuda", replays=20).median_us
@@ -253,10 +266,11 @@ def main(argv: list[str]) -> None:
     print(f"{torch.cuda.get_device_name()}; ceilings: {ceilings}", flush=True)
     # Rows go to OUT.jsonl as they are measured (a run cut by a timeout keeps them), then OUT.
     with open(out + "l", "w") as sink:
-        for name, tp in PROBLEMS:
+        for name, tp in PROBLEMS + NATIVE_PROBLEMS:
             if name not in names:
                 continue
-            for quant in quants:
+            native = (name, tp) in NATIVE_PROBLEMS
+            for quant in ["default"] if native else quants:
                 try:
                     bench_problem(name, tp, quant, ceilings, ms, sink)
                 except Exception as e:  # report and go on with the next problem

@@ -109,6 +109,10 @@ def fused_moe_kernel(
     # BLOCK_SIZE_K]: the gate and up halves load as two tiles into two accumulators, joined into
     # SILU_PAIRS's column pairs after the loop (the launcher sets SILU_PAIRS with it).
     B_TMA: tl.constexpr = False,
+    # Block quantization: every column of the tile (of each half, with B_TMA's silu halves) lies
+    # in one N-group of the weight scales, so each K step loads one weight scale, not a vector
+    # of BLOCK_SIZE_N gathered ones (the launcher decides, moetune.launch.block_scale_per_tile).
+    B_SCALE_PER_TILE: tl.constexpr = False,
 ):
     """Grid: ``(cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N),)``.
 
@@ -185,7 +189,13 @@ def fused_moe_kernel(
             b_scale = tl.load(b_scale_ptr + off_expert * stride_bse + offs_bn * stride_bsn)
         elif group_k > 0:
             a_scale_ptrs = a_scale_ptr + a_rows * stride_asm
-            b_scale_ptrs = b_scale_ptr + off_expert * stride_bse + (offs_bn // group_n) * stride_bsn
+            if B_SCALE_PER_TILE:  # the group of the tile's first column (HALVES: set below)
+                b_group = (pid_n * BLOCK_SIZE_N) // group_n
+                b_scale_ptrs = b_scale_ptr + off_expert * stride_bse + b_group * stride_bsn
+            else:
+                b_scale_ptrs = (
+                    b_scale_ptr + off_expert * stride_bse + (offs_bn // group_n) * stride_bsn
+                )
         else:
             a_scale = tl.load(a_scale_ptr)
             b_scale = tl.load(b_scale_ptr + off_expert)
@@ -205,7 +215,11 @@ def fused_moe_kernel(
             up_accumulator = tl.zeros((BLOCK_SIZE_M, TILE_N), dtype=acc_dtype)
             half_cols = (pid_n * TILE_N + tl.arange(0, TILE_N).to(tl.int64)) % (N // 2)
             b_scale_ptrs_up = b_scale_ptr + off_expert * stride_bse
-            if group_k > 0:
+            if group_k > 0 and B_SCALE_PER_TILE:
+                first = (pid_n * TILE_N) % (N // 2)  # the halves' first output column
+                b_scale_ptrs = b_scale_ptrs_up + (first // group_n) * stride_bsn
+                b_scale_ptrs_up += ((first + N // 2) // group_n) * stride_bsn
+            elif group_k > 0:
                 b_scale_ptrs = b_scale_ptrs_up + (half_cols // group_n) * stride_bsn
                 b_scale_ptrs_up += ((half_cols + N // 2) // group_n) * stride_bsn
 
@@ -219,7 +233,7 @@ def fused_moe_kernel(
         accumulator = _dot_step(
             accumulator, a, b, k, a_scale_ptrs, b_scale_ptrs, token_mask, stride_ask, stride_bsk,
             group_k, BLOCK_SIZE_K, use_fp8_w8a8, use_int8_w8a8, use_int8_w8a16, compute_type,
-            DOT_PRECISION, FP8_MAX_IMPRECISE_ACC,
+            DOT_PRECISION, FP8_MAX_IMPRECISE_ACC, B_SCALE_PER_TILE,
         )  # fmt: skip
         if HALVES:
             b_up = b_desc.load([b_row + N // 2, k * BLOCK_SIZE_K]).T
@@ -227,6 +241,7 @@ def fused_moe_kernel(
                 up_accumulator, a, b_up, k, a_scale_ptrs, b_scale_ptrs_up, token_mask,
                 stride_ask, stride_bsk, group_k, BLOCK_SIZE_K, use_fp8_w8a8, use_int8_w8a8,
                 use_int8_w8a16, compute_type, DOT_PRECISION, FP8_MAX_IMPRECISE_ACC,
+                B_SCALE_PER_TILE,
             )  # fmt: skip
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
@@ -299,6 +314,7 @@ def _dot_step(
     compute_type: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8_MAX_IMPRECISE_ACC: tl.constexpr,
+    B_SCALE_PER_TILE: tl.constexpr,
 ):
     """``acc`` plus one K tile's ``a · b`` in the quantization's arithmetic."""
     if use_int8_w8a16:
@@ -313,7 +329,12 @@ def _dot_step(
             partial = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
         else:
             partial = tl.dot(a, b, max_num_imprecise_acc=FP8_MAX_IMPRECISE_ACC)
-        acc += partial * a_s[:, None] * b_s[None, :]
+        # One scale per element, a_s · b_s, then one multiply-add: the same bits whether b_s
+        # is the tile's one weight scale or a vector of them.
+        if B_SCALE_PER_TILE:
+            acc += partial * (a_s * b_s)[:, None]
+        else:
+            acc += partial * (a_s[:, None] * b_s[None, :])
     elif use_int8_w8a8:
         acc = tl.dot(a, b, acc=acc, out_dtype=tl.int32)
     elif use_fp8_w8a8:

@@ -43,6 +43,10 @@ SILU_PAIRS = False
 # (results/kernels/NOTES.md §18). Changing either changes the kernel's timings: bump the version.
 WEIGHTS_TMA = True
 WEIGHTS_TMA_MIN_BLOCK_M = 64
+# Block quantization: load one weight scale per K step where the tile's columns share one
+# (block_shape's N) group, not a gathered vector of BLOCK_SIZE_N (:func:`block_scale_per_tile`).
+# Changing it changes the kernel's timings: bump the version with it.
+BLOCK_SCALE_PER_TILE = True
 META_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
 LAUNCH_KEYS = ("num_warps", "num_stages")
 _compile_only = False
@@ -134,6 +138,23 @@ def weights_tma(b: torch.Tensor, block_m: int, block_n: int, block_k: int) -> bo
         and b.data_ptr() % 16 == 0
         and block_k * size >= 16
     )
+
+
+def block_scale_per_tile(
+    block_shape: tuple[int, int] | None, activation: int, b_tma: bool, N: int, block_n: int
+) -> bool:
+    """Whether every column of a tile (of each half tile, for silu under TMA) falls in one
+    N-group of block-quantized weight scales, so the kernel loads one scale per K step. With
+    :data:`BLOCK_SCALE_PER_TILE` on, for tiles that divide the group (so they never straddle
+    two): the plain GEMM's and swigluoai's tiles are contiguous rows of B; silu's halves under
+    TMA are two contiguous runs, the up run starting ``N / 2`` rows on, so that offset must be
+    whole groups too. silu's stacked-halves or pairs tile on pointer loads spans two groups."""
+    if not BLOCK_SCALE_PER_TILE or block_shape is None:
+        return False
+    group_n = block_shape[0]
+    if activation == ACTIVATION_CODES["silu"]:
+        return b_tma and group_n % (block_n // 2) == 0 and (N // 2) % group_n == 0
+    return group_n % block_n == 0
 
 
 def _compile_target() -> Any:
@@ -278,5 +299,6 @@ def invoke_moe_gemm(
         MIN_EXP=fp8_min_exp(c.dtype) if quant_out else -6,
         SUM_TOPK=sum_topk,
         B_TMA=b_tma,
+        B_SCALE_PER_TILE=block_scale_per_tile(block_shape, act, b_tma, N, bn),
         **launch,
     )
