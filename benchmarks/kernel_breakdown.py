@@ -32,11 +32,12 @@ Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
        [--quants bf16,fp8_w8a8]
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
-       auto-tma,auto-bound,auto-bs]]
+       auto-tma,auto-bound,auto-bs,auto-gq]]
 A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
 quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
 ``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
-share an N-group, or a gathered vector).
+share an N-group, or a gathered vector); ``auto-gq`` switches ``quant_kernel.GROUP_ROWS_KERNEL``
+(the dynamic per-group activation scales from programs of many rows, or of one row and group).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from typing import NamedTuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moetune import align, launch, ops
+from moetune import align, launch, ops, quant_kernel
 from moetune.check import check_op
 from moetune.inputs import static_activation_scales, timing_input_sets
 from moetune.lookup import config_for
@@ -80,6 +81,7 @@ class Flags(NamedTuple):
     weights_tma: bool = launch.WEIGHTS_TMA  # launch.WEIGHTS_TMA
     tight_bound: bool = align.TIGHT_BOUND  # align.TIGHT_BOUND
     block_scale_per_tile: bool = launch.BLOCK_SCALE_PER_TILE  # launch.BLOCK_SCALE_PER_TILE
+    group_rows_kernel: bool = quant_kernel.GROUP_ROWS_KERNEL  # quant_kernel.GROUP_ROWS_KERNEL
 
 
 DEFAULTS = Flags(
@@ -92,6 +94,7 @@ DEFAULTS = Flags(
     launch.WEIGHTS_TMA,
     align.TIGHT_BOUND,
     launch.BLOCK_SCALE_PER_TILE,
+    quant_kernel.GROUP_ROWS_KERNEL,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
@@ -113,6 +116,7 @@ VARIANTS = {
     "auto-tma": DEFAULTS._replace(weights_tma=not launch.WEIGHTS_TMA),
     "auto-bound": DEFAULTS._replace(tight_bound=not align.TIGHT_BOUND),
     "auto-bs": DEFAULTS._replace(block_scale_per_tile=not launch.BLOCK_SCALE_PER_TILE),
+    "auto-gq": DEFAULTS._replace(group_rows_kernel=not quant_kernel.GROUP_ROWS_KERNEL),
 }
 
 
@@ -149,6 +153,7 @@ def _use(flags: Flags) -> None:
     launch.WEIGHTS_TMA = flags.weights_tma
     align.TIGHT_BOUND = flags.tight_bound
     launch.BLOCK_SCALE_PER_TILE = flags.block_scale_per_tile
+    quant_kernel.GROUP_ROWS_KERNEL = flags.group_rows_kernel
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

@@ -140,6 +140,41 @@ def _quant_group_kernel(
                  y.to(q_ptr.dtype.element_ty), mask=mask)  # fmt: skip
 
 
+@triton.jit
+def _quant_group_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, T, K, stride_x, stride_q, stride_s, qmax, min_amax,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, MIN_EXP: tl.constexpr,
+):  # fmt: skip
+    """Dynamic scale per (row, group of GROUP <= BLOCK columns), for ROWS rows of one group per
+    program: the ``[ROWS, BLOCK]`` tile is loaded once and kept in registers between its amax
+    and its quantization (a program per row and group of 128 columns, one column per thread,
+    loading it twice, was 5x off the copy's bandwidth on an H100)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    g = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    cols = g * GROUP + offs
+    mask = (rows[:, None] < T) & (cols[None, :] < K) & (offs[None, :] < GROUP)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)  # fmt: skip
+    amax = tl.max(tl.abs(x), 1)
+    nans = tl.sum((x != x).to(tl.int32), 1)
+    scale = _scale_from_amax(amax, nans > 0, min_amax, qmax)
+    tl.store(scale_ptr + rows * stride_s + g, scale, mask=rows < T)
+    y = quantize_fp8(x, scale[:, None], qmax, MIN_EXP)
+    tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :],
+             y.to(q_ptr.dtype.element_ty), mask=mask)  # fmt: skip
+
+
+# Elements one program of _quant_group_rows_kernel holds at most (ROWS = this / BLOCK rows),
+# once the grid has FILL_PROGRAMS programs. On an H100 (benchmarks/quant_group_tile.py,
+# results/kernels/h100-0.2.8-block-scale/) 2048 was the fastest of 1024-8192 at 512-32768 rows.
+GROUP_TILE = 2048
+FILL_PROGRAMS = 256
+# Dynamic per-group (and per-token, for rows of at most COLS) scales through
+# _quant_group_rows_kernel; off: a program per row and group (_quant_group_kernel). Same bits.
+GROUP_ROWS_KERNEL = True
+
+
 def quantize_activation_fast(
     x: torch.Tensor,
     qdtype: torch.dtype,
@@ -163,10 +198,21 @@ def quantize_activation_fast(
         group = group_k if group_k is not None else K
         n_groups = triton.cdiv(K, group)
         s = torch.empty((T, n_groups), dtype=torch.float32, device=x.device)
-        block = min(COLS, triton.next_power_of_2(group))
+        block = triton.next_power_of_2(group)
+        if GROUP_ROWS_KERNEL and block <= COLS:  # a group fits a program's row: several rows
+            # Rows a program: up to GROUP_TILE elements, but first enough programs to fill the
+            # GPU. Each thread quantizes its share of the tile, masked rows too: 32-row
+            # programs took 6 µs at T=1 where one row took 1.6 (H100).
+            want = triton.cdiv(T * n_groups, FILL_PROGRAMS)
+            rows = min(max(1, GROUP_TILE // block), triton.next_power_of_2(want))
+            _quant_group_rows_kernel[(triton.cdiv(T, rows), n_groups)](
+                x, q, s, T, K, x.stride(0), q.stride(0), s.stride(0), qmax, _MIN_AMAX,
+                GROUP=group, BLOCK=block, ROWS=rows, MIN_EXP=min_exp,
+            )  # fmt: skip
+            return q, s
         _quant_group_kernel[(T, n_groups)](
             x, q, s, K, x.stride(0), q.stride(0), s.stride(0), qmax, _MIN_AMAX,
-            GROUP=group, BLOCK=block, MIN_EXP=min_exp,
+            GROUP=group, BLOCK=min(COLS, block), MIN_EXP=min_exp,
         )  # fmt: skip
         return q, s
     grid = (T, triton.cdiv(K, COLS))

@@ -4,7 +4,7 @@ reference uses, for every scale mode, both e4m3 dialects and the rounding corner
 import pytest
 import torch
 
-from moetune import ops
+from moetune import ops, quant_kernel
 from moetune.quant import quantize_activation
 from moetune.quant_kernel import quantize_activation_fast
 
@@ -18,6 +18,7 @@ MODES = {
     "dynamic-tensor": {},
     "dynamic-token": {"per_token": True},
     "dynamic-group": {"group_k": 128},
+    "dynamic-group-48": {"group_k": 48},  # a group narrower than its power-of-two tile
     "static-tensor": {"scale": "tensor"},
     "static-token": {"scale": "token"},
 }
@@ -34,8 +35,13 @@ def _kw(mode: str, T: int, device: str) -> dict:
 
 @pytest.mark.parametrize("qdtype", FP8, ids=["e4m3fn", "e4m3fnuz"])
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize(("T", "K"), [(1, 64), (37, 2048), (5, 3000)])  # 3000: ragged group/chunk
-def test_same_bits_as_the_reference_quantization(qdtype, mode, T, K, device):
+# 3000: ragged group/chunk; 37 and 300 rows: the group kernel's last 4- and 16-row programs
+# are ragged
+@pytest.mark.parametrize(("T", "K"), [(1, 64), (37, 2048), (5, 3000), (70, 384), (300, 2048)])
+@pytest.mark.parametrize("rows_kernel", [True, False], ids=["rows", "row-group"])
+def test_same_bits_as_the_reference_quantization(qdtype, mode, T, K, rows_kernel, device,
+                                                 monkeypatch):  # fmt: skip
+    monkeypatch.setattr(quant_kernel, "GROUP_ROWS_KERNEL", rows_kernel)
     x = (torch.randn(T, K, device=device) * 3).to(torch.float16)
     x[0, :7] = 0.0
     kw = _kw(mode, T, device)
