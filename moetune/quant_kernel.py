@@ -167,7 +167,7 @@ def _quant_group_rows_kernel(
 
 # Elements one program of _quant_group_rows_kernel holds at most (ROWS = this / BLOCK rows),
 # once the grid has FILL_PROGRAMS programs. On an H100 (benchmarks/quant_group_tile.py,
-# results/kernels/h100-0.2.8-block-scale/) 2048 was the fastest of 1024-8192 at 512-32768 rows.
+# results/kernels/h100-0.2.8-group-quant/) 2048 was the fastest of 1024-8192 at 512-32768 rows.
 GROUP_TILE = 2048
 FILL_PROGRAMS = 256
 # Dynamic per-group (and per-token, for rows of at most COLS) scales through
