@@ -183,7 +183,7 @@ def run_sweep(
                    compile_workers, runner, incumbent or {})  # fmt: skip
         if progress:
             progress(0, 0, f"first pass done after {time.time() - t0:.1f} s")
-        _time_finalists(journal, batch_sizes, execution, progress, runner)
+        _time_finalists(journal, batch_sizes, execution, progress, runner, incumbent or {})
         runner.close()
         if progress:
             progress(0, 0, f"finalists done, workers stopped after {time.time() - t0:.1f} s")
@@ -264,7 +264,8 @@ def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, replay
                    [(k, c, M) for k, c in keyed for M in at])  # fmt: skip
         rest = [M for M in batch_sizes if M not in at]
         if execution.budget_s is not None:
-            keep, how = _budgeted(journal, keyed, at, rest, batch_sizes, runner)
+            held = sum(M in incumbent for M in batch_sizes) if execution.gemms != "split" else 0
+            keep, how = _budgeted(journal, keyed, at, rest, batch_sizes, runner, held)
         else:
             keep, how = survivors(journal, keyed, at, execution.keep), ""
         extra = incumbent_pairs(keyed, incumbent, rest, {k for k, _ in keep})
@@ -285,7 +286,7 @@ def _sweep_pairs(problem, platform, keyed, batch_sizes, journal: Journal, replay
 
 
 def _budgeted(journal: Journal, keyed, at: list[int], rest: list[int], batch_sizes,
-              runner: Runner) -> tuple[list, str]:  # fmt: skip
+              runner: Runner, held: int = 0) -> tuple[list, str]:  # fmt: skip
     """Halving's survivors under --budget. The choice depends on the time it was made at, so it
     is journaled: a resumed or repeated run goes on with the same candidates instead of a new
     choice from a fresh clock."""
@@ -294,6 +295,7 @@ def _budgeted(journal: Journal, keyed, at: list[int], rest: list[int], batch_siz
         return keep, " (--budget: as chosen before)"
     ex = runner.execution
     fixed = FINALISTS * len(batch_sizes) * len(_roles(ex.gemms)) * FINAL_COST + len(batch_sizes)
+    fixed += held * FINAL_COST  # incumbent entries that may rank below the finalists
     if ex.gemms == "split":  # the winners timed together: up to three pairs per batch size
         fixed += 3 * len(batch_sizes) * FINAL_COST
     spent = time.time() - runner.t0
@@ -369,10 +371,12 @@ def _tag_gemm(record: dict[str, Any]) -> None:
 
 
 def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progress,
-                    runner: Runner) -> None:  # fmt: skip
+                    runner: Runner,
+                    incumbent: dict[int, dict[str, Any]] | None = None) -> None:  # fmt: skip
     """Re-time the FINALISTS fastest candidates of each batch size with more replays and re-check
     them on fresh inputs, on the same workers as the sweep (recorded as ``final:<key>``, so a
-    resume skips them)."""
+    resume skips them). A joint sweep's ``incumbent`` entry at a batch size is a finalist too
+    when it passed there (:func:`finalists`)."""
     done = journal.done()
     have_winner = {(r["M"], r.get("gemm")) for r in journal.records if r.get("kind") == "winner"}
     work = []
@@ -380,7 +384,8 @@ def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progres
         for gemm in _roles(execution.gemms):
             if (M, gemm) in have_winner:
                 continue
-            for r in ranked_ok(journal, M, gemm)[:FINALISTS]:
+            held = (incumbent or {}).get(M) if gemm is None else None
+            for r in finalists(ranked_ok(journal, M, gemm), held):
                 key = f"{FINAL_PREFIX}{r['candidate']}"
                 if (key, M) not in done:
                     work.append((key, r["config"], M, FINAL_REPLAYS))
@@ -393,6 +398,20 @@ def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progres
     if work and progress:
         progress(0, 0, f"re-timing {len(work)} finalists")
     runner.run(work, on_record)
+
+
+def finalists(ranked: list[dict[str, Any]], incumbent: dict[str, Any] | None = None
+              ) -> list[dict[str, Any]]:  # fmt: skip
+    """The FINALISTS fastest of ``ranked`` (first-pass records, fastest first), and the record of
+    the ``incumbent`` config where it ranked below them. A re-tune then replaces an entry only
+    with one that beat it in the finalists' longer timing, not in the first pass's few replays:
+    re-tuning Mixtral-8x7B TP2 bf16 on an H100, the first pass put the shipped M=4096 entry 6%
+    behind a config that `moetune bench` then measured 5% slower than it, and the shipped
+    entry was not re-timed (results/tables/h100-0.2.8-mixtral-retune/)."""
+    chosen = ranked[:FINALISTS]
+    if incumbent is not None and all(r["config"] != incumbent for r in chosen):
+        chosen += [r for r in ranked[FINALISTS:] if r["config"] == incumbent][:1]
+    return chosen
 
 
 def _time_pairs(journal: Journal, batch_sizes, progress, runner: Runner, winners: dict,

@@ -250,3 +250,37 @@ def test_split_sweep_exports_both_tables_resumes_and_feeds_the_op(tmp_path, monk
     ids = torch.tensor([[0, 1], [2, 3]] * 4, dtype=torch.int32)
     fused_experts(x, w1, w2, torch.full((8, 2), 0.5), ids)
     assert launched == [main["8"], down["8"]]
+
+
+def test_incumbent_entry_is_a_finalist_where_it_ranked_below_them(tmp_path, monkeypatch):
+    """A re-tune replaces an incumbent entry only with a config that beat it in the finalists'
+    longer timing: the incumbent's config is re-timed with them wherever it passed."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "FINALISTS", 1)
+    args = ["sweep", "--E", "4", "--N", "32", "--K", "64", "--topk", "2", "--dtype", "float16",
+            "--batch-sizes", "12,16", "--space", "tiny", "--journal", "j.jsonl",
+            "--out", "t"]  # fmt: skip
+    # A first run without finalists' winners: time every candidate once, then pick the slowest
+    # passing one at M=12 as the incumbent and re-run on a fresh journal with it.
+    assert runner.invoke(app, args).exit_code == 0
+    first = [r for r in read_journal(tmp_path / "j.jsonl").records if r.get("status") == "ok"
+             and r.get("phase") != "final" and r["candidate"] != "default"]  # fmt: skip
+    at12 = sorted((r for r in first if r["M"] == 12), key=lambda r: r["timing"]["median_us"])
+    assert len(at12) >= 3
+    slow = at12[-1]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"triton_version": "3.6.0", "12": slow["config"]}))
+    result = runner.invoke(app, [*args, "--fresh", "--incumbent", str(old)])
+    assert result.exit_code == 0, result.output
+    journal = read_journal(tmp_path / "j.jsonl")
+    added = 0
+    for M in (12, 16):  # the runtime would run the M=12 entry at M=16 too (nearest key)
+        finals = {r["candidate"] for r in journal.records
+                  if r.get("phase") == "final" and r["M"] == M}  # fmt: skip
+        ranked = sweep.ranked_ok(journal, M)
+        want = {sweep.FINAL_PREFIX + r["candidate"] for r in ranked[:1]}
+        if ranked[0]["candidate"] != slow["candidate"]:  # it ranked below the one finalist
+            want.add(sweep.FINAL_PREFIX + slow["candidate"])
+            added += 1
+        assert finals == want, M
+    assert added, "the slowest config of the first run was fastest at both sizes the second time"

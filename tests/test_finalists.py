@@ -121,3 +121,14 @@ def test_a_fatal_error_in_a_recheck_retires_the_worker():
     lost = {"status": "ok", "recheck": {"ok": False, "reason": "an illegal memory access"}}
     assert is_fatal(lost)
     assert not is_fatal({"status": "ok", "recheck": {"ok": False, "reason": "relative error"}})
+
+
+def test_finalists_add_the_incumbent_only_when_it_ranked_below_them():
+    ranked = [{"candidate": f"c{i}", "config": {"BLOCK_SIZE_M": i},
+               "timing": {"median_us": 10.0 + i}} for i in range(8)]  # fmt: skip
+    n = sweep.FINALISTS
+    assert sweep.finalists(ranked) == ranked[:n]
+    assert sweep.finalists(ranked, {"BLOCK_SIZE_M": n + 2}) == [*ranked[:n], ranked[n + 2]]
+    assert sweep.finalists(ranked, {"BLOCK_SIZE_M": 0}) == ranked[:n], "already a finalist"
+    assert sweep.finalists(ranked, {"BLOCK_SIZE_M": 99}) == ranked[:n], "never passed here"
+    assert sweep.finalists([], {"BLOCK_SIZE_M": 0}) == []
