@@ -41,6 +41,10 @@ def _kw(mode: str, T: int, device: str) -> dict:
 @pytest.mark.parametrize("rows_kernel", [True, False], ids=["rows", "row-group"])
 def test_same_bits_as_the_reference_quantization(qdtype, mode, T, K, rows_kernel, device,
                                                  monkeypatch):  # fmt: skip
+    if not rows_kernel and "group_k" not in MODES[mode] and "per_token" not in MODES[mode]:
+        pytest.skip("GROUP_ROWS_KERNEL only changes dynamic per-group and per-token scales")
+    if not rows_kernel and T == 300 and device == "cpu":  # 37 rows cover its ragged programs
+        pytest.skip("one program per row and group: 300 rows take minutes in the interpreter")
     monkeypatch.setattr(quant_kernel, "GROUP_ROWS_KERNEL", rows_kernel)
     x = (torch.randn(T, K, device=device) * 3).to(torch.float16)
     x[0, :7] = 0.0
