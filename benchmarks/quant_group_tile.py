@@ -33,7 +33,7 @@ def main(out: str) -> None:
     bw = 2 * big.numel() / (copy_us * 1e-6)  # bytes/s, read + write
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s", flush=True)
     rows = []
-    default_tile = quant_kernel.GROUP_TILE
+    default_rows, default_tile = quant_kernel.GROUP_ROWS_KERNEL, quant_kernel.GROUP_TILE
     for T, K in SHAPES:
         x = torch.randn(T, K, device="cuda").to(torch.bfloat16)
         want, want_s = quantize_activation(x, FP8, group_k=128)
@@ -50,7 +50,7 @@ def main(out: str) -> None:
         rows.append(row)
         print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in row.items()), flush=True)  # fmt: skip
-    quant_kernel.GROUP_ROWS_KERNEL, quant_kernel.GROUP_TILE = True, default_tile
+    quant_kernel.GROUP_ROWS_KERNEL, quant_kernel.GROUP_TILE = default_rows, default_tile
     with open(out, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "rows": rows}, f,
                   indent=1)  # fmt: skip

@@ -371,8 +371,7 @@ def _tag_gemm(record: dict[str, Any]) -> None:
 
 
 def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progress,
-                    runner: Runner,
-                    incumbent: dict[int, dict[str, Any]] | None = None) -> None:  # fmt: skip
+                    runner: Runner, incumbent: dict[int, dict[str, Any]]) -> None:  # fmt: skip
     """Re-time the FINALISTS fastest candidates of each batch size with more replays and re-check
     them on fresh inputs, on the same workers as the sweep (recorded as ``final:<key>``, so a
     resume skips them). A joint sweep's ``incumbent`` entry at a batch size is a finalist too
@@ -384,7 +383,7 @@ def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progres
         for gemm in _roles(execution.gemms):
             if (M, gemm) in have_winner:
                 continue
-            held = (incumbent or {}).get(M) if gemm is None else None
+            held = incumbent.get(M) if gemm is None else None
             for r in finalists(ranked_ok(journal, M, gemm), held):
                 key = f"{FINAL_PREFIX}{r['candidate']}"
                 if (key, M) not in done:
