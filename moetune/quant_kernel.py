@@ -202,7 +202,7 @@ def quantize_activation_fast(
         if GROUP_ROWS_KERNEL and block <= COLS:  # a group fits a program's row: several rows
             # Rows a program: up to GROUP_TILE elements, but first enough programs to fill the
             # GPU. Each thread quantizes its share of the tile, masked rows too: 32-row
-            # programs took 6 µs at T=1 where one row took 1.6 (H100).
+            # programs were ~4x slower than one row at T=1 (H100, results/kernels/NOTES.md §19).
             want = triton.cdiv(T * n_groups, FILL_PROGRAMS)
             rows = min(max(1, GROUP_TILE // block), triton.next_power_of_2(want))
             _quant_group_rows_kernel[(triton.cdiv(T, rows), n_groups)](
