@@ -19,7 +19,7 @@ R=$OUT/fused
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$R/summary.txt"
 if [ "${PYTEST:-1}" = 1 ]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_fused_gemm1.py tests/test_op.py \
+  timeout "${PYTEST_S:-240}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_fused_gemm1.py tests/test_op.py \
     tests/test_requant.py tests/test_activation.py tests/test_accum.py} > "$R/pytest-gpu.log" 2>&1
   echo "pytest rc=$? $(tail -1 "$R/pytest-gpu.log")" | tee -a "$R/summary.txt"
 fi
@@ -48,7 +48,7 @@ except KeyError:  # cut by its timeout: the rows written as they were measured
     except KeyError:
         rows = []
 names = ["unfused", "fused", "fused-pairs", "auto", "auto-sum", "auto-rq", "auto-ts", "auto-pairs",
-         "auto-tma", "auto-bound", "auto-bs", "auto-gq"]
+         "auto-tma", "auto-bound", "auto-bs", "auto-gq", "auto-direct"]
 groups, every = {}, {}
 for r in rows:
     head = f"{r['problem'][:8]} {r['quant']:>8} M={r['M']:<5}"

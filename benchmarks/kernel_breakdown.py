@@ -32,12 +32,15 @@ Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
        [--quants bf16,fp8_w8a8]
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
-       auto-tma,auto-bound,auto-bs,auto-gq]]
+       auto-tma,auto-bound,auto-bs,auto-gq,auto-direct]]
 A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
 quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
 ``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
 share an N-group, or a gathered vector); ``auto-gq`` switches ``quant_kernel.GROUP_ROWS_KERNEL``
-(the dynamic per-group activation scales from programs of many rows, or of one row and group).
+(the dynamic per-group activation scales from programs of many rows, or of one row and group);
+``auto-direct`` switches ``ops.DIRECT_SLOTS_MAX_M`` (one token's slots straight from topk_ids,
+or the routing launch). A kernel launched more than once a call (the two GEMMs) is reported per
+launch, ``name#1`` first.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class Flags(NamedTuple):
     tight_bound: bool = align.TIGHT_BOUND  # align.TIGHT_BOUND
     block_scale_per_tile: bool = launch.BLOCK_SCALE_PER_TILE  # launch.BLOCK_SCALE_PER_TILE
     group_rows_kernel: bool = quant_kernel.GROUP_ROWS_KERNEL  # quant_kernel.GROUP_ROWS_KERNEL
+    direct_slots_max_m: int | None = ops.DIRECT_SLOTS_MAX_M  # ops.DIRECT_SLOTS_MAX_M
 
 
 DEFAULTS = Flags(
@@ -95,6 +99,7 @@ DEFAULTS = Flags(
     align.TIGHT_BOUND,
     launch.BLOCK_SCALE_PER_TILE,
     quant_kernel.GROUP_ROWS_KERNEL,
+    ops.DIRECT_SLOTS_MAX_M,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
@@ -117,6 +122,9 @@ VARIANTS = {
     "auto-bound": DEFAULTS._replace(tight_bound=not align.TIGHT_BOUND),
     "auto-bs": DEFAULTS._replace(block_scale_per_tile=not launch.BLOCK_SCALE_PER_TILE),
     "auto-gq": DEFAULTS._replace(group_rows_kernel=not quant_kernel.GROUP_ROWS_KERNEL),
+    "auto-direct": DEFAULTS._replace(
+        direct_slots_max_m=None if ops.DIRECT_SLOTS_MAX_M is not None else 1
+    ),
 }
 
 
@@ -134,13 +142,24 @@ def breakdown(run, n_sets: int) -> tuple[dict[str, float], float]:
         for i in range(PROFILED_CALLS):
             run(i % n_sets)
         torch.cuda.synchronize()
+    events = sorted(
+        (ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA),
+        key=lambda ev: ev.time_range.start,
+    )
+    # A name launched k times a call (the two GEMMs) is reported per launch: name#1 .. name#k.
+    calls_of = defaultdict(int)
+    for ev in events:
+        calls_of[_short(ev.name)] += 1
+    seen: dict[str, int] = defaultdict(int)
     per: dict[str, float] = defaultdict(float)
-    count = 0
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[_short(ev.name)] += ev.time_range.elapsed_us() / PROFILED_CALLS
-            count += 1
-    return dict(sorted(per.items(), key=lambda kv: -kv[1])), count / PROFILED_CALLS
+    for ev in events:
+        name = label = _short(ev.name)
+        k = calls_of[name] // PROFILED_CALLS
+        if k > 1 and calls_of[name] % PROFILED_CALLS == 0:
+            label = f"{name}#{seen[name] % k + 1}"
+            seen[name] += 1
+        per[label] += ev.time_range.elapsed_us() / PROFILED_CALLS
+    return dict(sorted(per.items(), key=lambda kv: -kv[1])), len(events) / PROFILED_CALLS
 
 
 def _use(flags: Flags) -> None:
@@ -154,6 +173,7 @@ def _use(flags: Flags) -> None:
     align.TIGHT_BOUND = flags.tight_bound
     launch.BLOCK_SCALE_PER_TILE = flags.block_scale_per_tile
     quant_kernel.GROUP_ROWS_KERNEL = flags.group_rows_kernel
+    ops.DIRECT_SLOTS_MAX_M = flags.direct_slots_max_m
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

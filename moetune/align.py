@@ -17,6 +17,20 @@ class RoutingBlocks(NamedTuple):
     num_tokens_post_padded: torch.Tensor  # [1] int32, used length of sorted_token_ids
 
 
+class DirectSlots(NamedTuple):
+    """Routing without blocks: each GEMM program's M-block holds one slot (row 0) and takes
+    that slot's expert from ``topk_ids`` (flat, ``[M·topk]``, any integer dtype). Needs no
+    launch. At M=1 (top-k distinct experts) these are the blocks the sorted routing makes, in
+    slot order; where slots share an expert, each of their blocks reads its weights."""
+
+    topk_ids: torch.Tensor
+
+
+def direct_slots(topk_ids: torch.Tensor) -> DirectSlots:
+    """:class:`DirectSlots` of ``topk_ids [M, topk]`` (a view where it is contiguous)."""
+    return DirectSlots(topk_ids.reshape(-1))
+
+
 # Bound the padding by the experts that can hold a slot, min(slots, experts), instead of every
 # expert: at decode most experts hold none, and every block of the bound is a program of both
 # GEMMs' grids (Qwen3-30B-A3B at M=1: 8 blocks of 16 instead of 121). A switch for the

@@ -36,9 +36,10 @@ from moetune.activation import silu_mul, swiglu_oai
 from moetune.quant_kernel import quantize_fp8
 
 
-# EM and num_valid_tokens change with the batch size: not specializing on them lets one compiled
-# kernel serve every batch size of a sweep (and of a server).
-@triton.jit(do_not_specialize=["EM", "num_valid_tokens"])
+# EM and num_valid_tokens change with the batch size, direct_slots with the routing: not
+# specializing on them lets one compiled kernel serve every batch size of a sweep (and of a
+# server).
+@triton.jit(do_not_specialize=["EM", "num_valid_tokens", "direct_slots"])
 def fused_moe_kernel(
     # Pointers
     a_ptr,  # [T_a, K]        activations: compute dtype, or fp8/int8 for w8a8
@@ -62,6 +63,11 @@ def fused_moe_kernel(
     K,
     EM,
     num_valid_tokens,
+    # 1: no routing blocks (moetune.align.DirectSlots): block b is slot b alone, its expert
+    # expert_ids_ptr[b] (the flat topk_ids); sorted_token_ids_ptr and num_tokens_post_padded_ptr
+    # are unused, EM is num_valid_tokens * BLOCK_SIZE_M. A run-time argument, so the one
+    # compiled kernel serves both routings.
+    direct_slots,
     # Strides
     stride_am,
     stride_ak,
@@ -130,12 +136,19 @@ def fused_moe_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
-    if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
-        return
-
-    offs_token_id = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
-    offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
+    if direct_slots == 0:  # noqa: SIM102 (one condition a run-time value, the other a load)
+        if pid_m * BLOCK_SIZE_M >= tl.load(num_tokens_post_padded_ptr):
+            return
+    if direct_slots != 0:
+        # One slot a block, no routing launch: row 0 holds slot pid_m, the others are padding,
+        # and the block's expert is that slot's routing id (expert_ids_ptr: the flat topk_ids).
+        rows = tl.arange(0, BLOCK_SIZE_M)
+        offs_token = tl.where(rows == 0, pid_m, num_valid_tokens).to(tl.int64)
+        off_expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    else:
+        offs_token_id = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
+        offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
+        off_expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     token_mask = offs_token < num_valid_tokens
     if ACTIVATION == 0:
         offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N).to(tl.int64)
@@ -160,7 +173,6 @@ def fused_moe_kernel(
     c_rows = offs_token // SUM_TOPK if SUM_TOPK > 0 else offs_token
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_cn[None, :] * stride_cn
 
-    off_expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if off_expert == -1:
         # The expert lives on another rank: its slots contribute zero here (as does the
         # activation of zero); under SUM_TOPK, nothing to add to c's zeros.

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover (older Triton: pointer loads only)
 
 from moetune.accum import fp8_max_imprecise_acc
 from moetune.activation import SWIGLU_ALPHA, SWIGLU_LIMIT
-from moetune.align import RoutingBlocks
+from moetune.align import DirectSlots, RoutingBlocks
 from moetune.kernel import fused_moe_kernel
 from moetune.quant import FP8_DTYPES, quant_max
 from moetune.quant_kernel import fp8_min_exp
@@ -173,7 +173,7 @@ def invoke_moe_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
     c: torch.Tensor,
-    routing: RoutingBlocks,
+    routing: RoutingBlocks | DirectSlots,
     *,
     config: dict[str, Any],
     top_k: int,
@@ -196,8 +196,10 @@ def invoke_moe_gemm(
     ``[num_slots, n]`` and receives the activation of the GEMM's output, quantized to ``c``'s fp8
     dtype with the static ``out_scale`` (``[1]``, or ``[num_slots, 1]`` contiguous) when ``c`` is
     fp8. With ``sum_topk = k`` (no activation) ``c`` is fp32 ``[num_slots / k, N]``, zeroed by
-    the caller, and each slot's cast output is added atomically to row ``slot // k``. The caller
-    has validated shapes; this checks the config and launches.
+    the caller, and each slot's cast output is added atomically to row ``slot // k``.
+    ``routing`` is the expert-sorted blocks, or :class:`moetune.align.DirectSlots` (one block a
+    slot, no routing launch). The caller has validated shapes; this checks the config and
+    launches.
     """
     validate_config(config, block_shape)
     num_slots = a.shape[0] * top_k  # not c's rows: with sum_topk c has one row per token
@@ -216,8 +218,17 @@ def invoke_moe_gemm(
                          f"out {list(c.shape)}")  # fmt: skip
     if quant_out != (out_scale is not None) or (quant_out and not act):
         raise ValueError("an fp8 output needs a fused activation and its static scale")
-    EM = routing.sorted_token_ids.numel()
     bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
+    direct = isinstance(routing, DirectSlots)
+    if direct:
+        if routing.topk_ids.numel() != num_slots:
+            raise ValueError(f"direct slots need {num_slots} routing ids, got "
+                             f"{routing.topk_ids.numel()}")  # fmt: skip
+        EM = num_slots * bm  # one block a slot
+        sorted_ids = expert_ids = used = routing.topk_ids
+    else:
+        EM = routing.sorted_token_ids.numel()
+        sorted_ids, expert_ids, used = routing
     grid = (triton.cdiv(EM, bm) * triton.cdiv(N, bn),)
     group_n, group_k = block_shape if block_shape is not None else (0, 0)
 
@@ -253,9 +264,9 @@ def invoke_moe_gemm(
         a_scale if a_scale is not None else dummy,
         b_scale if b_scale is not None else dummy,
         topk_weights if topk_weights is not None else dummy,
-        routing.sorted_token_ids,
-        routing.expert_ids,
-        routing.num_tokens_post_padded,
+        sorted_ids,
+        expert_ids,
+        used,
         out_scale if out_scale is not None else dummy,
         SWIGLU_ALPHA,
         SWIGLU_LIMIT,
@@ -264,6 +275,7 @@ def invoke_moe_gemm(
         K,
         EM,
         num_slots,
+        int(direct),
         a.stride(0),
         a.stride(1),
         b.stride(0),

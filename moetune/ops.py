@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from moetune.activation import apply_activation, apply_activation_quantized, apply_activation_torch
-from moetune.align import moe_align_block_size_torch
+from moetune.align import direct_slots, moe_align_block_size_torch
 from moetune.align_kernel import align_and_quantize, moe_align_block_size
 from moetune.launch import compiling, invoke_moe_gemm
 from moetune.problem import ACTIVATIONS
@@ -51,6 +51,11 @@ QUANTIZE_IN_ROUTING = True
 # instead of PyTorch's reduce over the middle dimension of [M, topk, K]. Changing it changes the
 # op's timings: bump the version.
 TOPK_SUM_KERNEL = True
+# Up to this many tokens (None: never) the GEMMs take one slot a block straight from topk_ids
+# (align.direct_slots) instead of the routing launch's expert-sorted blocks: at M=1 the top-k
+# experts are distinct, so the blocks are the same ones in another order, and the op makes one
+# launch fewer. Not with an expert_map. Changing it changes the op's timings: bump the version.
+DIRECT_SLOTS_MAX_M: int | None = 1
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
@@ -193,16 +198,21 @@ def fused_experts(
     if quant in ("fp8_w8a8", "int8_w8a8"):
         qdtype = w1.dtype
     group_k = block[1] if block is not None else None
+    # Compile processes take the direct path too: DIRECT_SLOTS is part of the kernel they build.
+    direct = expert_map is None and DIRECT_SLOTS_MAX_M is not None and 1 <= M <= DIRECT_SLOTS_MAX_M
     routed = None
-    if (QUANTIZE_IN_ROUTING and not compiling() and qdtype in FP8_DTYPES and a1_scale is not None
-            and not per_channel_quant and group_k is None):  # fmt: skip
+    if (QUANTIZE_IN_ROUTING and not direct and not compiling() and qdtype in FP8_DTYPES
+            and a1_scale is not None and not per_channel_quant and group_k is None):  # fmt: skip
         routed = align_and_quantize(topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts,
                                     expert_map, hidden_states, a1_scale, qdtype)  # fmt: skip
     if routed is not None:
         routing, a1 = routed
         a1s = static_scale(a1_scale, M).contiguous()
     else:
-        routing = align(topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts, expert_map)
+        if direct:
+            routing = direct_slots(topk_ids)
+        else:
+            routing = align(topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts, expert_map)
         a1, a1s = hidden_states, None
         if qdtype is not None:
             a1, a1s = quantize(
@@ -210,7 +220,7 @@ def fused_experts(
                 group_k=group_k,
             )  # fmt: skip
     routing_down = routing
-    if config_down["BLOCK_SIZE_M"] != config["BLOCK_SIZE_M"]:
+    if not direct and config_down["BLOCK_SIZE_M"] != config["BLOCK_SIZE_M"]:
         # The padding of each expert's slots follows BLOCK_SIZE_M: another M tile needs its own.
         routing_down = align(
             topk_ids, config_down["BLOCK_SIZE_M"], args.global_num_experts, expert_map

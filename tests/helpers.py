@@ -84,8 +84,9 @@ def make_case(
 
 
 def record_launches(monkeypatch, *, run: bool) -> list[dict]:
-    """The keyword arguments of every fused-MoE kernel launch, in order; the kernel still runs
-    when ``run``, else the launch is only recorded (its output stays unwritten)."""
+    """The keyword arguments of every fused-MoE kernel launch, in order, with its run-time
+    ``direct_slots`` argument; the kernel still runs when ``run``, else the launch is only
+    recorded (its output stays unwritten)."""
     from moetune import launch
 
     kernel = launch.fused_moe_kernel
@@ -94,7 +95,8 @@ def record_launches(monkeypatch, *, run: bool) -> list[dict]:
     class Recording:
         def __getitem__(self, grid):
             def launch_kernel(*args, **kwargs):
-                recorded.append(kwargs)
+                named = dict(zip(kernel.arg_names, args, strict=False))
+                recorded.append({**kwargs, "direct_slots": named["direct_slots"]})
                 return kernel[grid](*args, **kwargs) if run else None
 
             return launch_kernel

@@ -126,6 +126,8 @@ def _op(case, monkeypatch, on):
 def test_the_op_gives_the_same_bits_with_one_launch_fewer(M, topk, activation, fuse_max, device,
                                                           monkeypatch):  # fmt: skip
     monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", fuse_max)
+    # One token's slots skip the routing launch (test_direct_slots.py): route them here.
+    monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", None)
     case = _static_case(M, topk, device, activation)
     calls = _count_quantizations(monkeypatch)
     before = _op(case, monkeypatch, on=False)
@@ -177,6 +179,7 @@ def test_a_routing_quantization_with_the_wrong_scale_fails_the_check(device, mon
 @pytest.mark.parametrize("M", [1, 8, 32])
 def test_routing_quantization_bf16_gpu(M, device, monkeypatch):
     """bf16 (GPU only), top-8 as Qwen3: the same bits as the two launches, and the check."""
+    monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", None)  # M=1 routes too (test_direct_slots.py)
     case = make_case(M, 64, 192, 2048, 8, torch.bfloat16, device, quant="fp8_w8a8", bias=True)
     amax = float(case.x.float().abs().max())
     case.kwargs.update(a1_scale=torch.tensor([0.8 * amax / 448.0], device=device),

@@ -1,0 +1,74 @@
+"""The GEMM kernel compiles for Hopper (sm90) on a machine without a GPU.
+
+Triton's interpreter runs the kernel as Python, so it accepts code the compiler rejects (a
+value whose type differs between the branches of a run-time ``if``, say). Here a subprocess,
+outside the interpreter, has Triton build the op's kernels for sm90 from CPU tensors, as the
+sweep's compile processes do (``moetune.precompile.pin_target``), with a stand-in for the CUDA
+driver: one token (the direct-slot routing, int32 and int64 router ids) and sixteen, bf16 and
+fp8, pointer loads and TMA. Skipped where Triton cannot compile for CUDA here."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import sys
+import torch
+sys.path.insert(0, "tests")
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+class Stand_in:  # what Triton asks its driver before it compiles
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return TARGET
+
+
+driver.set_active(Stand_in())
+from helpers import make_case
+from moetune import launch, ops
+from moetune.launch import compile_only
+
+launch._compile_target = lambda: TARGET
+built = 0
+for block_m in (16, 64):  # 64 rows: the weights through TMA
+    config = dict(BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1,
+                  num_warps=4, num_stages=3)
+    for M, ids64 in ((1, False), (1, True), (16, False)):
+        for quant in (None, "fp8_w8a8"):
+            case = make_case(M, 8, 128, 256, 2, torch.bfloat16, "cpu", quant=quant)
+            if ids64:
+                case.topk_ids = case.topk_ids.long()
+            with compile_only():
+                ops.fused_experts(*case.args(), config=config, **case.kwargs)
+            built += 1
+print("built", built)
+"""
+
+
+def test_the_kernel_compiles_for_hopper(tmp_path):
+    try:
+        from triton.backends import backends
+    except ImportError:  # pragma: no cover
+        pytest.skip("this Triton has no backends registry")
+    if "nvidia" not in backends:
+        pytest.skip("this Triton cannot compile for CUDA")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "built 12" in done.stdout
