@@ -1,6 +1,6 @@
 """How fast one launch can read N bytes: the floor a decode GEMM launch can actually approach.
 
-At M=1 each GEMM launch of the op measured 3-6.5 µs beyond its weight bytes at the card's
+At M=1 each GEMM launch of the op measured 2.7-6.5 µs beyond its weight bytes at the card's
 bandwidth (results/kernels/NOTES.md §20). Part of that is any kernel's: CTAs start, the first
 bytes come from DRAM, the last CTA drains. This times a plain Triton read (each program sums
 CHUNK contiguous bytes, 16 per thread per load, and stores one value) of the same sizes, from
@@ -39,8 +39,12 @@ def _read_kernel(src, out, n_words, CHUNK_WORDS: tl.constexpr, BLOCK: tl.constex
     tl.store(out + pid, tl.sum(acc, 0))
 
 
+_calls = 0  # every read starts where the last one ended, across settings and sizes
+
+
 def time_read(pool: torch.Tensor, nbytes: int, chunk: int, warps: int) -> float:
     """Median profiler duration (µs) of reading ``nbytes`` from rotating offsets of ``pool``."""
+    global _calls
     words = nbytes // 4
     chunk_words = chunk // 4
     block = warps * 32 * 4  # 16 bytes a thread a load
@@ -53,12 +57,14 @@ def time_read(pool: torch.Tensor, nbytes: int, chunk: int, warps: int) -> float:
         _read_kernel[(grid,)](src, out, words, CHUNK_WORDS=chunk_words, BLOCK=block,
                               num_warps=warps)  # fmt: skip
 
-    for i in range(3):
-        run(i)
+    for _ in range(3):
+        run(_calls)
+        _calls += 1
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(CALLS):
-            run(i + 3)
+        for _ in range(CALLS):
+            run(_calls)
+            _calls += 1
         torch.cuda.synchronize()
     cuda = torch.autograd.DeviceType.CUDA
     times = [ev.time_range.elapsed_us() for ev in prof.events()

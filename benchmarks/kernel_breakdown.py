@@ -158,6 +158,8 @@ def breakdown(run, n_sets: int) -> tuple[dict[str, float], float]:
         if k > 1 and calls_of[name] % PROFILED_CALLS == 0:
             label = f"{name}#{seen[name] % k + 1}"
             seen[name] += 1
+        elif k > 1:  # launches not a whole number a call: their sum, under the plain name
+            label = f"{name} (all launches)"
         per[label] += ev.time_range.elapsed_us() / PROFILED_CALLS
     return dict(sorted(per.items(), key=lambda kv: -kv[1])), len(events) / PROFILED_CALLS
 

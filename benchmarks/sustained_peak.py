@@ -10,8 +10,9 @@ at whatever clock the cap allows. This measures both, on the same card, in one p
 3. the op (a preset at one batch size, the config the runtime looks up), checked against the
    float64 reference, then replayed from a CUDA graph for ``--seconds``, in the same chunks.
 
-Each chunk's TFLOP/s sits beside the SM clock and board power ``nvidia-smi`` logged during it,
-so the last second of each run shows the steady state. The op's sustained TFLOP/s over the
+Each chunk's TFLOP/s sits beside the SM clock and board power ``nvidia-smi`` logged during it
+(power is the driver's running average, so it lags), and the last second of each run shows
+the steady state. The op's sustained TFLOP/s over the
 GEMM's sustained TFLOP/s is how far the kernel is from the tensor cores at the clock both ran at.
 
 Usage: python benchmarks/sustained_peak.py OUT.json [--model Mixtral-8x7B --tp 2 --m 4096]
@@ -44,9 +45,10 @@ def _clock_log() -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _samples(log: subprocess.Popen, started: float) -> list[tuple[float, float, float]]:
-    """(unix time, SM MHz, W) per nvidia-smi line. Its timestamps are local time of unknown
-    zone: they are shifted so the first sample falls when the log was started."""
+def _samples(log: subprocess.Popen) -> list[tuple[float, float, float]]:
+    """(unix time, SM MHz, W) per nvidia-smi line: its timestamps are local time, as
+    ``time.mktime`` reads them. ``power.draw`` is the driver's average over its own window
+    (one second on recent H100 drivers), so it lags the clock."""
     log.terminate()
     out = []
     for line in log.communicate()[0].splitlines():
@@ -56,21 +58,19 @@ def _samples(log: subprocess.Popen, started: float) -> list[tuple[float, float, 
         stamp = time.mktime(time.strptime(parts[0].split(".")[0], "%Y/%m/%d %H:%M:%S"))
         frac = float("0." + parts[0].split(".")[1]) if "." in parts[0] else 0.0
         out.append((stamp + frac, float(parts[1]), float(parts[2])))
-    if out:
-        shift = started - out[0][0]
-        out = [(t + shift, mhz, w) for t, mhz, w in out]
     return out
 
 
 def sustained(fn, flops: float, seconds: float, chunk: int) -> list[dict]:
-    """Run ``fn`` back to back for ``seconds``; per chunk of ``chunk`` calls: wall-clock end,
-    µs per call (CUDA events) and TFLOP/s."""
+    """Run ``fn`` back to back for ``seconds``; per chunk of ``chunk`` calls: wall-clock start
+    and end, µs per call (CUDA events) and TFLOP/s."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     rows = []
     t_end = time.time() + seconds
     while time.time() < t_end:
+        t0 = time.time()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(chunk):
@@ -78,20 +78,17 @@ def sustained(fn, flops: float, seconds: float, chunk: int) -> list[dict]:
         end.record()
         end.synchronize()
         us = start.elapsed_time(end) * 1e3 / chunk
-        rows.append({"t": time.time(), "us": us, "tflops": flops / us / 1e6})
+        rows.append({"t0": t0, "t": time.time(), "us": us, "tflops": flops / us / 1e6})
     return rows
 
 
 def _attach_clocks(rows: list[dict], samples: list[tuple[float, float, float]]) -> None:
-    prev = rows[0]["t"] - 0.2 if rows else 0.0
     for r in rows:
-        inside = [s for s in samples if prev <= s[0] <= r["t"]]
+        inside = [s for s in samples if r["t0"] <= s[0] <= r["t"]]
         if not inside and samples:  # a chunk shorter than the log's period: the nearest sample
             inside = [min(samples, key=lambda s: abs(s[0] - r["t"]))]
-        near = inside
-        r["sm_mhz"] = statistics.median(s[1] for s in near) if near else None
-        r["power_w"] = statistics.median(s[2] for s in near) if near else None
-        prev = r["t"]
+        r["sm_mhz"] = statistics.median(s[1] for s in inside) if inside else None
+        r["power_w"] = statistics.median(s[2] for s in inside) if inside else None
 
 
 def _summary(name: str, rows: list[dict]) -> dict:
@@ -133,9 +130,9 @@ def main() -> None:
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     z = torch.empty_like(x)
-    log, started = _clock_log(), time.time()
+    log = _clock_log()
     gemm = sustained(lambda: torch.mm(x, y, out=z), 2.0 * n**3, a.seconds, a.chunk)
-    _attach_clocks(gemm, _samples(log, started))
+    _attach_clocks(gemm, _samples(log))
     time.sleep(5)
 
     problem = preset_problem(a.model, a.tp)
@@ -156,9 +153,9 @@ def main() -> None:
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
         fused_experts(*args, **kw)
-    log, started = _clock_log(), time.time()
+    log = _clock_log()
     op = sustained(graph.replay, moe_flops(problem, a.m), a.seconds, a.chunk)
-    _attach_clocks(op, _samples(log, started))
+    _attach_clocks(op, _samples(log))
 
     results = [_summary("bf16 GEMM 8192^3", gemm),
                _summary(f"op {problem.describe()} M={a.m}", op)]  # fmt: skip

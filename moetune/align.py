@@ -19,16 +19,18 @@ class RoutingBlocks(NamedTuple):
 
 class DirectSlots(NamedTuple):
     """Routing without blocks: each GEMM program's M-block holds one slot (row 0) and takes
-    that slot's expert from ``topk_ids`` (flat, ``[M·topk]``, any integer dtype). Needs no
-    launch. At M=1 (top-k distinct experts) these are the blocks the sorted routing makes, in
-    slot order; where slots share an expert, each of their blocks reads its weights."""
+    that slot's expert from ``topk_ids`` (flat ``[M·topk]`` int32). Needs no launch. At M=1
+    (top-k distinct experts) these are the blocks the sorted routing makes, in slot order;
+    where slots share an expert, each of their blocks reads its weights."""
 
     topk_ids: torch.Tensor
 
 
 def direct_slots(topk_ids: torch.Tensor) -> DirectSlots:
-    """:class:`DirectSlots` of ``topk_ids [M, topk]`` (a view where it is contiguous)."""
-    return DirectSlots(topk_ids.reshape(-1))
+    """:class:`DirectSlots` of ``topk_ids [M, topk]``: a view where they are contiguous int32
+    (the router's ids, vLLM's too). Other integer ids are cast to int32, one small launch, so
+    the GEMMs run the kernel the routed path compiled, not a variant for 64-bit pointers."""
+    return DirectSlots(topk_ids.reshape(-1).to(torch.int32))
 
 
 # Bound the padding by the experts that can hold a slot, min(slots, experts), instead of every

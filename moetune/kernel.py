@@ -64,9 +64,9 @@ def fused_moe_kernel(
     EM,
     num_valid_tokens,
     # 1: no routing blocks (moetune.align.DirectSlots): block b is slot b alone, its expert
-    # expert_ids_ptr[b] (the flat topk_ids); sorted_token_ids_ptr and num_tokens_post_padded_ptr
-    # are unused, EM is num_valid_tokens * BLOCK_SIZE_M. A run-time argument, so the one
-    # compiled kernel serves both routings.
+    # expert_ids_ptr[b] (the flat int32 topk_ids); sorted_token_ids_ptr and
+    # num_tokens_post_padded_ptr are unused, EM is num_valid_tokens * BLOCK_SIZE_M. A run-time
+    # argument (not specialized), so one compiled kernel serves both routings.
     direct_slots,
     # Strides
     stride_am,

@@ -44,8 +44,10 @@ SUM_TOPK_IN_GEMM2_MIN_M: int | None = None
 # fp8_w8a8 with one static per-tensor input scale, at decode sizes (the routing's one-program
 # path, align_kernel.ONE_PROGRAM_SLOTS slots): the input's quantization runs in the routing's
 # launch (align_kernel.align_and_quantize), the same bits with one launch fewer. 1.7-3.5 µs
-# faster at every such point on an H100 and an H200, e.g. Qwen3-30B-A3B M=1 24.9 -> 22.9 µs on
-# the H100 (results/kernels/NOTES.md §16). Changing it changes the op's timings: bump the version.
+# faster at every such point on an H100 and an H200, e.g. Qwen3-30B-A3B M=32 109.7 -> 107.8 µs
+# on the H100 (results/kernels/NOTES.md §16). Not where DIRECT_SLOTS_MAX_M skips the routing
+# launch (M=1): the input's quantization runs in its own launch there. Changing it changes the
+# op's timings: bump the version.
 QUANTIZE_IN_ROUTING = True
 # The sum over top-k in moetune's own Triton kernel (topk_sum.py: fp32 in slot order, one cast)
 # instead of PyTorch's reduce over the middle dimension of [M, topk, K]. Changing it changes the
@@ -53,8 +55,11 @@ QUANTIZE_IN_ROUTING = True
 TOPK_SUM_KERNEL = True
 # Up to this many tokens (None: never) the GEMMs take one slot a block straight from topk_ids
 # (align.direct_slots) instead of the routing launch's expert-sorted blocks: at M=1 the top-k
-# experts are distinct, so the blocks are the same ones in another order, and the op makes one
-# launch fewer. Not with an expert_map. Changing it changes the op's timings: bump the version.
+# experts are distinct, so the blocks are the same ones in another order, and the routing launch
+# goes (with a static fp8 input scale, whose quantization rode in it, the quantization keeps a
+# launch of its own). Not with an expert_map. 2-3.5 µs faster at M=1 in bf16 and block fp8 on
+# an H100, 0.5-0.9 µs with static fp8 (results/kernels/NOTES.md §20). Changing it changes the
+# op's timings: bump the version.
 DIRECT_SLOTS_MAX_M: int | None = 1
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
@@ -198,7 +203,8 @@ def fused_experts(
     if quant in ("fp8_w8a8", "int8_w8a8"):
         qdtype = w1.dtype
     group_k = block[1] if block is not None else None
-    # Compile processes take the direct path too: DIRECT_SLOTS is part of the kernel they build.
+    # direct_slots is a run-time argument of the GEMM kernel: compile processes, which build at
+    # 16 tokens, build the kernel this path launches too (int32 ids, see align.direct_slots).
     direct = expert_map is None and DIRECT_SLOTS_MAX_M is not None and 1 <= M <= DIRECT_SLOTS_MAX_M
     routed = None
     if (QUANTIZE_IN_ROUTING and not direct and not compiling() and qdtype in FP8_DTYPES

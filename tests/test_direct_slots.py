@@ -134,8 +134,9 @@ def test_a_down_config_of_other_rows_needs_no_second_routing(device, monkeypatch
 
 
 def test_compile_processes_build_the_kernel_one_token_launches(device, monkeypatch):
-    """direct_slots is a run-time argument: compile processes (which warm up at 16 tokens)
-    build the kernel the op launches at M=1, with the same constexprs and argument types."""
+    """Compile processes warm up at 16 tokens; the op at M=1 launches with the same constexprs
+    and argument types. (That direct_slots is not specialized on, so the two share one compiled
+    kernel, is checked by compiling for sm90 in test_hopper_compile.py.)"""
     from helpers import record_launches_and_warmups
 
     from moetune.launch import compile_only
@@ -173,3 +174,23 @@ def test_direct_slots_bf16_gpu(mode, block_m, device, monkeypatch):
     assert torch.equal(direct_out, sorted_out)
     ref = fused_experts_reference(*case.args(), **case.kwargs)
     assert check_close(direct_out, ref, dtype=torch.bfloat16, quant=quant).ok
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+@pytest.mark.parametrize("sum_in_gemm2", [False, True], ids=["store", "sum-in-gemm2"])
+@pytest.mark.parametrize("block_m", [16, 64], ids=["pointers", "tma"])
+def test_several_tokens_and_grouped_tiles(topk, sum_in_gemm2, block_m, device, monkeypatch):
+    """Past M=1 (a limit of 4 here) the token rows differ from the slots (slot // topk), tiles
+    are grouped (GROUP_SIZE_M=4), GEMM2 may sum over top-k, and 64-row tiles load the weights
+    through TMA: the routed output's bits still, and the check."""
+    case = make_case(3, 8, 64, 96, topk, torch.float16, device, bias=True, exact_dots=True)
+    config = {**CONFIG, "BLOCK_SIZE_M": block_m, "GROUP_SIZE_M": 4}
+    monkeypatch.setattr(ops, "SUM_TOPK_IN_GEMM2_MIN_M", 1 if sum_in_gemm2 else None)
+    launches = record_launches(monkeypatch, run=True)
+    routed = _run(case, config, limit=None, monkeypatch=monkeypatch)
+    direct = _run(case, config, limit=4, monkeypatch=monkeypatch)
+    assert [kw["direct_slots"] for kw in launches] == [0, 0, 1, 1]
+    assert not torch.isnan(direct).any()
+    assert torch.equal(direct, routed)
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    assert check_close(direct, ref, dtype=torch.float16).ok

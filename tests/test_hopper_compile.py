@@ -5,7 +5,8 @@ value whose type differs between the branches of a run-time ``if``, say). Here a
 outside the interpreter, has Triton build the op's kernels for sm90 from CPU tensors, as the
 sweep's compile processes do (``moetune.precompile.pin_target``), with a stand-in for the CUDA
 driver: one token (the direct-slot routing, int32 and int64 router ids) and sixteen, bf16 and
-fp8, pointer loads and TMA. Skipped where Triton cannot compile for CUDA here."""
+fp8, pointer loads and TMA, which must share their compiled kernels. Skipped where Triton cannot
+compile for CUDA here."""
 
 import os
 import subprocess
@@ -55,7 +56,10 @@ for block_m in (16, 64):  # 64 rows: the weights through TMA
             with compile_only():
                 ops.fused_experts(*case.args(), config=config, **case.kwargs)
             built += 1
-print("built", built)
+import os
+from pathlib import Path
+kernels = len(list(Path(os.environ["TRITON_CACHE_DIR"]).glob("*/fused_moe_kernel.json")))
+print("built", built, "kernels", kernels)
 """
 
 
@@ -71,4 +75,6 @@ def test_the_kernel_compiles_for_hopper(tmp_path):
     done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "built 12" in done.stdout
+    # 12 op calls, 8 kernels: GEMM1 and GEMM2 for each tile and quantization. One token (the
+    # direct routing, int32 or int64 ids) runs the kernels sixteen tokens compiled.
+    assert "built 12 kernels 8" in done.stdout, done.stdout
