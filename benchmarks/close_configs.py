@@ -20,9 +20,9 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import time
 
+import smi_log
 import torch
 
 from moetune.check import check_op
@@ -72,11 +72,7 @@ def main() -> None:
         if not check.ok:
             raise SystemExit(f"Error: {name} fails its check: {check.reason}")
         runs[name] = run
-    log = subprocess.Popen(
-        ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu",
-         "--format=csv,noheader,nounits", "-lms", "200"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    log = smi_log.start(period_ms=200)
     order = list(runs)
     times: dict[str, list[float]] = {n: [] for n in order}
     t0 = time.time()
@@ -85,10 +81,9 @@ def main() -> None:
             t = time_op(runs[name], len(sets), device="cuda", replays=a.replays)
             times[name].append(t.median_us)
     wall = time.time() - t0
-    log.terminate()
-    samples = [line.split(", ") for line in log.communicate()[0].splitlines()]
-    clocks = [float(s[1]) for s in samples if len(s) == 4]
-    power = [float(s[2]) for s in samples if len(s) == 4]
+    samples = smi_log.samples(log)
+    clocks = [mhz for _, mhz, _ in samples]
+    power = [w for _, _, w in samples]
     base = times[order[0]]
     rows = []
     for name in order:

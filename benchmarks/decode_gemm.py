@@ -20,13 +20,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_breakdown import breakdown
+from kernel_breakdown import breakdown  # beside this script
 
 from moetune import ops
 from moetune.check import check_op

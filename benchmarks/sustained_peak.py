@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 
+import smi_log
 import torch
 
 from moetune.check import check_op
@@ -35,30 +35,6 @@ from moetune.ops import fused_experts
 from moetune.presets import preset_problem
 from moetune.reference import Reference
 from moetune.roofline import MATMUL_SIZE, measure_ceilings, moe_flops
-
-
-def _clock_log() -> subprocess.Popen:
-    return subprocess.Popen(
-        ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw",
-         "--format=csv,noheader,nounits", "-lms", "100"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def _samples(log: subprocess.Popen) -> list[tuple[float, float, float]]:
-    """(unix time, SM MHz, W) per nvidia-smi line: its timestamps are local time, as
-    ``time.mktime`` reads them. ``power.draw`` is the driver's average over its own window
-    (one second on recent H100 drivers), so it lags the clock."""
-    log.terminate()
-    out = []
-    for line in log.communicate()[0].splitlines():
-        parts = line.split(", ")
-        if len(parts) != 3:
-            continue
-        stamp = time.mktime(time.strptime(parts[0].split(".")[0], "%Y/%m/%d %H:%M:%S"))
-        frac = float("0." + parts[0].split(".")[1]) if "." in parts[0] else 0.0
-        out.append((stamp + frac, float(parts[1]), float(parts[2])))
-    return out
 
 
 def sustained(fn, flops: float, seconds: float, chunk: int) -> list[dict]:
@@ -130,9 +106,9 @@ def main() -> None:
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     z = torch.empty_like(x)
-    log = _clock_log()
+    log = smi_log.start()
     gemm = sustained(lambda: torch.mm(x, y, out=z), 2.0 * n**3, a.seconds, a.chunk)
-    _attach_clocks(gemm, _samples(log))
+    _attach_clocks(gemm, smi_log.samples(log))
     time.sleep(5)
 
     problem = preset_problem(a.model, a.tp)
@@ -153,9 +129,9 @@ def main() -> None:
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
         fused_experts(*args, **kw)
-    log = _clock_log()
+    log = smi_log.start()
     op = sustained(graph.replay, moe_flops(problem, a.m), a.seconds, a.chunk)
-    _attach_clocks(op, _samples(log))
+    _attach_clocks(op, smi_log.samples(log))
 
     results = [_summary("bf16 GEMM 8192^3", gemm),
                _summary(f"op {problem.describe()} M={a.m}", op)]  # fmt: skip

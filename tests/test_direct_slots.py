@@ -40,21 +40,29 @@ def _run(case, config, *, limit, monkeypatch):
         return fused_experts(*case.args(), config=config, **case.kwargs)
 
 
+def _direct_matches_routed(case, config, *, limit, dtype, quant=None, monkeypatch):
+    """The op routed, then with direct slots up to ``limit`` tokens: the GEMMs took each path
+    (their direct_slots argument), and the direct output is the routed one's bits, NaN-free,
+    and passes the float64 reference."""
+    launches = record_launches(monkeypatch, run=True)
+    routed = _run(case, config, limit=None, monkeypatch=monkeypatch)
+    direct = _run(case, config, limit=limit, monkeypatch=monkeypatch)
+    assert [kw["direct_slots"] for kw in launches] == [0, 0, 1, 1]
+    assert not torch.isnan(direct).any()
+    assert torch.equal(direct, routed)
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    result = check_close(direct, ref, dtype=dtype, quant=quant)
+    assert result.ok, result
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("activation", ["silu", "swigluoai"])
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "steps"])
 def test_direct_slots_give_the_sorted_routings_bits(mode, activation, fuse, device, monkeypatch):
     case, quant = _case(mode, 1, activation, device)
     monkeypatch.setattr(ops, "FUSE_GEMM1_ACTIVATION", fuse)
-    launches = record_launches(monkeypatch, run=True)
-    sorted_out = _run(case, CONFIG, limit=None, monkeypatch=monkeypatch)
-    direct_out = _run(case, CONFIG, limit=1, monkeypatch=monkeypatch)
-    assert [kw["direct_slots"] for kw in launches] == [0, 0, 1, 1]
-    assert not torch.isnan(direct_out).any()
-    assert torch.equal(direct_out, sorted_out)
-    ref = fused_experts_reference(*case.args(), **case.kwargs)
-    result = check_close(direct_out, ref, dtype=torch.float16, quant=quant)
-    assert result.ok, result
+    _direct_matches_routed(case, CONFIG, limit=1, dtype=torch.float16, quant=quant,
+                           monkeypatch=monkeypatch)  # fmt: skip
 
 
 def _refuse(*args, **kwargs):
@@ -167,13 +175,8 @@ def test_direct_slots_bf16_gpu(mode, block_m, device, monkeypatch):
         case.kwargs.update(static_activation_scales(case.args(), case.kwargs))
     config = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128,
               "GROUP_SIZE_M": 1}  # fmt: skip
-    launches = record_launches(monkeypatch, run=True)
-    sorted_out = _run(case, config, limit=None, monkeypatch=monkeypatch)
-    direct_out = _run(case, config, limit=1, monkeypatch=monkeypatch)
-    assert [kw["direct_slots"] for kw in launches] == [0, 0, 1, 1]
-    assert torch.equal(direct_out, sorted_out)
-    ref = fused_experts_reference(*case.args(), **case.kwargs)
-    assert check_close(direct_out, ref, dtype=torch.bfloat16, quant=quant).ok
+    _direct_matches_routed(case, config, limit=1, dtype=torch.bfloat16, quant=quant,
+                           monkeypatch=monkeypatch)  # fmt: skip
 
 
 @pytest.mark.parametrize("topk", [1, 2])
@@ -186,11 +189,4 @@ def test_several_tokens_and_grouped_tiles(topk, sum_in_gemm2, block_m, device, m
     case = make_case(3, 8, 64, 96, topk, torch.float16, device, bias=True, exact_dots=True)
     config = {**CONFIG, "BLOCK_SIZE_M": block_m, "GROUP_SIZE_M": 4}
     monkeypatch.setattr(ops, "SUM_TOPK_IN_GEMM2_MIN_M", 1 if sum_in_gemm2 else None)
-    launches = record_launches(monkeypatch, run=True)
-    routed = _run(case, config, limit=None, monkeypatch=monkeypatch)
-    direct = _run(case, config, limit=4, monkeypatch=monkeypatch)
-    assert [kw["direct_slots"] for kw in launches] == [0, 0, 1, 1]
-    assert not torch.isnan(direct).any()
-    assert torch.equal(direct, routed)
-    ref = fused_experts_reference(*case.args(), **case.kwargs)
-    assert check_close(direct, ref, dtype=torch.float16).ok
+    _direct_matches_routed(case, config, limit=4, dtype=torch.float16, monkeypatch=monkeypatch)
