@@ -32,15 +32,18 @@ Each row is also appended to ``OUT.jsonl`` as soon as it is measured.
 Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--problems a,b]
        [--quants bf16,fp8_w8a8]
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
-       auto-tma,auto-bound,auto-bs,auto-gq,auto-direct]]
+       auto-tma,auto-bound,auto-bs,auto-gq,auto-direct,
+       auto-pdl,auto-pdl-early,auto-pdl-late]]
 A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
 quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
 ``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
 share an N-group, or a gathered vector); ``auto-gq`` switches ``quant_kernel.GROUP_ROWS_KERNEL``
 (the dynamic per-group activation scales from programs of many rows, or of one row and group);
 ``auto-direct`` switches ``ops.DIRECT_SLOTS_MAX_M`` (one token's slots straight from topk_ids,
-or the routing launch). A kernel launched more than once a call (the two GEMMs) is reported per
-launch, ``name#1`` first.
+or the routing launch); ``auto-pdl`` switches ``launch.PDL`` (GEMM2 and
+the sum over top-k as programmatic dependent launches; ``auto-pdl-early`` and ``auto-pdl-late``
+with GEMM1's trigger at its programs' start or after their K loop). A kernel launched more than
+once a call (the two GEMMs) is reported per launch, ``name#1`` first.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ class Flags(NamedTuple):
     block_scale_per_tile: bool = launch.BLOCK_SCALE_PER_TILE  # launch.BLOCK_SCALE_PER_TILE
     group_rows_kernel: bool = quant_kernel.GROUP_ROWS_KERNEL  # quant_kernel.GROUP_ROWS_KERNEL
     direct_slots_max_m: int | None = ops.DIRECT_SLOTS_MAX_M  # ops.DIRECT_SLOTS_MAX_M
+    pdl: bool = launch.PDL  # launch.PDL
+    pdl_trigger: str = launch.PDL_TRIGGER  # launch.PDL_TRIGGER
 
 
 DEFAULTS = Flags(
@@ -100,6 +105,8 @@ DEFAULTS = Flags(
     launch.BLOCK_SCALE_PER_TILE,
     quant_kernel.GROUP_ROWS_KERNEL,
     ops.DIRECT_SLOTS_MAX_M,
+    launch.PDL,
+    launch.PDL_TRIGGER,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
@@ -125,6 +132,9 @@ VARIANTS = {
     "auto-direct": DEFAULTS._replace(
         direct_slots_max_m=None if ops.DIRECT_SLOTS_MAX_M is not None else 1
     ),
+    "auto-pdl": DEFAULTS._replace(pdl=not launch.PDL),
+    "auto-pdl-early": DEFAULTS._replace(pdl=True, pdl_trigger="early"),
+    "auto-pdl-late": DEFAULTS._replace(pdl=True, pdl_trigger="late"),
 }
 
 
@@ -176,6 +186,8 @@ def _use(flags: Flags) -> None:
     launch.BLOCK_SCALE_PER_TILE = flags.block_scale_per_tile
     quant_kernel.GROUP_ROWS_KERNEL = flags.group_rows_kernel
     ops.DIRECT_SLOTS_MAX_M = flags.direct_slots_max_m
+    launch.PDL = flags.pdl
+    launch.PDL_TRIGGER = flags.pdl_trigger
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

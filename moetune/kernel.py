@@ -119,6 +119,8 @@ def fused_moe_kernel(
     # in one N-group of the weight scales, so each K step loads one weight scale, not a vector
     # of BLOCK_SIZE_N gathered ones (the launcher decides, moetune.launch.block_scale_per_tile).
     B_SCALE_PER_TILE: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,  # launched as a programmatic dependent (launch.PDL)
+    PDL_LATE_TRIGGER: tl.constexpr = False,  # dependents may launch after the K loop, not before
 ):
     """Grid: ``(cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N),)``.
 
@@ -135,6 +137,10 @@ def fused_moe_kernel(
     group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
+    if USE_PDL:  # (let the next launch start, then) wait for the previous one's memory
+        if not PDL_LATE_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
     if direct_slots == 0:  # noqa: SIM102 (one condition a run-time value, the other a load)
         if pid_m * BLOCK_SIZE_M >= tl.load(num_tokens_post_padded_ptr):
@@ -257,6 +263,8 @@ def fused_moe_kernel(
             )  # fmt: skip
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
+    if USE_PDL and PDL_LATE_TRIGGER:  # the next launch may start once every program is here
+        tl.extra.cuda.gdc_launch_dependents()
     if HALVES:  # column 2j: gate of output j, 2j+1: its up (SILU_PAIRS's tile)
         accumulator = tl.reshape(tl.join(accumulator, up_accumulator), (BLOCK_SIZE_M, BLOCK_SIZE_N))
 

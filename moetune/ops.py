@@ -263,8 +263,11 @@ def fused_experts(
     seen = _CAPTURE.get()
     if seen is not None and a2s is not None:
         seen.append((a2, a2s))
+    # GEMM2 follows a kernel of the op's own (GEMM1 or the activation): with launch.PDL it may
+    # start while that one finishes.
     gemm2 = dict(config=config_down, top_k=1, a_scale=a2s, b_scale=w2_scale, bias=w2_bias,
-                 topk_weights=topk_weights.reshape(-1).float(), **common)  # fmt: skip
+                 topk_weights=topk_weights.reshape(-1).float(), dependent=True,
+                 **common)  # fmt: skip
     if sum_topk_in_gemm2(M, topk):
         # Zeros, never the poison: the slots are added into it (see poisoned_workspace).
         out = torch.zeros((M, K), dtype=torch.float32, device=device)

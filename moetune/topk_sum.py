@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moetune.launch import use_pdl
+
 # The tile: one row of 1,024 columns (more rows where K is narrower), 8 warps. Chosen on an H100
 # from 60 tiles timed at the reference problems' 21 shapes (benchmarks/topk_sum_blocks.py,
 # results/kernels/h100-0.2.6/topk_sum_blocks.json): within 3% of each shape's best tile in
@@ -33,8 +35,18 @@ NUM_WARPS = 8
 
 @triton.jit
 def _topk_sum_kernel(
-    x_ptr, out_ptr, M, K, TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+    x_ptr,
+    out_ptr,
+    M,
+    K,
+    TOPK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # launched as a programmatic dependent (launch.PDL)
 ):
+    if USE_PDL:  # let the next launch start, then wait for GEMM2's memory
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
@@ -75,8 +87,9 @@ def topk_sum(
         return out
     block_m, block_k = blocks(M, K, elements, max_block_k)
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+    pdl = {"USE_PDL": True, "launch_pdl": True} if use_pdl(x.device) else {}
     _topk_sum_kernel[grid](x, out, M, K, TOPK=topk, BLOCK_M=block_m, BLOCK_K=block_k,
-                           num_warps=num_warps or NUM_WARPS)  # fmt: skip
+                           num_warps=num_warps or NUM_WARPS, **pdl)  # fmt: skip
     return out
 
 

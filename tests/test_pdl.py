@@ -1,0 +1,133 @@
+"""Programmatic dependent launch (``launch.PDL``): GEMM2 and the sum over top-k launch as
+dependents of the op's kernel before them, and every GEMM and sum program waits for the previous
+kernel's memory before touching any.
+
+On a CPU (interpreter) nothing changes. For sm90 the kernels must carry both griddepcontrol
+instructions and the launch_pdl flag (compiled here with a stand-in driver, as in
+test_hopper_compile.py). On a Hopper GPU the op's bits must not change, eagerly or replayed from a
+CUDA graph with fresh inputs each replay, where a read before the wait would race with the kernel
+before it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_case
+
+from moetune import fused_experts, launch
+from moetune.inputs import static_activation_scales
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_off_on_the_cpu_and_when_switched_off(monkeypatch):
+    monkeypatch.setattr(launch, "PDL", True)
+    assert not launch.use_pdl(torch.device("cpu"))
+    monkeypatch.setattr(launch, "PDL", False)
+    if torch.cuda.is_available():
+        assert not launch.use_pdl(torch.device("cuda"))
+
+
+SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, "tests")
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+class Stand_in:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return TARGET
+
+
+driver.set_active(Stand_in())
+from helpers import make_case
+from moetune import launch, ops
+from moetune.launch import compile_only
+
+launch._compile_target = lambda: TARGET
+launch.PDL = sys.argv[1] == "on"
+config = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4,
+              num_stages=3)
+case = make_case(16, 8, 128, 256, 2, torch.bfloat16, "cpu")
+with compile_only():
+    ops.fused_experts(*case.args(), config=config, **case.kwargs)
+for meta in sorted(Path(os.environ["TRITON_CACHE_DIR"]).glob("*/fused_moe_kernel.json")):
+    ptx = meta.with_suffix(".ptx").read_text()
+    print(json.loads(meta.read_text())["launch_pdl"], ptx.count("griddepcontrol.wait"),
+          ptx.count("griddepcontrol.launch_dependents"))
+"""
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_the_gemms_compile_as_dependents_for_hopper(switch, tmp_path):
+    try:
+        from triton.backends import backends
+    except ImportError:  # pragma: no cover
+        pytest.skip("this Triton has no backends registry")
+    if "nvidia" not in backends:
+        pytest.skip("this Triton cannot compile for CUDA")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", SCRIPT, switch], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(done.stdout.split("\n")[:-1])
+    assert len(lines) == 2, done.stdout  # GEMM1 with its activation, and GEMM2
+    # Both carry the instructions; GEMM2 alone launches as a dependent (GEMM1's predecessor may
+    # be the caller's kernel).
+    want = ["False 1 1", "True 1 1"] if switch == "on" else ["False 0 0", "False 0 0"]
+    assert lines == want
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an NVIDIA GPU of compute capability 9+")
+@pytest.mark.parametrize("M", [1, 8, 200])
+@pytest.mark.parametrize("quant", [None, "fp8_w8a8"], ids=["bf16", "fp8-static"])
+def test_dependent_launches_keep_the_bits_eager_and_in_a_graph(M, quant, monkeypatch):
+    case = make_case(M, 64, 384, 2048, 8, torch.bfloat16, "cuda", quant=quant, bias=True)
+    if quant:
+        case.kwargs.update(static_activation_scales(case.args(), case.kwargs))
+    monkeypatch.setattr(launch, "PDL", False)
+    want = fused_experts(*case.args(), **case.kwargs)
+    monkeypatch.setattr(launch, "PDL", True)
+    got = fused_experts(*case.args(), **case.kwargs)
+    assert torch.equal(got, want)
+    # A graph over static inputs: each replay first gets a new token batch and routing, so a
+    # kernel that read before its wait would see the last replay's data.
+    x, w1, w2, weights, ids = (t.clone() for t in case.args())
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fused_experts(x, w1, w2, weights, ids, **case.kwargs)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts(x, w1, w2, weights, ids, **case.kwargs)
+    for _ in range(3):
+        fresh = make_case(M, 64, 384, 2048, 8, torch.bfloat16, "cuda", quant=quant, bias=True)
+        x.copy_(fresh.args()[0])
+        weights.copy_(fresh.args()[3])
+        ids.copy_(fresh.args()[4])
+        graph.replay()
+        monkeypatch.setattr(launch, "PDL", False)
+        eager = fused_experts(x, w1, w2, weights, ids, **case.kwargs)
+        monkeypatch.setattr(launch, "PDL", True)
+        assert torch.equal(out, eager)
