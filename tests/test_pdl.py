@@ -59,7 +59,8 @@ from moetune import launch, ops
 from moetune.launch import compile_only
 
 launch._compile_target = lambda: TARGET
-launch.PDL = sys.argv[1] == "on"
+launch.PDL = sys.argv[1] != "off"
+launch.PDL_TRIGGER = "late" if sys.argv[1] == "late" else "early"
 config = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4,
               num_stages=3)
 case = make_case(16, 8, 128, 256, 2, torch.bfloat16, "cpu")
@@ -67,13 +68,16 @@ with compile_only():
     ops.fused_experts(*case.args(), config=config, **case.kwargs)
 for meta in sorted(Path(os.environ["TRITON_CACHE_DIR"]).glob("*/fused_moe_kernel.json")):
     ptx = meta.with_suffix(".ptx").read_text()
+    trigger = ptx.find("griddepcontrol.launch_dependents")
+    order = "none" if trigger < 0 else "after" if trigger > ptx.rfind("mma") else "before"
     print(json.loads(meta.read_text())["launch_pdl"], ptx.count("griddepcontrol.wait"),
-          ptx.count("griddepcontrol.launch_dependents"))
+          ptx.count("griddepcontrol.launch_dependents"), order)
 """
 
 
-@pytest.mark.parametrize("switch", ["on", "off"])
+@pytest.mark.parametrize("switch", ["on", "late", "off"])
 def test_the_gemms_compile_as_dependents_for_hopper(switch, tmp_path):
+    """The trigger comes before the main loop's MMAs, or after them with the late trigger."""
     try:
         from triton.backends import backends
     except ImportError:  # pragma: no cover
@@ -89,7 +93,8 @@ def test_the_gemms_compile_as_dependents_for_hopper(switch, tmp_path):
     assert len(lines) == 2, done.stdout  # GEMM1 with its activation, and GEMM2
     # Both carry the instructions; GEMM2 alone launches as a dependent (GEMM1's predecessor may
     # be the caller's kernel).
-    want = ["False 1 1", "True 1 1"] if switch == "on" else ["False 0 0", "False 0 0"]
+    order = {"on": "before", "late": "after"}.get(switch)
+    want = [f"False 1 1 {order}", f"True 1 1 {order}"] if order else ["False 0 0 none"] * 2
     assert lines == want
 
 
