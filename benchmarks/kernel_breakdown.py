@@ -42,7 +42,7 @@ share an N-group, or a gathered vector); ``auto-gq`` switches ``quant_kernel.GRO
 ``auto-direct`` switches ``ops.DIRECT_SLOTS_MAX_M`` (one token's slots straight from topk_ids,
 or the routing launch); ``auto-pdl`` switches ``launch.PDL`` (GEMM2 and
 the sum over top-k as programmatic dependent launches; ``auto-pdl-early`` and ``auto-pdl-late``
-with GEMM1's trigger at its programs' start or after their K loop). A kernel launched more than
+with the GEMMs' trigger at their programs' start or after their K loop). A kernel launched more than
 once a call (the two GEMMs) is reported per launch, ``name#1`` first.
 """
 

@@ -19,6 +19,13 @@ try:  # host-side TMA descriptors: Triton 3.4 on
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover (older Triton: pointer loads only)
     TensorDescriptor = None
+# griddepcontrol in kernels (tl.extra.cuda.gdc_wait) and the launch_pdl option (3.6 has both).
+try:
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait  # noqa: F401
+except ImportError:  # pragma: no cover (older Triton: no dependent launches)
+    _HAS_PDL = False
+else:
+    _HAS_PDL = True
 
 from moetune.accum import fp8_max_imprecise_acc
 from moetune.activation import SWIGLU_ALPHA, SWIGLU_LIMIT
@@ -47,17 +54,18 @@ WEIGHTS_TMA_MIN_BLOCK_M = 64
 # (block_shape's N) group, not a gathered vector of BLOCK_SIZE_N (:func:`block_scale_per_tile`).
 # Changing it changes the kernel's timings: bump the version with it.
 BLOCK_SCALE_PER_TILE = True
-# Programmatic dependent launch (NVIDIA compute capability 9 and up): GEMM2 and the sum over
-# top-k launch with Triton's launch_pdl, so their programs may start while the kernel before them
-# (the op's own) finishes. Every GEMM and sum program first lets its dependents launch
-# (griddepcontrol.launch_dependents), then waits for the kernel before it to complete and flush
+# Programmatic dependent launch (NVIDIA compute capability 9 and up, a Triton with it): GEMM2
+# and the sum over top-k launch with Triton's launch_pdl, so their programs may start while the
+# kernel before them (in the op: GEMM1, the activation, a quantization or a fill) finishes. Every
+# GEMM and sum program waits for the kernel before it to complete and flush
 # (griddepcontrol.wait; at once where it was not launched as a dependent) before it touches
-# memory. GEMM1 launches as before: the kernel ahead of it may be the caller's. 2-3 µs faster a
-# call at 36 of 42 points on an H100, up to 13% at M=1 (results/kernels/NOTES.md §22).
-# Changing it changes the op's timings: bump the version.
+# memory, and lets its own dependents launch (griddepcontrol.launch_dependents: before the wait,
+# or after the GEMM's K loop, PDL_TRIGGER). GEMM1 launches as before: the kernel ahead of it may
+# be the caller's. 2-3 µs faster a call at 36 of 42 points on an H100, up to 13% at M=1
+# (results/kernels/NOTES.md §22). Changing it changes the op's timings: bump the version.
 PDL = True
-# Where the GEMM's programs let their dependents launch: first thing ("early", measured in §22)
-# or after the K loop ("late").
+# Where both GEMMs' programs let their dependents launch: first thing ("early", measured in §22)
+# or after the K loop ("late", not measured yet). The sum's programs always signal first.
 PDL_TRIGGER = "early"
 META_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
 LAUNCH_KEYS = ("num_warps", "num_stages")
@@ -172,7 +180,7 @@ def block_scale_per_tile(
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch as programmatic dependents (:data:`PDL`): NVIDIA
     GPUs of compute capability 9 or more; in compile processes (CPU tensors), such a target."""
-    if not PDL or os.environ.get("TRITON_INTERPRET") == "1":
+    if not PDL or not _HAS_PDL or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if device.type == "cuda":
         return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9

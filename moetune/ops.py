@@ -263,8 +263,8 @@ def fused_experts(
     seen = _CAPTURE.get()
     if seen is not None and a2s is not None:
         seen.append((a2, a2s))
-    # GEMM2 follows a kernel of the op's own (GEMM1 or the activation): with launch.PDL it may
-    # start while that one finishes.
+    # GEMM2 follows a kernel of the op's own (GEMM1, the activation, a quantization, or the fill
+    # of the zeros below): with launch.PDL it may start while that one finishes.
     gemm2 = dict(config=config_down, top_k=1, a_scale=a2s, b_scale=w2_scale, bias=w2_bias,
                  topk_weights=topk_weights.reshape(-1).float(), dependent=True,
                  **common)  # fmt: skip

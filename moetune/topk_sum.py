@@ -44,7 +44,7 @@ def _topk_sum_kernel(
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # launched as a programmatic dependent (launch.PDL)
 ):
-    if USE_PDL:  # let the next launch start, then wait for GEMM2's memory
+    if USE_PDL:  # let the next launch start, then wait for the previous kernel's memory
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

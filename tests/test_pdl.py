@@ -2,11 +2,12 @@
 dependents of the op's kernel before them, and every GEMM and sum program waits for the previous
 kernel's memory before touching any.
 
-On a CPU (interpreter) nothing changes. For sm90 the kernels must carry both griddepcontrol
-instructions and the launch_pdl flag (compiled here with a stand-in driver, as in
-test_hopper_compile.py). On a Hopper GPU the op's bits must not change, eagerly or replayed from a
-CUDA graph with fresh inputs each replay, where a read before the wait would race with the kernel
-before it."""
+On a CPU (interpreter) nothing changes. Compiled for sm90 here (a stand-in driver, as in
+test_hopper_compile.py), both GEMMs and the sum kernel carry both griddepcontrol instructions,
+the wait before any global load or store, and GEMM2 alone the launch_pdl flag. On a Hopper GPU
+the op's bits must not change, eagerly or replayed from a CUDA graph with fresh inputs each
+replay (a read before the wait could race with the kernel before it there; a race shows only
+by chance)."""
 
 import os
 import subprocess
@@ -66,12 +67,33 @@ config = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1
 case = make_case(16, 8, 128, 256, 2, torch.bfloat16, "cpu")
 with compile_only():
     ops.fused_experts(*case.args(), config=config, **case.kwargs)
-for meta in sorted(Path(os.environ["TRITON_CACHE_DIR"]).glob("*/fused_moe_kernel.json")):
+if launch.PDL:  # the sum kernel as topk_sum() launches it on such a GPU
+    from moetune.topk_sum import _topk_sum_kernel
+
+    x, out = torch.empty(4, 256), torch.empty(2, 256)
+    _topk_sum_kernel.warmup(x, out, 2, 256, TOPK=2, BLOCK_M=2, BLOCK_K=256, USE_PDL=True,
+                            launch_pdl=True, num_warps=8, grid=(1,))
+
+
+def first(ptx, *ops):
+    found = [i for i in (ptx.find(op) for op in ops) if i >= 0]
+    return min(found) if found else len(ptx)
+
+
+cache = Path(os.environ["TRITON_CACHE_DIR"])
+for meta in sorted(cache.glob("*/fused_moe_kernel.json")):
     ptx = meta.with_suffix(".ptx").read_text()
     trigger = ptx.find("griddepcontrol.launch_dependents")
     order = "none" if trigger < 0 else "after" if trigger > ptx.rfind("mma") else "before"
+    wait = ptx.find("griddepcontrol.wait")
+    memory = first(ptx, "ld.global", "st.global", "cp.async", "atom.global", "red.global")
     print(json.loads(meta.read_text())["launch_pdl"], ptx.count("griddepcontrol.wait"),
-          ptx.count("griddepcontrol.launch_dependents"), order)
+          ptx.count("griddepcontrol.launch_dependents"), order, 0 <= wait < memory)
+for meta in cache.glob("*/_topk_sum_kernel.json"):
+    ptx = meta.with_suffix(".ptx").read_text()
+    memory = first(ptx, "ld.global", "st.global")
+    print("sum", json.loads(meta.read_text())["launch_pdl"],
+          ptx.find("griddepcontrol.launch_dependents") < ptx.find("griddepcontrol.wait") < memory)
 """
 
 
@@ -90,16 +112,20 @@ def test_the_gemms_compile_as_dependents_for_hopper(switch, tmp_path):
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = sorted(done.stdout.split("\n")[:-1])
-    assert len(lines) == 2, done.stdout  # GEMM1 with its activation, and GEMM2
-    # Both carry the instructions; GEMM2 alone launches as a dependent (GEMM1's predecessor may
-    # be the caller's kernel).
+    # GEMM1 with its activation, and GEMM2: both carry the instructions, the wait before any
+    # memory access; GEMM2 alone launches as a dependent (GEMM1's predecessor may be the
+    # caller's kernel). Then the sum kernel: signal, wait, then memory.
     order = {"on": "before", "late": "after"}.get(switch)
-    want = [f"False 1 1 {order}", f"True 1 1 {order}"] if order else ["False 0 0 none"] * 2
-    assert lines == want
+    if order:
+        want = [f"False 1 1 {order} True", f"True 1 1 {order} True", "sum True True"]
+    else:
+        want = ["False 0 0 none False"] * 2
+    assert lines == want, done.stdout
 
 
 def _hopper() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    return (torch.cuda.is_available() and torch.version.hip is None
+            and torch.cuda.get_device_capability()[0] >= 9)  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -113,6 +139,7 @@ def test_dependent_launches_keep_the_bits_eager_and_in_a_graph(M, quant, monkeyp
     monkeypatch.setattr(launch, "PDL", False)
     want = fused_experts(*case.args(), **case.kwargs)
     monkeypatch.setattr(launch, "PDL", True)
+    assert launch.use_pdl(torch.device("cuda"))  # else both sides would run without it
     got = fused_experts(*case.args(), **case.kwargs)
     assert torch.equal(got, want)
     # A graph over static inputs: each replay first gets a new token batch and routing, so a
