@@ -139,3 +139,62 @@ def record_launches_and_warmups(monkeypatch) -> dict[str, list]:
 
     monkeypatch.setattr(launch, "fused_moe_kernel", Recording())
     return seen
+
+
+# The opening of a script in which Triton compiles for Hopper (sm90) on a machine without a GPU,
+# outside the interpreter: a stand-in for the CUDA driver (what Triton asks it before compiling)
+# and moetune's compile target pinned, as the sweep's compile processes pin theirs.
+SM90_PREAMBLE = r"""
+import json, os, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, "tests")
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+class Stand_in:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return TARGET
+
+
+driver.set_active(Stand_in())
+from helpers import make_case
+from moetune import launch, ops
+from moetune.launch import compile_only
+
+launch._compile_target = lambda: TARGET
+"""
+
+
+def compile_for_sm90(body: str, cache_dir, *args: str) -> str:
+    """Run :data:`SM90_PREAMBLE` + ``body`` (with ``args``) in a subprocess whose Triton cache is
+    ``cache_dir``; its stdout. Skips the test where this Triton cannot compile for CUDA."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    try:
+        from triton.backends import backends
+    except ImportError:  # pragma: no cover
+        pytest.skip("this Triton has no backends registry")
+    if "nvidia" not in backends:
+        pytest.skip("this Triton cannot compile for CUDA")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(cache_dir),
+           "PYTHONPATH": str(root)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", SM90_PREAMBLE + body, *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

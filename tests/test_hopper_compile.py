@@ -8,42 +8,9 @@ driver: one token (the direct-slot routing, int32 and int64 router ids) and sixt
 fp8, pointer loads and TMA, which must share their compiled kernels. Skipped where Triton cannot
 compile for CUDA here."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import compile_for_sm90
 
 SCRIPT = r"""
-import sys
-import torch
-sys.path.insert(0, "tests")
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
-
-TARGET = GPUTarget("cuda", 90, 32)
-
-
-class Stand_in:  # what Triton asks its driver before it compiles
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return TARGET
-
-
-driver.set_active(Stand_in())
-from helpers import make_case
-from moetune import launch, ops
-from moetune.launch import compile_only
-
-launch._compile_target = lambda: TARGET
 built = 0
 for block_m in (16, 64):  # 64 rows: the weights through TMA
     config = dict(BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1,
@@ -56,25 +23,13 @@ for block_m in (16, 64):  # 64 rows: the weights through TMA
             with compile_only():
                 ops.fused_experts(*case.args(), config=config, **case.kwargs)
             built += 1
-import os
-from pathlib import Path
 kernels = len(list(Path(os.environ["TRITON_CACHE_DIR"]).glob("*/fused_moe_kernel.json")))
 print("built", built, "kernels", kernels)
 """
 
 
 def test_the_kernel_compiles_for_hopper(tmp_path):
-    try:
-        from triton.backends import backends
-    except ImportError:  # pragma: no cover
-        pytest.skip("this Triton has no backends registry")
-    if "nvidia" not in backends:
-        pytest.skip("this Triton cannot compile for CUDA")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path),
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    stdout = compile_for_sm90(SCRIPT, tmp_path)
     # 12 op calls, 8 kernels: GEMM1 and GEMM2 for each tile and quantization. One token (the
     # direct routing, int32 or int64 ids) runs the kernels sixteen tokens compiled.
-    assert "built 12 kernels 8" in done.stdout, done.stdout
+    assert "built 12 kernels 8" in stdout, stdout

@@ -9,19 +9,12 @@ the op's bits must not change, eagerly or replayed from a CUDA graph with fresh 
 replay (a read before the wait could race with the kernel before it there; a race shows only
 by chance)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import make_case
+from helpers import compile_for_sm90, make_case
 
 from moetune import fused_experts, launch
 from moetune.inputs import static_activation_scales
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_off_on_the_cpu_and_when_switched_off(monkeypatch):
@@ -33,33 +26,6 @@ def test_off_on_the_cpu_and_when_switched_off(monkeypatch):
 
 
 SCRIPT = r"""
-import json, os, sys
-from pathlib import Path
-import torch
-sys.path.insert(0, "tests")
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
-
-TARGET = GPUTarget("cuda", 90, 32)
-
-
-class Stand_in:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return TARGET
-
-
-driver.set_active(Stand_in())
-from helpers import make_case
-from moetune import launch, ops
-from moetune.launch import compile_only
-
-launch._compile_target = lambda: TARGET
 launch.PDL = sys.argv[1] != "off"
 launch.PDL_TRIGGER = "late" if sys.argv[1] == "late" else "early"
 config = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4,
@@ -100,18 +66,8 @@ for meta in cache.glob("*/_topk_sum_kernel.json"):
 @pytest.mark.parametrize("switch", ["on", "late", "off"])
 def test_the_gemms_compile_as_dependents_for_hopper(switch, tmp_path):
     """The trigger comes before the main loop's MMAs, or after them with the late trigger."""
-    try:
-        from triton.backends import backends
-    except ImportError:  # pragma: no cover
-        pytest.skip("this Triton has no backends registry")
-    if "nvidia" not in backends:
-        pytest.skip("this Triton cannot compile for CUDA")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path),
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", SCRIPT, switch], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = sorted(done.stdout.split("\n")[:-1])
+    stdout = compile_for_sm90(SCRIPT, tmp_path, switch)
+    lines = sorted(stdout.split("\n")[:-1])
     # GEMM1 with its activation, and GEMM2: both carry the instructions, the wait before any
     # memory access; GEMM2 alone launches as a dependent (GEMM1's predecessor may be the
     # caller's kernel). Then the sum kernel: signal, wait, then memory.
@@ -120,7 +76,7 @@ def test_the_gemms_compile_as_dependents_for_hopper(switch, tmp_path):
         want = [f"False 1 1 {order} True", f"True 1 1 {order} True", "sum True True"]
     else:
         want = ["False 0 0 none False"] * 2
-    assert lines == want, done.stdout
+    assert lines == want, stdout
 
 
 def _hopper() -> bool:
