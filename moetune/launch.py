@@ -138,18 +138,8 @@ def weights_tma(b: torch.Tensor, block_m: int, block_n: int, block_k: int) -> bo
         return False
     if block_n > 256 or block_k > 256:
         return False
-    if b.device.type == "cuda":
-        if torch.version.hip is not None or torch.cuda.get_device_capability(b.device)[0] < 9:
-            return False
-    elif os.environ.get("TRITON_INTERPRET") == "1":
-        pass
-    elif _compile_only:
-        # Compile processes build the GPU's kernels from CPU tensors, for the target Triton
-        # was told (moetune.precompile.pin_target) or asks the GPU for.
-        target = _compile_target()
-        if target.backend != "cuda" or int(target.arch) < 90:
-            return False
-    else:
+    interpreted = b.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpreted and not _nvidia_sm90(b.device):
         return False
     size = b.element_size()
     return (
@@ -177,17 +167,24 @@ def block_scale_per_tile(
     return group_n % block_n == 0
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch as programmatic dependents (:data:`PDL`): NVIDIA
-    GPUs of compute capability 9 or more; in compile processes (CPU tensors), such a target."""
-    if not PDL or not _HAS_PDL or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
+def _nvidia_sm90(device: torch.device) -> bool:
+    """Whether kernels for ``device`` are built for an NVIDIA GPU of compute capability 9 or
+    more: the GPU itself, or in compile processes (CPU tensors) the target Triton was told
+    (moetune.precompile.pin_target) or asks the GPU for."""
     if device.type == "cuda":
         return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
     if _compile_only:
         target = _compile_target()
         return target.backend == "cuda" and int(target.arch) >= 90
     return False
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch as programmatic dependents (:data:`PDL`): NVIDIA
+    GPUs of compute capability 9 or more; in compile processes (CPU tensors), such a target."""
+    if not PDL or not _HAS_PDL or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _nvidia_sm90(device)
 
 
 def _compile_target() -> Any:

@@ -25,6 +25,26 @@ def test_off_on_the_cpu_and_when_switched_off(monkeypatch):
         assert not launch.use_pdl(torch.device("cuda"))
 
 
+@pytest.mark.parametrize(("backend", "arch", "want"),
+                         [("cuda", 90, True), ("cuda", 80, False), ("hip", "gfx942", False)])
+def test_compile_processes_follow_their_target(backend, arch, want, monkeypatch):
+    """Outside the interpreter, a compile process (CPU tensors) builds dependents for a
+    Hopper target only, and for none with PDL switched off."""
+    from triton.backends.compiler import GPUTarget
+
+    if not launch._HAS_PDL:
+        pytest.skip("this Triton has no griddepcontrol")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(launch, "_compile_target", lambda: GPUTarget(backend, arch, 32))
+    monkeypatch.setattr(launch, "PDL", True)
+    cpu = torch.device("cpu")
+    assert not launch.use_pdl(cpu)  # not compiling: a CPU tensor launches nothing on a GPU
+    with launch.compile_only():
+        assert launch.use_pdl(cpu) is want
+        monkeypatch.setattr(launch, "PDL", False)
+        assert not launch.use_pdl(cpu)
+
+
 SCRIPT = r"""
 launch.PDL = sys.argv[1] != "off"
 launch.PDL_TRIGGER = "late" if sys.argv[1] == "late" else "early"
