@@ -166,9 +166,10 @@ def sweep(
     incumbent: Annotated[
         str,
         typer.Option(
-            help="The table a re-tune replaces: with --strategy halving its entry at each batch "
-            "size is timed there even if it did not go past the anchors. auto (the table the "
-            "runtime finds for this problem and GPU), none, or a table file."
+            help="The table a re-tune replaces: its entry at each batch size is re-timed among "
+            "the finalists (with --strategy halving, even if it did not go past the anchors), "
+            "so a new entry beat it in the same run. auto (the table the runtime finds for this "
+            "problem and GPU), none, or a table file."
         ),
     ] = "auto",
     json_out: JsonOpt = False,
@@ -243,7 +244,7 @@ def sweep(
     err.print(f"moetune sweep: {prob.describe()} on {plat.device_name}; {len(candidates)} "
               f"candidates × {len(batches)} batch sizes; journal {journal}",
               markup=False, highlight=False)  # fmt: skip
-    if old is not None and strategy == "halving":
+    if old is not None:  # a finalist at every batch size where it passes (sweep.finalists)
         err.print(f"incumbent table: {old.path}", markup=False, highlight=False)
     err.print(note)
     result = run_with_progress(
@@ -414,6 +415,13 @@ def export_configs_cmd(
         str | None, typer.Option(help="Override the device part of the file name.")
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="vllm, or sglang (both names).")] = "vllm",
+    merge: Annotated[
+        bool,
+        typer.Option(
+            help="Into the table already in --out: replace its entries at the journals' "
+            "batch sizes only, keep the rest (a re-tune of some batch sizes)."
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Write the fastest passing config per batch size as a vLLM-named table (+ sidecar).
@@ -431,7 +439,9 @@ def export_configs_cmd(
         if not j.is_file():
             what = "is a folder" if j.is_dir() else "not found"
             raise UsageError(f"journal {what}: {j}")
-    res = export_configs(journals, out_dir, device_name=device_name, sglang=fmt == "sglang")
+    res = export_configs(
+        journals, out_dir, device_name=device_name, sglang=fmt == "sglang", merge=merge
+    )
     for w in res.warnings:
         err.print(f"Warning: {w}", markup=False, highlight=False)
     if json_out:

@@ -4,10 +4,15 @@ A split sweep (``--gemms split``) also gives a ``_down`` table for the down GEMM
 for it): the main table holds the up GEMM's winners (vLLM runs one config for both GEMMs, so
 that is what vLLM reads), the ``_down`` table the down GEMM's winners, each one the config that
 passed a check together with the main table's entry for its batch size.
+
+``merge=True`` re-tunes some batch sizes of a table already in the destination: the journals'
+batch sizes replace that table's entries there, and its other entries stay. The sidecar then
+says which entries came from which sweep (``merged``), with the old sidecar kept inside it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,7 +23,9 @@ from moetune.gemms import FINAL_PREFIX, committed, counts
 from moetune.journal import Journal, identity, read_journal
 from moetune.problem import Problem
 from moetune.tables import (
+    TableError,
     gemm_suffix,
+    load_table,
     sglang_filename,
     sglang_version_dir,
     sidecar_path,
@@ -199,9 +206,11 @@ def export_configs(
     *,
     device_name: str | None = None,
     sglang: bool = False,
+    merge: bool = False,
 ) -> ExportResult:
     """Write the table (and its provenance sidecar) for the journals' problem and device; for a
-    split sweep also the ``_down`` table (see the module doc)."""
+    split sweep also the ``_down`` table; with ``merge``, into the table already there (see the
+    module doc)."""
     warnings: list[str] = []
     journals = _read_all(journal_paths)  # once: every step below reads these
     split = bool(journals) and journals[0][1].header.get("gemms") == "split"
@@ -231,20 +240,67 @@ def export_configs(
         "journals": [str(j) for j in journal_paths],
         "sweep": {k: v for k, v in header.items() if k != "kind"},
     }
+    if merge:
+        if split:
+            raise ExportError("--merge takes joint sweeps only: a split sweep's _down table "
+                              "pairs with every entry of its main table")  # fmt: skip
+        for n in _names(p, device_name, header["triton"], sglang, "down"):
+            if (out_dir / n).exists():
+                raise ExportError(f"--merge: {out_dir / n} pairs with every entry of the table "
+                                  "it sits beside; re-run its split sweep instead")  # fmt: skip
+        tables = [(n, gemm, *_merge(out_dir / n, ents, sidecar, warnings))
+                  for n, gemm, ents in tables]  # fmt: skip
+    else:
+        tables = [(n, gemm, ents, {**sidecar, "gemm": gemm} if split else sidecar)
+                  for n, gemm, ents in tables]  # fmt: skip
     try:
-        for n, _, _ in tables:  # every folder first: a failure leaves no table half-exported
+        for n, *_ in tables:  # every folder first: a failure leaves no table half-exported
             (out_dir / n).parent.mkdir(parents=True, exist_ok=True)
         paths = [
-            write_table(out_dir / n, ents, triton_version=header["triton"],
-                        sidecar={**sidecar, "gemm": gemm} if split else sidecar)
-            for n, gemm, ents in tables
+            write_table(out_dir / n, ents, triton_version=header["triton"], sidecar=side)
+            for n, _, ents, side in tables
         ]  # fmt: skip
-        if down is None:
+        if down is None and not merge:
             _remove_stale_down(out_dir, _names(p, device_name, header["triton"], sglang, "down"),
                                warnings)  # fmt: skip
     except OSError as e:
         raise ExportError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+    entries = tables[0][2] if merge else entries
     return ExportResult(paths, entries, device_name, warnings, down)
+
+
+def _merge(path: Path, new: dict[int, dict[str, Any]], sidecar: dict[str, Any],
+           warnings: list[str]) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """The entries of the table at ``path`` with ``new`` in place of its own at their batch
+    sizes, and the sidecar that says so."""
+    try:
+        old = load_table(path)
+    except TableError as e:
+        if not path.exists():
+            raise ExportError(f"--merge: no table to merge into at {path}") from None
+        raise ExportError(f"--merge: {e}") from None
+    kept = sorted(set(old.entries) - set(new))
+    if not kept:
+        warnings.append(f"--merge: the journals cover every batch size of {path}; "
+                        "nothing of it is kept")  # fmt: skip
+    triton = sidecar["sweep"]["triton"]
+    if old.triton_version and old.triton_version != triton:
+        warnings.append(f"--merge: {path} was written for Triton {old.triton_version}; its kept "
+                        f"entries now sit in a table marked {triton}")  # fmt: skip
+    previous = None
+    side = sidecar_path(path)
+    if side.exists():
+        try:
+            previous = json.loads(side.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            warnings.append(f"--merge: cannot read {side} ({e}); the merged sidecar lacks it")
+    changed = sorted(M for M in new if old.entries.get(M) != new[M])
+    merged = {M: old.entries[M] for M in kept} | dict(new)
+    return {M: merged[M] for M in sorted(merged)}, {
+        **sidecar,
+        "merged": {"from_journals": sorted(new), "changed": changed, "kept": kept,
+                   "previous_sidecar": previous},
+    }  # fmt: skip
 
 
 def _remove_stale_down(out_dir: Path, names: list[str], warnings: list[str]) -> None:

@@ -124,3 +124,51 @@ def test_split_and_joint_journals_do_not_mix(tmp_path):
     assert best_entries([joint, named])[1] == {1: CFG}, "no gemms field means joint"
     with pytest.raises(ExportError, match="gemms"):
         export_configs([_split_journal(tmp_path), joint], tmp_path / "out")
+
+
+MAIN = "E=4,N=32,device_name=cpu_interpreter.json"
+
+
+def test_merge_replaces_the_journals_batch_sizes_and_keeps_the_rest(tmp_path):
+    """A re-tune of M=1 (and a new M=2) into a table of M=1, 8, 64: entries 8 and 64 stay as they
+    were, and the sidecar says which entries changed and keeps the old provenance."""
+    from moetune.export import export_configs
+    from moetune.tables import load_table, sidecar_path
+
+    out = tmp_path / "out"
+    old = {1: _cfg(), 8: _cfg(BLOCK_SIZE_K=64), 64: _cfg(BLOCK_SIZE_M=64)}
+    first = _journal(tmp_path / "a.jsonl", _header(),
+                     [_winner(f"k{M}", M, 9.0, c) for M, c in old.items()])  # fmt: skip
+    export_configs([first], out)
+    retune = _journal(tmp_path / "b.jsonl", _header(), [
+        _winner("n16", 1, 4.0, _cfg(BLOCK_SIZE_N=16)), _winner("same", 2, 4.0, _cfg()),
+    ])  # fmt: skip
+    res = export_configs([retune], out, merge=True)
+    table = load_table(out / MAIN)
+    assert table.entries == {1: _cfg(BLOCK_SIZE_N=16), 2: _cfg(), 8: old[8], 64: old[64]}
+    assert res.entries == table.entries
+    merged = json.loads(sidecar_path(out / MAIN).read_text())["merged"]
+    assert (merged["from_journals"], merged["changed"], merged["kept"]) == ([1, 2], [1, 2], [8, 64])
+    assert merged["previous_sidecar"]["journals"] == [str(first)]
+    res = export_configs([retune], out, merge=True)  # the same again: nothing changes
+    assert json.loads(sidecar_path(out / MAIN).read_text())["merged"]["changed"] == []
+    assert load_table(out / MAIN).entries == table.entries
+
+
+def test_merge_refuses_without_a_table_or_beside_a_down_table(tmp_path):
+    """Nothing to merge into, or a _down table whose entries were checked with the old main
+    entries: an error, and nothing written or changed."""
+    from moetune.export import ExportError, export_configs
+
+    j = _journal(tmp_path / "j.jsonl", _header(), [_winner("a", 1, 5.0, CFG)])
+    with pytest.raises(ExportError, match="no table to merge into"):
+        export_configs([j], tmp_path / "empty", merge=True)
+    assert not (tmp_path / "empty" / MAIN).exists()
+    out = tmp_path / "out"
+    export_configs([_split_journal(tmp_path)], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ExportError, match="_down.json pairs with every entry"):
+        export_configs([j], out, merge=True)
+    with pytest.raises(ExportError, match="joint sweeps only"):
+        export_configs([_split_journal(tmp_path)], out, merge=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

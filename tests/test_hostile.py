@@ -485,6 +485,8 @@ def test_export_of_two_journals_of_different_problems(cwd):
                      id="out-under-a-file"),
         pytest.param(["j.jsonl", "--device-name", "NVIDIA_H100_80GB_HBM3"], 1,
                      "refusing to write a table named for NVIDIA_H100", id="gpu-name"),
+        pytest.param(["j.jsonl", "--merge", "--out", "nothing-here"], 1,
+                     "--merge: no table to merge into at nothing-here/E=4,N=32", id="merge-none"),
     ],
 )  # fmt: skip
 def test_export_usage_and_output_mistakes(args, code, match, cwd):
