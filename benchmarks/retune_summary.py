@@ -1,7 +1,8 @@
 """The finalists of a re-tune sweep, fastest first, with the incumbent table's entry marked.
 
-Usage: python benchmarks/retune_summary.py JOURNAL.jsonl[.gz] SWEEP_STDERR.txt
-(the sweep's stderr names the incumbent table: ``incumbent table: PATH``).
+Usage: python benchmarks/retune_summary.py JOURNAL.jsonl[.gz]... [--tables configs]
+(the incumbent is the table under --tables for the journal's problem and device, as the sweep's
+``--incumbent auto`` found it when the tables are the ones it ran with).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from moetune.tables import load_table, table_filename
+
 
 def _lines(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
@@ -18,29 +21,38 @@ def _lines(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def summary(journal: Path, stderr: Path) -> list[str]:
-    records = _lines(journal)[1:]  # line 1 is the header
-    incumbent: dict[int, dict] = {}
-    for line in stderr.read_text().splitlines():
-        if line.startswith("incumbent table: "):
-            table = json.loads(Path(line.removeprefix("incumbent table: ")).read_text())
-            incumbent = {int(k): v for k, v in table.items() if k.isdigit()}
-    out = []
+def summary(journal: Path, tables: Path) -> list[str]:
+    header, *records = _lines(journal)
+    p = header["problem"]
+    quant = p["quant"]
+    name = table_filename(p["E"], p["N"], header["device_name"], quant,
+                          p["block_shape"])  # fmt: skip
+    incumbent = load_table(tables / name).entries if (tables / name).exists() else {}
+    out = [f"{journal.name}: incumbent {name if incumbent else 'none'}"]
     for M in sorted({r["M"] for r in records if "M" in r}):
         final = [r for r in records if r.get("M") == M and r.get("phase") == "final"
                  and r.get("status") == "ok"]  # fmt: skip
         final.sort(key=lambda r: r["timing"]["median_us"])
         held = [r for r in final if r["config"] == incumbent.get(M)]
-        out.append(f"M={M}: {len(final)} finalists"
-                   + (f", incumbent {held[0]['timing']['median_us']:.2f} µs" if held else
-                      ", incumbent not among them"))  # fmt: skip
-        for r in final[:5]:
+        line = f"M={M}: {len(final)} finalists, "
+        if held and final:
+            us, best = held[0]["timing"]["median_us"], final[0]["timing"]["median_us"]
+            line += f"incumbent {us:.2f} µs, best {best:.2f} µs ({us / best - 1:+.1%} faster)"
+        else:
+            line += "incumbent not among them"
+        out.append(line)
+        for r in final[:3]:
             mark = "  <- incumbent" if r["config"] == incumbent.get(M) else ""
             out.append(f"  {r['candidate']:<48} {r['timing']['median_us']:8.2f} µs{mark}")
-        for w in (r for r in records if r.get("kind") == "winner" and r.get("M") == M):
-            out.append(f"  winner {w.get('winner')} {w['timing']['median_us']:.2f} µs")
     return out
 
 
 if __name__ == "__main__":
-    print("\n".join(summary(Path(sys.argv[1]), Path(sys.argv[2]))))
+    args = sys.argv[1:]
+    tables = Path("configs")
+    if "--tables" in args:
+        i = args.index("--tables")
+        tables = Path(args[i + 1])
+        del args[i : i + 2]
+    for path in args:
+        print("\n".join(summary(Path(path), tables)))

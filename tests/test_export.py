@@ -167,7 +167,7 @@ def test_merge_refuses_without_a_table_or_beside_a_down_table(tmp_path):
     out = tmp_path / "out"
     export_configs([_split_journal(tmp_path)], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(ExportError, match="_down.json pairs with every entry"):
+    with pytest.raises(ExportError, match=r"_down\.json pairs with every entry"):
         export_configs([j], out, merge=True)
     with pytest.raises(ExportError, match="joint sweeps only"):
         export_configs([_split_journal(tmp_path)], out, merge=True)
