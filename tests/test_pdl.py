@@ -47,10 +47,11 @@ def test_compile_processes_follow_their_target(backend, arch, want, monkeypatch)
 
 SCRIPT = r"""
 launch.PDL = sys.argv[1] != "off"
-launch.PDL_TRIGGER = "late" if sys.argv[1] == "late" else "early"
+launch.PDL_TRIGGER = {"late": "late", "auto": "auto", "auto-one": "auto"}.get(sys.argv[1], "early")
+launch.PDL_LATE_MIN_PROGRAMS = 2  # every launch here is that large: "auto" goes by direct slots
 config = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4,
               num_stages=3)
-case = make_case(16, 8, 128, 256, 2, torch.bfloat16, "cpu")
+case = make_case(1 if sys.argv[1] == "auto-one" else 16, 8, 128, 256, 2, torch.bfloat16, "cpu")
 with compile_only():
     ops.fused_experts(*case.args(), config=config, **case.kwargs)
 if launch.PDL:  # the sum kernel as topk_sum() launches it on such a GPU
@@ -83,20 +84,38 @@ for meta in cache.glob("*/_topk_sum_kernel.json"):
 """
 
 
-@pytest.mark.parametrize("switch", ["on", "late", "off"])
+@pytest.mark.parametrize("switch", ["on", "late", "auto", "auto-one", "off"])
 def test_the_gemms_compile_as_dependents_for_hopper(switch, tmp_path):
-    """The trigger comes before the main loop's MMAs, or after them with the late trigger."""
+    """The trigger comes before the main loop's MMAs, or after them with the late trigger, and
+    with the "auto" trigger only in a one-token (direct-slot) launch."""
     stdout = compile_for_sm90(SCRIPT, tmp_path, switch)
     lines = sorted(stdout.split("\n")[:-1])
     # GEMM1 with its activation, and GEMM2: both carry the instructions, the wait before any
     # memory access; GEMM2 alone launches as a dependent (GEMM1's predecessor may be the
     # caller's kernel). Then the sum kernel: signal, wait, then memory.
-    order = {"on": "before", "late": "after"}.get(switch)
+    order = {"on": "before", "late": "after", "auto": "before", "auto-one": "after"}.get(switch)
     if order:
         want = [f"False 1 1 {order} True", f"True 1 1 {order} True", "sum True True"]
     else:
         want = ["False 0 0 none False"] * 2
     assert lines == want, stdout
+
+
+@pytest.mark.parametrize(
+    ("trigger", "direct", "programs", "late"),
+    [("auto", True, 896, True), ("auto", True, 399, False), ("auto", False, 5000, False),
+     ("early", True, 896, False), ("late", False, 1, True)],
+)  # fmt: skip
+def test_late_trigger(trigger, direct, programs, late, monkeypatch):
+    monkeypatch.setattr(launch, "PDL_TRIGGER", trigger)
+    monkeypatch.setattr(launch, "PDL_LATE_MIN_PROGRAMS", 400)
+    assert launch.late_trigger(direct, programs) is late
+
+
+def test_an_unknown_trigger_is_an_error(monkeypatch):
+    monkeypatch.setattr(launch, "PDL_TRIGGER", "sometimes")
+    with pytest.raises(ValueError, match="early, late or auto"):
+        launch.late_trigger(True, 1)
 
 
 def _hopper() -> bool:
