@@ -64,6 +64,33 @@ def test_winner_takes_the_recheck_its_worker_made(tmp_path, monkeypatch):
     assert seeds == [evaluate.RECHECK_SEED + M] * len(finals)
 
 
+def test_each_finalist_is_timed_after_its_recheck(monkeypatch):
+    """The re-check draws and frees a fresh input set; timed after it, every finalist is timed
+    in the state the others were, first-pass records are timed without one."""
+    from moetune import evaluate
+
+    calls: list[str] = []
+    real_recheck, real_time = evaluate.recheck, evaluate.time_op
+
+    def recheck(*args, **kwargs):
+        calls.append("recheck")
+        return real_recheck(*args, **kwargs)
+
+    def time_op(*args, **kwargs):
+        calls.append("time")
+        return real_time(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "recheck", recheck)
+    monkeypatch.setattr(evaluate, "time_op", time_op)
+    workload = evaluate.Workload(PROBLEM, PLATFORM, [M], "cpu")
+    config = search_space(PLATFORM, PROBLEM, "tiny")[0].as_config()
+    for key in ("final:a", "a"):
+        record = evaluate.evaluate(workload, config, M, replays=1, key=key)
+        assert record["status"] == "ok", record
+        assert ("recheck" in record) is key.startswith("final:")
+    assert calls == ["recheck", "time", "time"]
+
+
 def test_finalists_without_a_recheck_are_rechecked_by_the_sweep(tmp_path, monkeypatch):
     """Journals written before finalists carried their re-check still resume to a winner."""
     candidates = search_space(PLATFORM, PROBLEM, "tiny")[:6]
