@@ -422,6 +422,10 @@ def export_configs_cmd(
             "batch sizes only, keep the rest (a re-tune of some batch sizes)."
         ),
     ] = False,
+    batch_sizes: Annotated[
+        str | None,
+        typer.Option(help="Only these of the journals' batch sizes (comma-separated)."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Write the fastest passing config per batch size as a vLLM-named table (+ sidecar).
@@ -439,9 +443,9 @@ def export_configs_cmd(
         if not j.is_file():
             what = "is a folder" if j.is_dir() else "not found"
             raise UsageError(f"journal {what}: {j}")
-    res = export_configs(
-        journals, out_dir, device_name=device_name, sglang=fmt == "sglang", merge=merge
-    )
+    only = parse_ints(batch_sizes, "--batch-sizes")
+    res = export_configs(journals, out_dir, device_name=device_name, sglang=fmt == "sglang",
+                         merge=merge, batch_sizes=only)  # fmt: skip
     for w in res.warnings:
         err.print(f"Warning: {w}", markup=False, highlight=False)
     if json_out:

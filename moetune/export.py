@@ -207,14 +207,23 @@ def export_configs(
     device_name: str | None = None,
     sglang: bool = False,
     merge: bool = False,
+    batch_sizes: list[int] | None = None,
 ) -> ExportResult:
     """Write the table (and its provenance sidecar) for the journals' problem and device; for a
     split sweep also the ``_down`` table; with ``merge``, into the table already there (see the
-    module doc)."""
+    module doc); ``batch_sizes``: only these of the journals' batch sizes."""
     warnings: list[str] = []
     journals = _read_all(journal_paths)  # once: every step below reads these
     split = bool(journals) and journals[0][1].header.get("gemms") == "split"
     header, entries = _best_entries(journals, warnings, "up" if split else None)
+    if batch_sizes is not None:
+        if split:
+            raise ExportError("--batch-sizes takes joint sweeps only: a split sweep's _down "
+                              "table pairs with every entry of its main table")  # fmt: skip
+        missing = sorted(set(batch_sizes) - set(entries))
+        if missing:
+            raise ExportError(f"the journals hold no passing candidate at M={missing}")
+        entries = {M: entries[M] for M in sorted(set(batch_sizes))}
     down = _down_entries(journals, entries, warnings) if split else None
     for path, j in journals:  # a split sweep's pair choice that kept winners with a caveat
         for r in j.records:

@@ -8,6 +8,7 @@ the middle of a write) is ignored with a warning.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform as pyplatform
@@ -98,7 +99,9 @@ class Journal:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8") as f:
+    """A journal's lines; ``.gz`` journals (as results/ keeps them) are read compressed."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         yield from enumerate(f, start=1)
 
 
@@ -107,8 +110,9 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
     p = Path(path)
     try:
         lines = list(_lines(p))
-    except OSError as e:
-        raise JournalError(f"cannot read journal {p}: {e.strerror or e}") from None
+    except (OSError, EOFError) as e:  # EOFError: a cut .gz file
+        why = getattr(e, "strerror", None) or e
+        raise JournalError(f"cannot read journal {p}: {why}") from None
     except UnicodeDecodeError:
         raise JournalError(f"{p} is not a moetune journal (not UTF-8 text)") from None
     if not lines:
@@ -158,6 +162,9 @@ def _set_aside(p: Path) -> None:
 def open_journal(path: str | os.PathLike[str], header: dict[str, Any], *, fresh: bool) -> Journal:
     """Start a journal, or resume one whose identity matches ``header``."""
     p = Path(path)
+    if p.suffix == ".gz":
+        raise JournalError(f"{p}: a sweep appends to a plain .jsonl journal; gzipped ones are "
+                           "for export-configs to read")  # fmt: skip
     header = {"kind": "moetune-journal", **header}
     if p.exists() and p.stat().st_size > 0 and not fresh:
         old = read_journal(p)

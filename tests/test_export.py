@@ -172,3 +172,39 @@ def test_merge_refuses_without_a_table_or_beside_a_down_table(tmp_path):
     with pytest.raises(ExportError, match="joint sweeps only"):
         export_configs([_split_journal(tmp_path)], out, merge=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_batch_sizes_pick_entries_of_the_journals(tmp_path):
+    """A re-tune confirmed at some of its batch sizes merges those alone."""
+    from moetune.export import ExportError, export_configs
+    from moetune.tables import load_table
+
+    out = tmp_path / "out"
+    old = {1: _cfg(), 8: _cfg(BLOCK_SIZE_K=64)}
+    first = [_winner(f"k{M}", M, 9.0, c) for M, c in old.items()]
+    export_configs([_journal(tmp_path / "a.jsonl", _header(), first)], out)
+    retune = _journal(tmp_path / "b.jsonl", _header(), [
+        _winner("n16", 1, 4.0, _cfg(BLOCK_SIZE_N=16)), _winner("g8", 8, 4.0, _cfg(GROUP_SIZE_M=8)),
+    ])  # fmt: skip
+    export_configs([retune], out, merge=True, batch_sizes=[8])
+    assert load_table(out / MAIN).entries == {1: old[1], 8: _cfg(GROUP_SIZE_M=8)}
+    with pytest.raises(ExportError, match=r"no passing candidate at M=\[2\]"):
+        export_configs([retune], out, merge=True, batch_sizes=[1, 2])
+    assert load_table(out / MAIN).entries == {1: old[1], 8: _cfg(GROUP_SIZE_M=8)}
+
+
+def test_a_gzipped_journal_exports_like_the_plain_one(tmp_path):
+    """results/ keeps journals gzipped: export and merge read them as they are."""
+    import gzip
+
+    from moetune.export import ExportError, export_configs
+    from moetune.journal import JournalError
+
+    plain = _journal(tmp_path / "j.jsonl", _header(), [_winner("a", 1, 5.0, _cfg(BLOCK_SIZE_N=16))])
+    packed = tmp_path / "j.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert best_entries([packed]) == best_entries([plain])
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(packed.read_bytes()[:-12])
+    with pytest.raises((JournalError, ExportError), match="cannot read journal"):
+        export_configs([cut], tmp_path / "out")
