@@ -249,6 +249,9 @@ def export_configs(
         "journals": [str(j) for j in journal_paths],
         "sweep": {k: v for k, v in header.items() if k != "kind"},
     }
+    if all("batch_sizes" in j.header for _, j in journals):  # of every journal, not the first's
+        batches = {M for _, j in journals for M in j.header["batch_sizes"]}
+        sidecar["sweep"]["batch_sizes"] = sorted(batches)
     if merge:
         if split:
             raise ExportError("--merge takes joint sweeps only: a split sweep's _down table "

@@ -208,3 +208,14 @@ def test_a_gzipped_journal_exports_like_the_plain_one(tmp_path):
     cut.write_bytes(packed.read_bytes()[:-12])
     with pytest.raises((JournalError, ExportError), match="cannot read journal"):
         export_configs([cut], tmp_path / "out")
+
+
+def test_the_sidecar_lists_the_batch_sizes_of_every_journal(tmp_path):
+    from moetune.export import export_configs
+    from moetune.tables import sidecar_path
+
+    a = _journal(tmp_path / "a.jsonl", _header(batch_sizes=[1]), [_winner("a", 1, 5.0, CFG)])
+    b = _journal(tmp_path / "b.jsonl", _header(batch_sizes=[2, 8]), [_winner("b", 8, 5.0, CFG)])
+    res = export_configs([a, b], tmp_path / "out")
+    sweep = json.loads(sidecar_path(res.paths[0]).read_text())["sweep"]
+    assert sweep["batch_sizes"] == [1, 2, 8]

@@ -29,18 +29,30 @@ def test_shipped_table_is_complete_and_matches_its_provenance(path: Path):
 
     side = sidecar_path(path)
     assert side.is_file(), f"{path.name} ships without provenance"
-    sweep = json.loads(side.read_text())["sweep"]
+    assert _tuned_batch_sizes(json.loads(side.read_text()), name) == set(VLLM_BATCH_SIZES)
+    if name.block_shape:  # a K tile never straddles two weight-scale blocks
+        for e in table.entries.values():
+            assert name.block_shape[1] % e["BLOCK_SIZE_K"] == 0
+
+
+def _tuned_batch_sizes(provenance: dict, name) -> set[int]:
+    """The batch sizes a sidecar's sweeps tuned for this table: its own sweep's, or for a table
+    re-tuned at some batch sizes (``export-configs --merge``) those and the kept entries of the
+    sidecar it replaced. Every sweep must be of this table's problem and GPU."""
+    sweep = provenance["sweep"]
     prob = sweep["problem"]
     assert (prob["E"], prob["N"]) == (name.E, name.N)
     assert sweep["device_name"] == name.device_name
     assert sweep["interpreter"] is False  # tuned on a GPU, not in Triton's interpreter
-    assert sweep["batch_sizes"] == VLLM_BATCH_SIZES
     quant = prob["quant"] if prob["quant"] not in (None, "none") else None
     assert name.dtype == quant
     assert name.block_shape == (tuple(prob["block_shape"]) if prob["block_shape"] else None)
-    if name.block_shape:  # a K tile never straddles two weight-scale blocks
-        for e in table.entries.values():
-            assert name.block_shape[1] % e["BLOCK_SIZE_K"] == 0
+    merged = provenance.get("merged")
+    if merged is None:
+        return set(sweep["batch_sizes"])
+    assert set(merged["from_journals"]) <= set(sweep["batch_sizes"])
+    assert set(merged["kept"]) <= _tuned_batch_sizes(merged["previous_sidecar"], name)
+    return set(merged["from_journals"]) | set(merged["kept"])
 
 
 @pytest.mark.parametrize("path", TABLES, ids=lambda p: p.name)
