@@ -65,11 +65,12 @@ BLOCK_SCALE_PER_TILE = True
 # (results/kernels/NOTES.md §22). Changing it changes the op's timings: bump the version.
 PDL = True
 # Where both GEMMs' programs let their dependents launch: first thing ("early"), after the K loop
-# ("late"), or "auto": late in a one-token launch (direct slots, an exact grid) of at least
-# PDL_LATE_MIN_PROGRAMS programs, early otherwise. On an H100 the early trigger cost Mixtral and
-# gpt-oss bf16 at M=1 (896 and 720 programs, several waves) 2-4% where the late one did not, and
-# the late one cost Qwen3 at M=1 (96 programs) 2-6%; from M=8 up the two were within 1%
-# (results/kernels/NOTES.md §23). The sum's programs always signal first.
+# ("late"), or "auto": late in GEMM1 (whose dependent is GEMM2) of a one-token launch (direct
+# slots, an exact grid) of at least PDL_LATE_MIN_PROGRAMS programs, early otherwise. On an H100
+# the early trigger cost Mixtral and gpt-oss bf16 at M=1 (GEMM1: 896 and 720 programs, several
+# waves) 2-4% where the late one did not; late cost Qwen3 at M=1 (GEMM1 96 programs) 2-6%, and
+# late in GEMM2 (512 programs, ahead of the small sum kernel) 0.5 µs; from M=8 up the two were
+# within 1% (results/kernels/NOTES.md §23). The sum's programs always signal first.
 PDL_TRIGGER = "auto"
 PDL_LATE_MIN_PROGRAMS = 400
 META_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
@@ -184,13 +185,13 @@ def _nvidia_sm90(device: torch.device) -> bool:
     return False
 
 
-def late_trigger(direct: bool, programs: int) -> bool:
+def late_trigger(direct: bool, programs: int, dependent: bool) -> bool:
     """Whether a GEMM launch of ``programs`` programs signals its dependents after its K loop
-    (:data:`PDL_TRIGGER`)."""
+    (:data:`PDL_TRIGGER`); ``dependent``: it is GEMM2, launched as the op's dependent."""
     if PDL_TRIGGER not in ("early", "late", "auto"):
         raise ValueError(f"PDL_TRIGGER must be early, late or auto, got {PDL_TRIGGER!r}")
     if PDL_TRIGGER == "auto":
-        return direct and programs >= PDL_LATE_MIN_PROGRAMS
+        return direct and not dependent and programs >= PDL_LATE_MIN_PROGRAMS
     return PDL_TRIGGER == "late"
 
 
@@ -362,7 +363,7 @@ def invoke_moe_gemm(
         SUM_TOPK=sum_topk,
         B_TMA=b_tma,
         USE_PDL=pdl,
-        PDL_LATE_TRIGGER=pdl and late_trigger(direct, grid[0]),
+        PDL_LATE_TRIGGER=pdl and late_trigger(direct, grid[0], dependent),
         B_SCALE_PER_TILE=block_scale_per_tile(block_shape, act, b_tma, N, bn),
         **launch,
     )

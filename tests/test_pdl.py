@@ -87,35 +87,38 @@ for meta in cache.glob("*/_topk_sum_kernel.json"):
 @pytest.mark.parametrize("switch", ["on", "late", "auto", "auto-one", "off"])
 def test_the_gemms_compile_as_dependents_for_hopper(switch, tmp_path):
     """The trigger comes before the main loop's MMAs, or after them with the late trigger, and
-    with the "auto" trigger only in a one-token (direct-slot) launch."""
+    with the "auto" trigger only in GEMM1 of a one-token (direct-slot) launch."""
     stdout = compile_for_sm90(SCRIPT, tmp_path, switch)
     lines = sorted(stdout.split("\n")[:-1])
     # GEMM1 with its activation, and GEMM2: both carry the instructions, the wait before any
     # memory access; GEMM2 alone launches as a dependent (GEMM1's predecessor may be the
     # caller's kernel). Then the sum kernel: signal, wait, then memory.
+    # "auto": late in GEMM1 (its dependent is GEMM2) of a one-token launch alone.
     order = {"on": "before", "late": "after", "auto": "before", "auto-one": "after"}.get(switch)
     if order:
-        want = [f"False 1 1 {order} True", f"True 1 1 {order} True", "sum True True"]
+        gemm2 = "before" if switch == "auto-one" else order
+        want = [f"False 1 1 {order} True", f"True 1 1 {gemm2} True", "sum True True"]
     else:
         want = ["False 0 0 none False"] * 2
     assert lines == want, stdout
 
 
 @pytest.mark.parametrize(
-    ("trigger", "direct", "programs", "late"),
-    [("auto", True, 896, True), ("auto", True, 399, False), ("auto", False, 5000, False),
-     ("early", True, 896, False), ("late", False, 1, True)],
+    ("trigger", "direct", "programs", "dependent", "late"),
+    [("auto", True, 896, False, True), ("auto", True, 399, False, False),
+     ("auto", False, 5000, False, False), ("auto", True, 896, True, False),
+     ("early", True, 896, False, False), ("late", False, 1, True, True)],
 )  # fmt: skip
-def test_late_trigger(trigger, direct, programs, late, monkeypatch):
+def test_late_trigger(trigger, direct, programs, dependent, late, monkeypatch):
     monkeypatch.setattr(launch, "PDL_TRIGGER", trigger)
     monkeypatch.setattr(launch, "PDL_LATE_MIN_PROGRAMS", 400)
-    assert launch.late_trigger(direct, programs) is late
+    assert launch.late_trigger(direct, programs, dependent) is late
 
 
 def test_an_unknown_trigger_is_an_error(monkeypatch):
     monkeypatch.setattr(launch, "PDL_TRIGGER", "sometimes")
     with pytest.raises(ValueError, match="early, late or auto"):
-        launch.late_trigger(True, 1)
+        launch.late_trigger(True, 1, False)
 
 
 def _hopper() -> bool:
