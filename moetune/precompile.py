@@ -127,13 +127,17 @@ def compile_inputs(
     ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` and one above it, where GEMM1 runs without the fused
     epilogue; with ``ops.SUM_TOPK_IN_GEMM2_MIN_M`` set (top-k > 1) a set on each side of it,
     where GEMM2 stores slot rows or sums them (a large limit makes a large problem to compile
-    from: its routing and activation run in PyTorch on CPU for each candidate)."""
+    from: its routing and activation run in PyTorch on CPU for each candidate); with
+    ``launch.PDL_TRIGGER`` "auto" and ``ops.DIRECT_SLOTS_MAX_M`` set, one token, whose GEMM1 may
+    signal late (:func:`moetune.launch.late_trigger`: another constexpr)."""
     import torch
 
-    from moetune import ops
+    from moetune import launch, ops
     from moetune.inputs import random_moe_inputs
 
     sizes = [16]
+    if launch.PDL and launch.PDL_TRIGGER == "auto" and ops.DIRECT_SLOTS_MAX_M:
+        sizes.append(1)
     limit = ops.FUSE_GEMM1_STATIC_FP8_MAX_M
     if act_scales == "static" and problem.quant == "fp8_w8a8" and limit is not None:
         sizes = [max(1, min(16, limit)), limit + 1]  # one at or below it, one above

@@ -115,6 +115,21 @@ def test_late_trigger(trigger, direct, programs, dependent, late, monkeypatch):
     assert launch.late_trigger(direct, programs, dependent) is late
 
 
+@pytest.mark.parametrize(("trigger", "one_token"), [("auto", True), ("early", False)])
+def test_compile_inputs_include_one_token_where_gemm1_may_signal_late(trigger, one_token,
+                                                                     monkeypatch):  # fmt: skip
+    """A one-token GEMM1 may compile with the late trigger, a constexpr the 16-token warm-up
+    never sets: compile processes warm up at one token too, so M=1 sweeps time no compile."""
+    from moetune import ops
+    from moetune.precompile import compile_inputs
+    from moetune.problem import Problem
+
+    monkeypatch.setattr(launch, "PDL_TRIGGER", trigger)
+    monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", 1)
+    sets = compile_inputs(Problem(4, 32, 64, 2, "float16"), "cpu", torch.float8_e4m3fn)
+    assert (1 in [args[0].shape[0] for args, _ in sets]) is one_token
+
+
 def test_an_unknown_trigger_is_an_error(monkeypatch):
     monkeypatch.setattr(launch, "PDL_TRIGGER", "sometimes")
     with pytest.raises(ValueError, match="early, late or auto"):
