@@ -41,7 +41,7 @@ from moetune.presets import preset_problem
 from moetune.reference import Reference
 from moetune.timing import time_op
 
-DEVICE = "cuda"  # the test harness of this script sets "cpu" (Triton's interpreter)
+DEVICE = "cuda"  # "cpu" runs time_point in Triton's interpreter (to try the script, not to time)
 NAME = re.compile(r"M(\d+)-N(\d+)-K(\d+)-G(\d+)-w(\d+)-s(\d+)")
 
 

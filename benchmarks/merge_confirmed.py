@@ -14,7 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from moetune.export import export_configs
+from moetune.export import best_entries, export_configs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from close_configs import parse  # a script beside this one
 
 GAIN = 0.99  # the median per-round ratio new / shipped must be at most this
 
@@ -37,6 +40,13 @@ def main(confirm_dir: Path, journals: Path, configs: Path) -> None:
             )
         if keep:
             sources = sorted(journals.glob(f"{path.stem}-m*.jsonl.gz"))
+            if not sources:
+                raise SystemExit(f"Error: no journals {path.stem}-m*.jsonl.gz in {journals}")
+            _, best = best_entries(sources)
+            for p in points:  # the journals' entry must be the config the timing confirmed
+                if p["M"] in keep and best.get(p["M"]) != parse(p["rows"][1]["config"]):
+                    raise SystemExit(f"Error: {path.stem} M={p['M']}: the journals' entry "
+                                     f"{best.get(p['M'])} is not {p['rows'][1]['config']}")
             res = export_configs(sources, configs, merge=True, batch_sizes=keep)
             for w in res.warnings:
                 print(f"  warning: {w}")

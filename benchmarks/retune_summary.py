@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from moetune.export import header_problem
 from moetune.tables import load_table, table_filename
 
 
@@ -23,10 +24,9 @@ def _lines(path: Path) -> list[dict]:
 
 def summary(journal: Path, tables: Path) -> list[str]:
     header, *records = _lines(journal)
-    p = header["problem"]
-    quant = p["quant"]
-    name = table_filename(p["E"], p["N"], header["device_name"], quant,
-                          p["block_shape"])  # fmt: skip
+    problem = header_problem(header, journal)
+    name = table_filename(problem.E, problem.N, header["device_name"], problem.table_dtype,
+                          problem.block_shape, per_channel_quant=problem.per_channel)  # fmt: skip
     incumbent = load_table(tables / name).entries if (tables / name).exists() else {}
     out = [f"{journal.name}: incumbent {name if incumbent else 'none'}"]
     for M in sorted({r["M"] for r in records if "M" in r}):

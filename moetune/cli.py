@@ -166,10 +166,11 @@ def sweep(
     incumbent: Annotated[
         str,
         typer.Option(
-            help="The table a re-tune replaces: its entry at each batch size is re-timed among "
-            "the finalists (with --strategy halving, even if it did not go past the anchors), "
-            "so a new entry beat it in the same run. auto (the table the runtime finds for this "
-            "problem and GPU), none, or a table file."
+            help="The table a re-tune replaces: where its entry at a batch size is a candidate "
+            "of the swept space (and the sweep is joint), it is re-timed among the finalists "
+            "(with --strategy halving, even if it did not go past the anchors), so a new entry "
+            "beat it in the same run. auto (the table the runtime finds for this problem and "
+            "GPU), none, or a table file."
         ),
     ] = "auto",
     json_out: JsonOpt = False,
@@ -409,7 +410,9 @@ def _render_sweep(result, exported, note: str, json_out: bool) -> None:
 @app.command("export-configs")
 @guard
 def export_configs_cmd(
-    journals: Annotated[list[Path], typer.Argument(help="Sweep journals (JSON lines).")],
+    journals: Annotated[
+        list[Path], typer.Argument(help="Sweep journals (JSON lines; .jsonl.gz read as well).")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Destination folder.")] = Path("configs"),
     device_name: Annotated[
         str | None, typer.Option(help="Override the device part of the file name.")
@@ -451,12 +454,19 @@ def export_configs_cmd(
     if json_out:
         entries = {str(k): v for k, v in res.entries.items()}
         payload = {"tables": [str(p) for p in res.paths], "entries": entries}
+        if res.changed is not None:
+            payload["changed"] = res.changed
         if res.down_entries is not None:
             payload["entries_down"] = {str(k): v for k, v in res.down_entries.items()}
         out.print_json(json.dumps(payload))
         return
     for p in res.paths:
-        out.print(f"wrote {p} ({len(res.entries)} batch sizes)", markup=False, highlight=False)
+        if res.changed == []:
+            line = f"left {p} as it was (the journals' entries are its own)"
+        else:
+            line = f"wrote {p} ({len(res.entries)} batch sizes"
+            line += f"; changed M={','.join(map(str, res.changed))})" if res.changed else ")"
+        out.print(line, markup=False, highlight=False)
 
 
 @app.command()

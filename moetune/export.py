@@ -45,9 +45,10 @@ class ExportResult:
     device_name: str
     warnings: list[str] = field(default_factory=list)  # e.g. a torn last journal line ignored
     down_entries: dict[int, dict[str, Any]] | None = None  # the _down table's, when written
+    changed: list[int] | None = None  # with merge: the batch sizes whose entry it changed
 
 
-def _header_problem(header: dict[str, Any], path: Path) -> Problem:
+def header_problem(header: dict[str, Any], path: Path) -> Problem:
     """The header's problem, validated: a hand-edited or foreign header fails here, by name."""
     p = header.get("problem")
     bad = [] if isinstance(p, dict) else ["problem"]
@@ -126,7 +127,7 @@ def _best_entries(
     best: dict[int, tuple[float, int, dict[str, Any]]] = {}
     rejected = _failed_rechecks(j for _, j in journals)
     for path, j in journals:
-        _header_problem(j.header, path)
+        header_problem(j.header, path)
         done = committed(j.records)
         if warnings is not None:
             warnings.extend(j.warnings)
@@ -216,7 +217,13 @@ def export_configs(
     journals = _read_all(journal_paths)  # once: every step below reads these
     split = bool(journals) and journals[0][1].header.get("gemms") == "split"
     header, entries = _best_entries(journals, warnings, "up" if split else None)
+    if merge and sglang:
+        raise ExportError("--merge writes vLLM's table name only: merge, then export for SGLang "
+                          "from all the journals, or copy the merged table")  # fmt: skip
     if batch_sizes is not None:
+        if not merge:
+            raise ExportError("--batch-sizes goes with --merge: a table of some batch sizes "
+                              "would replace the whole table in --out")  # fmt: skip
         if split:
             raise ExportError("--batch-sizes takes joint sweeps only: a split sweep's _down "
                               "table pairs with every entry of its main table")  # fmt: skip
@@ -236,7 +243,7 @@ def export_configs(
             f"refusing to write a table named for {device_name} from an interpreter run: "
             "interpreter timings say nothing about a GPU"
         )
-    p = _header_problem(header, journal_paths[0])
+    p = header_problem(header, journal_paths[0])
     per_gemm = {"up": entries, "down": down} if split else {"up": entries}
     try:
         tables = [(n, gemm, ents) for gemm, ents in per_gemm.items() if ents is not None
@@ -270,6 +277,7 @@ def export_configs(
             (out_dir / n).parent.mkdir(parents=True, exist_ok=True)
         paths = [
             write_table(out_dir / n, ents, triton_version=header["triton"], sidecar=side)
+            if side is not None else out_dir / n  # a merge that changes nothing writes nothing
             for n, _, ents, side in tables
         ]  # fmt: skip
         if down is None and not merge:
@@ -277,36 +285,59 @@ def export_configs(
                                warnings)  # fmt: skip
     except OSError as e:
         raise ExportError(f"cannot write to {out_dir}: {e.strerror or e}") from None
-    entries = tables[0][2] if merge else entries
-    return ExportResult(paths, entries, device_name, warnings, down)
+    if not merge:
+        return ExportResult(paths, entries, device_name, warnings, down)
+    side = tables[0][3]
+    changed = side["merged"]["changed"] if side is not None else []
+    return ExportResult(paths, tables[0][2], device_name, warnings, down, changed)
 
 
-def _merge(path: Path, new: dict[int, dict[str, Any]], sidecar: dict[str, Any],
-           warnings: list[str]) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:  # fmt: skip
+Entries = dict[int, dict[str, Any]]
+
+
+def _merge(path: Path, new: Entries, sidecar: dict[str, Any],
+           warnings: list[str]) -> tuple[Entries, dict[str, Any] | None]:  # fmt: skip
     """The entries of the table at ``path`` with ``new`` in place of its own at their batch
-    sizes, and the sidecar that says so."""
+    sizes, and the sidecar that says so (None: nothing changes). The table's own sidecar must
+    say it was tuned for the same problem on the same GPU."""
     try:
         old = load_table(path)
     except TableError as e:
         if not path.exists():
             raise ExportError(f"--merge: no table to merge into at {path}") from None
         raise ExportError(f"--merge: {e}") from None
+    side = sidecar_path(path)
+    try:
+        previous = json.loads(side.read_text())
+        before = previous["sweep"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"--merge: {path} needs its provenance sidecar to show what it was "
+                          f"tuned for ({side}: {type(e).__name__})") from None  # fmt: skip
+    now = sidecar["sweep"]
+    if header_problem(before, side) != header_problem(now, side):
+        raise ExportError(f"--merge: {path} was tuned for another problem than the journals' "
+                          f"({side})")  # fmt: skip
+    for key in ("device_name", "interpreter"):
+        if identity(before, key) != identity(now, key):
+            raise ExportError(f"--merge: {path} was tuned with another {key} than the journals "
+                              f"({side})")  # fmt: skip
+    if identity(before, "act_scales") != identity(now, "act_scales"):
+        warnings.append(
+            f"--merge: {path} was timed with {identity(before, 'act_scales')} "
+            f"activation scales, the journals with {identity(now, 'act_scales')}"
+        )
+    changed = sorted(M for M in new if old.entries.get(M) != new[M])
+    if not changed:
+        warnings.append(f"--merge: the journals' entries are {path}'s own; left as it was")
+        return dict(old.entries), None
     kept = sorted(set(old.entries) - set(new))
     if not kept:
         warnings.append(f"--merge: the journals cover every batch size of {path}; "
                         "nothing of it is kept")  # fmt: skip
-    triton = sidecar["sweep"]["triton"]
+    triton = now["triton"]
     if old.triton_version and old.triton_version != triton:
         warnings.append(f"--merge: {path} was written for Triton {old.triton_version}; its kept "
                         f"entries now sit in a table marked {triton}")  # fmt: skip
-    previous = None
-    side = sidecar_path(path)
-    if side.exists():
-        try:
-            previous = json.loads(side.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            warnings.append(f"--merge: cannot read {side} ({e}); the merged sidecar lacks it")
-    changed = sorted(M for M in new if old.entries.get(M) != new[M])
     merged = {M: old.entries[M] for M in kept} | dict(new)
     return {M: merged[M] for M in sorted(merged)}, {
         **sidecar,

@@ -13,6 +13,7 @@ import json
 import os
 import platform as pyplatform
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,7 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
     p = Path(path)
     try:
         lines = list(_lines(p))
-    except (OSError, EOFError) as e:  # EOFError: a cut .gz file
+    except (OSError, EOFError, zlib.error) as e:  # a cut or corrupted .gz file
         why = getattr(e, "strerror", None) or e
         raise JournalError(f"cannot read journal {p}: {why}") from None
     except UnicodeDecodeError:

@@ -363,7 +363,7 @@ def invoke_moe_gemm(
         SUM_TOPK=sum_topk,
         B_TMA=b_tma,
         USE_PDL=pdl,
-        PDL_LATE_TRIGGER=pdl and late_trigger(direct, grid[0], dependent),
+        PDL_LATE_TRIGGER=late_trigger(direct, grid[0], dependent) and pdl,  # checks the switch
         B_SCALE_PER_TILE=block_scale_per_tile(block_shape, act, b_tma, N, bn),
         **launch,
     )

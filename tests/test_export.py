@@ -150,9 +150,11 @@ def test_merge_replaces_the_journals_batch_sizes_and_keeps_the_rest(tmp_path):
     merged = json.loads(sidecar_path(out / MAIN).read_text())["merged"]
     assert (merged["from_journals"], merged["changed"], merged["kept"]) == ([1, 2], [1, 2], [8, 64])
     assert merged["previous_sidecar"]["journals"] == [str(first)]
-    res = export_configs([retune], out, merge=True)  # the same again: nothing changes
-    assert json.loads(sidecar_path(out / MAIN).read_text())["merged"]["changed"] == []
-    assert load_table(out / MAIN).entries == table.entries
+    assert res.changed == [1, 2]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = export_configs([retune], out, merge=True)  # the same again: nothing to write
+    assert res.changed == [] and any("left as it was" in w for w in res.warnings)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_merge_refuses_without_a_table_or_beside_a_down_table(tmp_path):
@@ -219,3 +221,61 @@ def test_the_sidecar_lists_the_batch_sizes_of_every_journal(tmp_path):
     res = export_configs([a, b], tmp_path / "out")
     sweep = json.loads(sidecar_path(res.paths[0]).read_text())["sweep"]
     assert sweep["batch_sizes"] == [1, 2, 8]
+
+
+def test_merge_refuses_a_table_of_another_problem_gpu_or_without_provenance(tmp_path):
+    """The file name says E, N, GPU and dtype only: the sidecar must say the rest matches."""
+    from moetune.export import ExportError, export_configs
+    from moetune.tables import sidecar_path
+
+    out = tmp_path / "out"
+    export_configs([_journal(tmp_path / "a.jsonl", _header(), [_winner("a", 1, 5.0, CFG)])], out)
+    new = [_winner("b", 1, 4.0, _cfg(BLOCK_SIZE_N=16))]
+    other_k = _header()
+    other_k["problem"] = {**PROBLEM, "K": 128}
+    cases = [(other_k, "another problem"), (_header(interpreter=False), "another interpreter")]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for i, (header, match) in enumerate(cases):
+        with pytest.raises(ExportError, match=match):
+            export_configs([_journal(tmp_path / f"{i}.jsonl", header, new)], out, merge=True,
+                           device_name="cpu_interpreter")  # fmt: skip
+    sidecar_path(out / MAIN).unlink()
+    with pytest.raises(ExportError, match="needs its provenance sidecar"):
+        export_configs([_journal(tmp_path / "n.jsonl", _header(), new)], out, merge=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {
+        k: v for k, v in before.items() if not k.endswith(".provenance.json")}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"merge": True, "sglang": True}, "vLLM's table name only"),
+     ({"batch_sizes": [1]}, "--batch-sizes goes with --merge")],
+)  # fmt: skip
+def test_merge_options_that_do_not_go_together(tmp_path, kwargs, match):
+    from moetune.export import ExportError, export_configs
+
+    j = _journal(tmp_path / "j.jsonl", _header(), [_winner("a", 1, 5.0, CFG)])
+    with pytest.raises(ExportError, match=match):
+        export_configs([j], tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupted_gzipped_journal_is_an_error_not_a_crash(tmp_path):
+    import gzip
+
+    from moetune.journal import JournalError, read_journal
+
+    plain = _journal(tmp_path / "j.jsonl", _header(), [_winner("a", 1, 5.0, CFG)] * 20)
+    packed = bytearray(gzip.compress(plain.read_bytes()))
+    packed[len(packed) // 2 : len(packed) // 2 + 8] = b"\xff" * 8
+    (tmp_path / "bad.jsonl.gz").write_bytes(bytes(packed))
+    with pytest.raises(JournalError, match="cannot read journal"):
+        read_journal(tmp_path / "bad.jsonl.gz")
+
+
+def test_a_sweep_does_not_append_to_a_gzipped_journal(tmp_path):
+    from moetune.journal import JournalError, open_journal
+
+    with pytest.raises(JournalError, match=r"plain \.jsonl journal"):
+        open_journal(tmp_path / "j.jsonl.gz", {"problem": PROBLEM}, fresh=False)
+    assert not (tmp_path / "j.jsonl.gz").exists()

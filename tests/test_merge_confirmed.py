@@ -24,10 +24,12 @@ HEADER = {"kind": "moetune-journal", "device_name": "cpu_interpreter", "interpre
                       "activation": "silu"}}  # fmt: skip
 
 
-def _point(M: int, median: float, hi: float) -> dict:
-    row = {"config": "x", "median_us": 1.0, "ratio_median": 1.0, "ratio_min": 1.0, "ratio_max": 1.0}
-    new = {**row, "ratio_median": median, "ratio_min": median - 0.01, "ratio_max": hi}
-    return {"M": M, "rows": [row, new, row]}
+def _point(M: int, median: float, hi: float, new: str = "M16-N16-K32-G1-w4-s2") -> dict:
+    row = {"config": "M16-N32-K32-G1-w4-s2", "median_us": 1.0, "ratio_median": 1.0,
+           "ratio_min": 1.0, "ratio_max": 1.0}  # fmt: skip
+    timed = {**row, "config": new, "ratio_median": median, "ratio_min": median - 0.01,
+             "ratio_max": hi}  # fmt: skip
+    return {"M": M, "rows": [row, timed, row]}
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,10 @@ def test_only_confirmed_batch_sizes_are_merged(tmp_path):
     for p in journals.iterdir():  # the journals results/ keeps are gzipped
         (journals / (p.name + ".gz")).write_bytes(gzip.compress(p.read_bytes()))
         p.unlink()
+    (confirm / "tiny.json").write_text(json.dumps({"points": [
+        _point(1, 0.95, 0.97, new="M16-N64-K32-G1-w4-s2"), _point(2, 1.0, 1.01)]}))  # fmt: skip
+    with pytest.raises(SystemExit, match="is not M16-N64"):  # not the config that was timed
+        merge_confirmed.main(confirm, journals, configs)
     (confirm / "tiny.json").write_text(json.dumps({"points": [
         _point(1, 0.95, 0.97), _point(2, 1.0, 1.01)]}))  # fmt: skip
     merge_confirmed.main(confirm, journals, configs)

@@ -51,7 +51,11 @@ def _tuned_batch_sizes(provenance: dict, name) -> set[int]:
     if merged is None:
         return set(sweep["batch_sizes"])
     assert set(merged["from_journals"]) <= set(sweep["batch_sizes"])
-    assert set(merged["kept"]) <= _tuned_batch_sizes(merged["previous_sidecar"], name)
+    previous = merged["previous_sidecar"]
+    assert previous is not None, "a merged table must keep the provenance of its kept entries"
+    before = previous["sweep"]["problem"]
+    assert all(before.get(k) == v for k, v in prob.items() if k in before), "another problem"
+    assert set(merged["kept"]) <= _tuned_batch_sizes(previous, name)
     return set(merged["from_journals"]) | set(merged["kept"])
 
 
