@@ -7,8 +7,9 @@
 # (BLOCK_SIZE_M 16; N 32, 64, 128; K 64, 128, 256; GROUP_SIZE_M 1, 16, 32; 4 or 8 warps;
 # 3-5 stages), with the shipped entry among the finalists (--incumbent auto), so a new entry is
 # one that beat the shipped one in the same run's longer timing. SWEEP_S bounds each sweep
-# (default 110 s). Confirm close calls with benchmarks/close_configs.py (interleaved), then
-# merge here: moetune export-configs JOURNAL --merge --out configs
+# (default 110 s). Keep the returned journals under results/, then confirm the changed entries
+# interleaved (J=that folder bash benchmarks/gpu_confirm_retune.sh, the next device call) and
+# merge the confirmed ones here (benchmarks/merge_confirmed.py).
 # Usage: bash benchmarks/gpu_decode_retune.sh Qwen3-30B-A3B:2:fp8_w8a8 gpt-oss-120b:1
 #        (journals, sweep output and a summary in $OUT/retune.tgz)
 set -u -o pipefail

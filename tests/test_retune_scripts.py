@@ -1,5 +1,6 @@
-"""benchmarks/merge_confirmed.py: only entries confirmed faster in the interleaved timing are
-merged into a table, from the re-tune's journals."""
+"""The decode re-tune's scripts: retune_points.py lists the entries a re-tune changed, for
+close_configs.py; merge_confirmed.py merges only those confirmed faster in the interleaved
+timing, from the re-tune's journals."""
 
 import gzip
 import importlib.util
@@ -14,6 +15,9 @@ spec = importlib.util.spec_from_file_location(
 )
 merge_confirmed = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(merge_confirmed)
+spec = importlib.util.spec_from_file_location("retune_points", ROOT / "benchmarks/retune_points.py")
+retune_points = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(retune_points)
 
 CFG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1,
        "num_warps": 4, "num_stages": 2}  # fmt: skip
@@ -70,3 +74,25 @@ def test_only_confirmed_batch_sizes_are_merged(tmp_path):
     merge_confirmed.main(confirm, journals, configs)
     table = load_table(configs / "E=4,N=32,device_name=cpu_interpreter.json")
     assert table.entries == {1: new[1], 2: CFG, 8: CFG}
+
+
+def test_retune_points_lists_changed_entries_for_close_configs(tmp_path):
+    from moetune.export import export_configs
+
+    def journal(path: Path, winners: dict[int, dict]) -> Path:
+        lines = [HEADER] + [{"kind": "winner", "M": M, "winner": "w", "config": c,
+                             "timing": {"median_us": 1.0}, "recheck": {"ok": True}}
+                            for M, c in winners.items()]  # fmt: skip
+        path.write_bytes(gzip.compress("".join(json.dumps(x) + "\n" for x in lines).encode()))
+        return path
+
+    configs, journals = tmp_path / "configs", tmp_path / "j"
+    journals.mkdir()
+    export_configs([journal(tmp_path / "old.jsonl.gz", {1: CFG, 2: CFG})], configs)
+    new = {**CFG, "BLOCK_SIZE_N": 16}
+    journal(journals / "Tiny-tp2-fp8_w8a8-m1.jsonl.gz", {1: new})
+    journal(journals / "Tiny-tp2-fp8_w8a8-m2-4.jsonl.gz", {2: CFG})  # unchanged: no point
+    (journals / "notes.txt").write_text("not a journal")
+    (line,) = retune_points.points(journals, configs)
+    assert line == ("Tiny-tp2-fp8_w8a8 --model Tiny --tp 2 --quant fp8_w8a8 "
+                    "--point 1:M16-N32-K32-G1-w4-s2,M16-N16-K32-G1-w4-s2")  # fmt: skip
