@@ -8,21 +8,20 @@ Prints one line a table: ``NAME --model MODEL --tp TP [--quant Q] --point M:SHIP
 
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 from pathlib import Path
 
-from moetune.export import best_entries, header_problem
-from moetune.journal import read_journal
-from moetune.tables import load_table, table_filename
+from moetune.export import best_entries, journal_table
+from moetune.space import Candidate
+from moetune.tables import load_table
 
 NAME = re.compile(r"(?P<model>.+)-tp(?P<tp>\d+)-(?P<quant>[^-]+)-m[\d-]+\.jsonl(\.gz)?")
 
 
-def config_name(c: dict) -> str:
-    """The candidate name ``close_configs.parse`` reads back (CUDA keys)."""
-    return (f"M{c['BLOCK_SIZE_M']}-N{c['BLOCK_SIZE_N']}-K{c['BLOCK_SIZE_K']}"
-            f"-G{c['GROUP_SIZE_M']}-w{c['num_warps']}-s{c['num_stages']}")  # fmt: skip
+def _key(config: dict) -> str:
+    """The candidate name the journals use, which ``close_configs.parse`` reads back."""
+    return Candidate.from_config(config).key()
 
 
 def points(journals: Path, tables: Path) -> list[str]:
@@ -35,13 +34,9 @@ def points(journals: Path, tables: Path) -> list[str]:
     lines = []
     for key, paths in groups.items():
         m = NAME.fullmatch(paths[0].name)
-        header = read_journal(paths[0]).header
-        p = header_problem(header, paths[0])
-        name = table_filename(p.E, p.N, header["device_name"], p.table_dtype, p.block_shape,
-                              per_channel_quant=p.per_channel)  # fmt: skip
-        shipped = load_table(tables / name).entries
+        shipped = load_table(journal_table(paths[0], tables)).entries
         _, best = best_entries(paths)
-        pts = [f"--point {M}:{config_name(shipped[M])},{config_name(c)}"
+        pts = [f"--point {M}:{_key(shipped[M])},{_key(c)}"
                for M, c in best.items() if M in shipped and c != shipped[M]]  # fmt: skip
         if pts:
             quant = [] if m["quant"] in ("bf16", "fp8block") else ["--quant", m["quant"]]
@@ -50,12 +45,8 @@ def points(journals: Path, tables: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    tables = Path("configs")
-    if "--tables" in args:
-        i = args.index("--tables")
-        tables = Path(args[i + 1])
-        del args[i : i + 2]
-    if len(args) != 1:
-        raise SystemExit(__doc__)
-    print("\n".join(points(Path(args[0]), tables)))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("journals", type=Path, help="folder of the re-tune's journals")
+    ap.add_argument("--tables", type=Path, default=Path("configs"))
+    a = ap.parse_args()
+    print("\n".join(points(a.journals, a.tables)))

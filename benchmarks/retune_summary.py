@@ -7,28 +7,19 @@ Usage: python benchmarks/retune_summary.py JOURNAL.jsonl[.gz]... [--tables confi
 
 from __future__ import annotations
 
-import gzip
-import json
-import sys
+import argparse
 from pathlib import Path
 
-from moetune.export import header_problem
-from moetune.tables import load_table, table_filename
-
-
-def _lines(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
+from moetune.export import journal_table
+from moetune.journal import read_journal
+from moetune.tables import load_table
 
 
 def summary(journal: Path, tables: Path) -> list[str]:
-    header, *records = _lines(journal)
-    problem = header_problem(header, journal)
-    name = table_filename(problem.E, problem.N, header["device_name"], problem.table_dtype,
-                          problem.block_shape, per_channel_quant=problem.per_channel)  # fmt: skip
-    incumbent = load_table(tables / name).entries if (tables / name).exists() else {}
-    out = [f"{journal.name}: incumbent {name if incumbent else 'none'}"]
+    records = read_journal(journal).records
+    table = journal_table(journal, tables)
+    incumbent = load_table(table).entries if table.exists() else {}
+    out = [f"{journal.name}: incumbent {table.name if incumbent else 'none'}"]
     for M in sorted({r["M"] for r in records if "M" in r}):
         final = [r for r in records if r.get("M") == M and r.get("phase") == "final"
                  and r.get("status") == "ok"]  # fmt: skip
@@ -48,11 +39,9 @@ def summary(journal: Path, tables: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    tables = Path("configs")
-    if "--tables" in args:
-        i = args.index("--tables")
-        tables = Path(args[i + 1])
-        del args[i : i + 2]
-    for path in args:
-        print("\n".join(summary(Path(path), tables)))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("journals", nargs="+", type=Path)
+    ap.add_argument("--tables", type=Path, default=Path("configs"))
+    a = ap.parse_args()
+    for path in a.journals:
+        print("\n".join(summary(path, a.tables)))

@@ -190,6 +190,14 @@ def _down_entries(
     return {M: best[M][1] for M in sorted(best)}
 
 
+def journal_table(journal: Path, folder: Path) -> Path:
+    """Where ``export-configs`` puts the (main, vLLM-named) table of ``journal``'s problem and
+    GPU in ``folder``."""
+    header = read_journal(journal).header
+    p = header_problem(header, journal)
+    return folder / _names(p, header["device_name"], header["triton"], False, "up")[0]
+
+
 def _names(p, device_name: str, triton: str, sglang: bool, gemm: str) -> list[str]:
     """The table's file names (vLLM's, and SGLang's in its Triton-version folder)."""
     names = [table_filename(p.E, p.N, device_name, p.table_dtype, p.block_shape,
