@@ -136,11 +136,11 @@ def compile_inputs(
     from moetune.inputs import random_moe_inputs
 
     sizes = [16]
-    if launch.PDL and launch.PDL_TRIGGER == "auto" and ops.DIRECT_SLOTS_MAX_M:
-        sizes.append(1)
     limit = ops.FUSE_GEMM1_STATIC_FP8_MAX_M
     if act_scales == "static" and problem.quant == "fp8_w8a8" and limit is not None:
         sizes = [max(1, min(16, limit)), limit + 1]  # one at or below it, one above
+    if launch.PDL and launch.PDL_TRIGGER == "auto" and ops.DIRECT_SLOTS_MAX_M:
+        sizes.append(1)
     start = ops.SUM_TOPK_IN_GEMM2_MIN_M
     if start is not None and problem.topk > 1:
         sums = {ops.sum_topk_in_gemm2(M, problem.topk) for M in sizes}

@@ -126,8 +126,12 @@ def test_compile_inputs_include_one_token_where_gemm1_may_signal_late(trigger, o
 
     monkeypatch.setattr(launch, "PDL_TRIGGER", trigger)
     monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", 1)
-    sets = compile_inputs(Problem(4, 32, 64, 2, "float16"), "cpu", torch.float8_e4m3fn)
-    assert (1 in [args[0].shape[0] for args, _ in sets]) is one_token
+    monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", 64)
+    plain = Problem(4, 32, 64, 2, "float16")
+    fp8 = Problem(4, 32, 64, 2, "float16", quant="fp8_w8a8")
+    for problem, scales in ((plain, "dynamic"), (fp8, "static")):  # static: 16 and 65 besides
+        sets = compile_inputs(problem, "cpu", torch.float8_e4m3fn, scales)
+        assert (1 in [args[0].shape[0] for args, _ in sets]) is one_token, scales
 
 
 def test_an_unknown_trigger_is_an_error(monkeypatch):
