@@ -228,13 +228,13 @@ def export_configs(
     if merge and sglang:
         raise ExportError("--merge writes vLLM's table name only: merge, then export for SGLang "
                           "from all the journals, or copy the merged table")  # fmt: skip
+    if merge and split:
+        raise ExportError("--merge takes joint sweeps only: a split sweep's _down table "
+                          "pairs with every entry of its main table")  # fmt: skip
     if batch_sizes is not None:
         if not merge:
             raise ExportError("--batch-sizes goes with --merge: a table of some batch sizes "
                               "would replace the whole table in --out")  # fmt: skip
-        if split:
-            raise ExportError("--batch-sizes takes joint sweeps only: a split sweep's _down "
-                              "table pairs with every entry of its main table")  # fmt: skip
         missing = sorted(set(batch_sizes) - set(entries))
         if missing:
             raise ExportError(f"the journals hold no passing candidate at M={missing}")
@@ -268,9 +268,6 @@ def export_configs(
         batches = {M for _, j in journals for M in j.header["batch_sizes"]}
         sidecar["sweep"]["batch_sizes"] = sorted(batches)
     if merge:
-        if split:
-            raise ExportError("--merge takes joint sweeps only: a split sweep's _down table "
-                              "pairs with every entry of its main table")  # fmt: skip
         for n in _names(p, device_name, header["triton"], sglang, "down"):
             if (out_dir / n).exists():
                 raise ExportError(f"--merge: {out_dir / n} pairs with every entry of the table "
@@ -288,7 +285,7 @@ def export_configs(
             if side is not None else out_dir / n  # a merge that changes nothing writes nothing
             for n, _, ents, side in tables
         ]  # fmt: skip
-        if down is None and not merge:
+        if down is None:  # (a merge has refused a table with a _down beside it)
             _remove_stale_down(out_dir, _names(p, device_name, header["triton"], sglang, "down"),
                                warnings)  # fmt: skip
     except OSError as e:
