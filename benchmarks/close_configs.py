@@ -35,6 +35,7 @@ import smi_log
 import torch
 
 from moetune.check import check_op
+from moetune.evaluate import Workload
 from moetune.inputs import static_activation_scales, timing_input_sets
 from moetune.ops import fused_experts
 from moetune.presets import preset_problem
@@ -73,7 +74,7 @@ def time_point(problem, sets, M: int, names: list[str], rounds: int, replays: in
     """Check each config of ``names`` at batch size ``M``, then time them interleaved."""
     configs = {n: parse(n) for n in names}
     configs[f"{names[0]}-again"] = configs[names[0]]
-    ins = [((x[:M], w1, w2, tw[:M], ti[:M]), kw) for (x, w1, w2, tw, ti), kw in sets]
+    ins = [Workload.slice(s, M) for s in sets]
     if problem.takes_static_scales:
         ins = [(args, {**kw, **static_activation_scales(args, kw)}) for args, kw in ins]
     ref = Reference(*ins[0][0], **ins[0][1])
