@@ -23,7 +23,7 @@ for spec in "$@"; do
   bs=${BS:-1}; name=$model-tp$tp-${quant:-$native}-m${bs//,/-}
   q=(); [ -n "${quant:-}" ] && q=(--quant "$quant")
   timeout "${SWEEP_S:-110}" python3 -m moetune.cli sweep --model "$model" --tp "$tp" "${q[@]}" \
-    --batch-sizes "${BS:-1}" --space full --strategy exhaustive --incumbent auto \
+    --batch-sizes "$bs" --space full --strategy exhaustive --incumbent auto \
     --restrict BLOCK_SIZE_M=16 --restrict BLOCK_SIZE_N=32,64,128 \
     --restrict BLOCK_SIZE_K=64,128,256 --restrict GROUP_SIZE_M=1,16,32 \
     --restrict num_stages=3,4,5 --json --journal $R/$name.jsonl --out $R/configs/$name \
