@@ -45,8 +45,10 @@ def main(confirm_dir: Path, journals: Path, configs: Path) -> None:
             _, best = best_entries(sources)
             for p in points:  # the journals' entry must be the config the timing confirmed
                 if p["M"] in keep and best.get(p["M"]) != parse(p["rows"][1]["config"]):
-                    raise SystemExit(f"Error: {path.stem} M={p['M']}: the journals' entry "
-                                     f"{best.get(p['M'])} is not {p['rows'][1]['config']}")
+                    raise SystemExit(
+                        f"Error: {path.stem} M={p['M']}: the journals' entry "
+                        f"{best.get(p['M'])} is not {p['rows'][1]['config']}"
+                    )
             res = export_configs(sources, configs, merge=True, batch_sizes=keep)
             for w in res.warnings:
                 print(f"  warning: {w}")

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from moetune.align import RoutingBlocks, max_padded_slots
+from moetune.launch import signal_gemm1
 from moetune.quant import FP8_DTYPES, quant_max
 from moetune.quant_kernel import COLS, fp8_min_exp, quantize_fp8
 
@@ -72,8 +73,10 @@ def _place_kernel(
     ids_ptr, counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, total_ptr, map_ptr,
     num_slots, num_experts, num_blocks,
     BLOCK_M: tl.constexpr, E_BINS: tl.constexpr, CHUNK: tl.constexpr, BLOCKS: tl.constexpr,
-    HAS_MAP: tl.constexpr,
+    HAS_MAP: tl.constexpr, SIGNAL: tl.constexpr = False,
 ):  # fmt: skip
+    if SIGNAL:  # GEMM1, a programmatic dependent, may launch now (it waits for this one's memory)
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     bins = tl.arange(0, E_BINS)
     counts = tl.load(counts_ptr + bins, mask=bins < num_experts, other=0)
@@ -110,8 +113,10 @@ def _one_program_kernel(
     x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, qmax,
     BLOCK_M: tl.constexpr, E_BINS: tl.constexpr, SLOTS: tl.constexpr, FILL: tl.constexpr,
     HAS_MAP: tl.constexpr, QUANT: tl.constexpr = False, COLS: tl.constexpr = 1024,
-    MIN_EXP: tl.constexpr = -6,
+    MIN_EXP: tl.constexpr = -6, SIGNAL: tl.constexpr = False,
 ):  # fmt: skip
+    if SIGNAL:  # GEMM1, a programmatic dependent, may launch now (it waits for this one's memory)
+        tl.extra.cuda.gdc_launch_dependents()
     if QUANT:
         pid = tl.program_id(0)
         if pid > 0:
@@ -232,7 +237,7 @@ def moe_align_block_size(
             num_slots, num_experts, max_padded, num_blocks,
             x, q, scale, K, stride_x, stride_q, qmax,
             BLOCK_M=block_m, E_BINS=e_bins, SLOTS=max(16, triton.next_power_of_2(num_slots)),
-            FILL=FILL_CHUNK, HAS_MAP=expert_map is not None, **quant,
+            FILL=FILL_CHUNK, HAS_MAP=expert_map is not None, SIGNAL=signal_gemm1(device), **quant,
         )  # fmt: skip
         return RoutingBlocks(sorted_token_ids, expert_ids, total)
     if _quant is not None:
@@ -252,6 +257,6 @@ def moe_align_block_size(
         expert_map if expert_map is not None else counts,
         num_slots, num_experts, num_blocks,
         BLOCK_M=block_m, E_BINS=e_bins, CHUNK=SLOT_CHUNK, BLOCKS=BLOCK_CHUNK,
-        HAS_MAP=expert_map is not None,
+        HAS_MAP=expert_map is not None, SIGNAL=signal_gemm1(device),
     )  # fmt: skip
     return RoutingBlocks(sorted_token_ids, expert_ids, total)

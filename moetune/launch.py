@@ -60,10 +60,17 @@ BLOCK_SCALE_PER_TILE = True
 # GEMM and sum program waits for the kernel before it to complete and flush
 # (griddepcontrol.wait; at once where it was not launched as a dependent) before it touches
 # memory, and lets its own dependents launch (griddepcontrol.launch_dependents: before the wait,
-# or after the GEMM's K loop, PDL_TRIGGER). GEMM1 launches as before: the kernel ahead of it may
-# be the caller's. 2-3 µs faster a call at 36 of 42 points on an H100, up to 13% at M=1
-# (results/kernels/NOTES.md §22). Changing it changes the op's timings: bump the version.
+# or after the GEMM's K loop, PDL_TRIGGER). 2-3 µs faster a call at 36 of 42 points on an H100,
+# up to 13% at M=1 (results/kernels/NOTES.md §22). Changing it changes the op's timings: bump the
+# version.
 PDL = True
+# GEMM1 launches as a dependent too where the kernel ahead of it is the op's own (the routing
+# launch, or the input's quantization: ops.gemm1_dependent), and those kernels let their
+# dependents launch first thing. Never where the kernel ahead may be the caller's (a one-token
+# bf16 launch): GEMM1's programs waiting on the SMs cost Mixtral and gpt-oss 10% at M=1 there
+# (results/kernels/NOTES.md §22, run0). Off until timed (§25). Changing it changes the op's
+# timings: bump the version.
+PDL_GEMM1 = False
 # Where both GEMMs' programs let their dependents launch: first thing ("early"), after the K loop
 # ("late"), or "auto": late in GEMM1 (whose dependent is GEMM2) of a one-token launch (direct
 # slots, an exact grid) of at least PDL_LATE_MIN_PROGRAMS programs, early otherwise. On an H100
@@ -185,13 +192,13 @@ def _nvidia_sm90(device: torch.device) -> bool:
     return False
 
 
-def late_trigger(direct: bool, programs: int, dependent: bool) -> bool:
+def late_trigger(direct: bool, programs: int, down: bool) -> bool:
     """Whether a GEMM launch of ``programs`` programs signals its dependents after its K loop
-    (:data:`PDL_TRIGGER`); ``dependent``: it is GEMM2, launched as the op's dependent."""
+    (:data:`PDL_TRIGGER`); ``down``: it is GEMM2 (whose dependent is the small sum kernel)."""
     if PDL_TRIGGER not in ("early", "late", "auto"):
         raise ValueError(f"PDL_TRIGGER must be early, late or auto, got {PDL_TRIGGER!r}")
     if PDL_TRIGGER == "auto":
-        return direct and not dependent and programs >= PDL_LATE_MIN_PROGRAMS
+        return direct and not down and programs >= PDL_LATE_MIN_PROGRAMS
     return PDL_TRIGGER == "late"
 
 
@@ -201,6 +208,12 @@ def use_pdl(device: torch.device) -> bool:
     if not PDL or not _HAS_PDL or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return _nvidia_sm90(device)
+
+
+def signal_gemm1(device: torch.device) -> bool:
+    """Whether the op's kernels that may run right before GEMM1 (the routing and quantization
+    launches) let their dependents launch first thing (:data:`PDL_GEMM1`)."""
+    return PDL_GEMM1 and use_pdl(device)
 
 
 def _compile_target() -> Any:
@@ -235,6 +248,7 @@ def invoke_moe_gemm(
     out_scale: torch.Tensor | None = None,
     sum_topk: int = 0,
     dependent: bool = False,
+    down: bool = False,
 ) -> None:
     """``c[slot] = epilogue(a[slot // top_k] · b[expert(slot)]ᵀ)`` for every routed slot.
 
@@ -246,8 +260,9 @@ def invoke_moe_gemm(
     the caller, and each slot's cast output is added atomically to row ``slot // k``.
     ``routing`` is the expert-sorted blocks, or :class:`moetune.align.DirectSlots` (one block a
     slot, no routing launch). ``dependent``: the kernel launched before this one is the op's
-    own, so with :data:`PDL` this launch may start before it finishes. The caller has validated
-    shapes; this checks the config and launches.
+    own, so with :data:`PDL` this launch may start before it finishes; ``down``: this is the op's
+    GEMM2 (:func:`late_trigger`). The caller has validated shapes; this checks the config and
+    launches.
     """
     validate_config(config, block_shape)
     num_slots = a.shape[0] * top_k  # not c's rows: with sum_topk c has one row per token
@@ -363,7 +378,7 @@ def invoke_moe_gemm(
         SUM_TOPK=sum_topk,
         B_TMA=b_tma,
         USE_PDL=pdl,
-        PDL_LATE_TRIGGER=late_trigger(direct, grid[0], dependent) and pdl,  # checks the switch
+        PDL_LATE_TRIGGER=late_trigger(direct, grid[0], down) and pdl,  # checks the switch
         B_SCALE_PER_TILE=block_scale_per_tile(block_shape, act, b_tma, N, bn),
         **launch,
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from moetune import launch
 from moetune.activation import apply_activation, apply_activation_quantized, apply_activation_torch
 from moetune.align import direct_slots, moe_align_block_size_torch
 from moetune.align_kernel import align_and_quantize, moe_align_block_size
@@ -137,6 +138,14 @@ def fuse_gemm1(M: int, static_fp8: bool) -> bool:
     return not static_fp8 or limit is None or limit >= M
 
 
+def gemm1_dependent(direct: bool, quantized: bool) -> bool:
+    """Whether GEMM1 launches as a programmatic dependent (:data:`moetune.launch.PDL_GEMM1`):
+    where the kernel ahead of it is the op's own, the routing launch (no ``direct`` slots) or the
+    input's quantization (``quantized``). The same answer in compile processes, where those
+    steps run in PyTorch: the launch flag is part of the compiled kernel."""
+    return launch.PDL_GEMM1 and (not direct or quantized)
+
+
 def sum_topk_in_gemm2(M: int, topk: int) -> bool:
     """Whether the op sums over top-k in GEMM2's epilogue for ``M`` tokens (compile processes
     follow it too). Never for ``topk == 1``: there is nothing to sum, and fp32 atomics into a
@@ -235,7 +244,8 @@ def fused_experts(
                   block_shape=block)  # fmt: skip
 
     gemm1 = dict(routing=routing, config=config, top_k=topk, a_scale=a1s, b_scale=w1_scale,
-                 bias=w1_bias, **common)  # fmt: skip
+                 bias=w1_bias, dependent=gemm1_dependent(direct, qdtype is not None),
+                 **common)  # fmt: skip
     static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None
     # Compile processes take the fused paths too: they must compile the kernel the op runs.
     fuse = fuse_gemm1(M, static_fp8)
@@ -266,7 +276,7 @@ def fused_experts(
     # GEMM2 follows a kernel of the op's own (GEMM1, the activation, a quantization, or the fill
     # of the zeros below): with launch.PDL it may start while that one finishes.
     gemm2 = dict(config=config_down, top_k=1, a_scale=a2s, b_scale=w2_scale, bias=w2_bias,
-                 topk_weights=topk_weights.reshape(-1).float(), dependent=True,
+                 topk_weights=topk_weights.reshape(-1).float(), dependent=True, down=True,
                  **common)  # fmt: skip
     if sum_topk_in_gemm2(M, topk):
         # Zeros, never the poison: the slots are added into it (see poisoned_workspace).

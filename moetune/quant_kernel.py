@@ -92,8 +92,11 @@ def _quant_tensor_kernel(
     x_ptr, q_ptr, scale_ptr, amax_ptr, T, K, stride_x, stride_q, qmax, min_amax,
     DYNAMIC: tl.constexpr, PER_ROW_SCALE: tl.constexpr, COLS: tl.constexpr,
     MIN_EXP: tl.constexpr,
+    SIGNAL: tl.constexpr = False,
 ):  # fmt: skip
     """Per-tensor (dynamic: from ``amax_ptr``; static: ``scale_ptr``) or static per-row scale."""
+    if SIGNAL:  # the op's next kernel (a programmatic dependent) may launch now
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     col_block = tl.program_id(1)
     if DYNAMIC:
@@ -116,8 +119,11 @@ def _quant_tensor_kernel(
 def _quant_group_kernel(
     x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, stride_s, qmax, min_amax,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, MIN_EXP: tl.constexpr,
+    SIGNAL: tl.constexpr = False,
 ):  # fmt: skip
     """Dynamic scale per (row, group of GROUP columns); GROUP = K for per-token scales."""
+    if SIGNAL:  # the op's next kernel (a programmatic dependent) may launch now
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     start = g * GROUP
@@ -144,11 +150,14 @@ def _quant_group_kernel(
 def _quant_group_rows_kernel(
     x_ptr, q_ptr, scale_ptr, T, K, stride_x, stride_q, stride_s, qmax, min_amax,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, MIN_EXP: tl.constexpr,
+    SIGNAL: tl.constexpr = False,
 ):  # fmt: skip
     """Dynamic scale per (row, group of GROUP <= BLOCK columns), for ROWS rows of one group per
     program: the ``[ROWS, BLOCK]`` tile is loaded once and kept in registers between its amax
     and its quantization (a program per row and group of 128 columns, one column per thread,
     loading it twice, was 5x off the copy's bandwidth on an H100)."""
+    if SIGNAL:  # the op's next kernel (a programmatic dependent) may launch now
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     g = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -194,6 +203,7 @@ def quantize_activation_fast(
     qmax = quant_max(qdtype)
     min_exp = fp8_min_exp(qdtype)
     q = torch.empty((T, K), dtype=qdtype, device=x.device)
+    signal = _signal(x.device)
     if group_k is not None or (scale is None and per_token):
         group = group_k if group_k is not None else K
         n_groups = triton.cdiv(K, group)
@@ -207,12 +217,12 @@ def quantize_activation_fast(
             rows = min(max(1, GROUP_TILE // block), triton.next_power_of_2(want))
             _quant_group_rows_kernel[(triton.cdiv(T, rows), n_groups)](
                 x, q, s, T, K, x.stride(0), q.stride(0), s.stride(0), qmax, _MIN_AMAX,
-                GROUP=group, BLOCK=block, ROWS=rows, MIN_EXP=min_exp,
+                GROUP=group, BLOCK=block, ROWS=rows, MIN_EXP=min_exp, SIGNAL=signal,
             )  # fmt: skip
             return q, s
         _quant_group_kernel[(T, n_groups)](
             x, q, s, K, x.stride(0), q.stride(0), s.stride(0), qmax, _MIN_AMAX,
-            GROUP=group, BLOCK=min(COLS, block), MIN_EXP=min_exp,
+            GROUP=group, BLOCK=min(COLS, block), MIN_EXP=min_exp, SIGNAL=signal,
         )  # fmt: skip
         return q, s
     grid = (T, triton.cdiv(K, COLS))
@@ -222,12 +232,19 @@ def quantize_activation_fast(
         _amax_kernel[grid](x, amax, T, K, x.stride(0), COLS=COLS)
         _quant_tensor_kernel[grid](
             x, q, out_scale, amax, T, K, x.stride(0), q.stride(0), qmax, _MIN_AMAX,
-            DYNAMIC=True, PER_ROW_SCALE=False, COLS=COLS, MIN_EXP=min_exp,
+            DYNAMIC=True, PER_ROW_SCALE=False, COLS=COLS, MIN_EXP=min_exp, SIGNAL=signal,
         )  # fmt: skip
         return q, out_scale
     scale = static_scale(scale, T).contiguous()  # the kernel reads it at unit stride
     _quant_tensor_kernel[grid](
         x, q, scale, scale, T, K, x.stride(0), q.stride(0), qmax, _MIN_AMAX,
         DYNAMIC=False, PER_ROW_SCALE=scale.dim() == 2, COLS=COLS, MIN_EXP=min_exp,
+        SIGNAL=signal,
     )  # fmt: skip
     return q, scale
+
+
+def _signal(device: torch.device) -> bool:
+    from moetune.launch import signal_gemm1  # imported here: launch imports this module
+
+    return signal_gemm1(device)
