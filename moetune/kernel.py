@@ -131,6 +131,8 @@ def fused_moe_kernel(
     ``EM`` is a static upper bound on the padded slot count, so the launch needs no host
     synchronisation; programs past ``num_tokens_post_padded`` return at once.
     """
+    # The launcher checks it too (launch.invoke_moe_gemm): one static scale for the whole input.
+    tl.static_assert(not QUANT_A or (use_fp8_w8a8 and not per_channel_quant and group_k == 0))
     # Grouped ordering of the tiles, so programs that share B columns run close in time.
     pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)

@@ -66,10 +66,11 @@ BLOCK_SCALE_PER_TILE = True
 PDL = True
 # GEMM1 launches as a dependent too where the kernel ahead of it is the op's own (the routing
 # launch, or the input's quantization: ops.gemm1_dependent), and those kernels let their
-# dependents launch first thing. Never where the kernel ahead may be the caller's (a one-token
-# bf16 launch): GEMM1's programs waiting on the SMs cost Mixtral and gpt-oss 10% at M=1 there
-# (results/kernels/NOTES.md §22, run0). Off until timed (§25). Changing it changes the op's
-# timings: bump the version.
+# dependents launch first thing (the quantization kernels wherever they run: ahead of GEMM2 too,
+# where they re-quantize its input with dynamic, per-token or block scales). Never where the
+# kernel ahead may be the caller's (a one-token bf16 launch): GEMM1's programs waiting on the
+# SMs cost Mixtral and gpt-oss 10% at M=1 there (results/kernels/NOTES.md §22, run0). Off until
+# timed (§25). Changing it changes the op's timings: bump the version.
 PDL_GEMM1 = False
 # Where both GEMMs' programs let their dependents launch: first thing ("early"), after the K loop
 # ("late"), or "auto": late in GEMM1 (whose dependent is GEMM2) of a one-token launch (direct

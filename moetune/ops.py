@@ -62,12 +62,12 @@ TOPK_SUM_KERNEL = True
 # an H100, 0.5-0.9 µs with static fp8 (results/kernels/NOTES.md §20). Changing it changes the
 # op's timings: bump the version.
 DIRECT_SLOTS_MAX_M: int | None = 1
-# fp8_w8a8 with one static per-tensor input scale, on direct slots (M=1): GEMM1 quantizes the
-# input's tiles itself (launch.invoke_moe_gemm's quantize_a: the same bits) instead of a launch
-# of its own ahead of it. Only there: from M=2 the quantization rides in the routing launch
-# (QUANTIZE_IN_ROUTING), and past it each of GEMM1's column tiles would quantize the same rows
-# again. Off until timed (results/kernels/NOTES.md §25). Changing it changes the op's timings:
-# bump the version.
+# fp8_w8a8 with one static per-tensor input scale, on direct slots (DIRECT_SLOTS_MAX_M: one
+# token): GEMM1 quantizes the input's tiles itself (launch.invoke_moe_gemm's quantize_a: the
+# same bits) instead of a launch of its own ahead of it. Each of GEMM1's column tiles quantizes
+# the same rows again, a few KB at one token; with more tokens the quantization rides in the
+# routing launch (QUANTIZE_IN_ROUTING) or, at prefill sizes, is worth its own launch. Off until
+# timed (results/kernels/NOTES.md §25). Changing it changes the op's timings: bump the version.
 QUANTIZE_IN_GEMM1 = False
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)

@@ -128,18 +128,20 @@ def compile_inputs(
     epilogue; with ``ops.SUM_TOPK_IN_GEMM2_MIN_M`` set (top-k > 1) a set on each side of it,
     where GEMM2 stores slot rows or sums them (a large limit makes a large problem to compile
     from: its routing and activation run in PyTorch on CPU for each candidate); with
-    ``launch.PDL_TRIGGER`` "auto" and ``ops.DIRECT_SLOTS_MAX_M`` set, one token, whose GEMM1 may
-    signal late (:func:`moetune.launch.late_trigger`: another constexpr)."""
+    ``ops.DIRECT_SLOTS_MAX_M`` set, one token, whose GEMM1 on direct slots may build another
+    kernel: a late trigger (:func:`moetune.launch.late_trigger`), no dependent launch flag
+    (:func:`moetune.ops.gemm1_dependent`; the flag is part of Triton's compile key), or the
+    input quantized in the kernel (``ops.QUANTIZE_IN_GEMM1``)."""
     import torch
 
-    from moetune import launch, ops
+    from moetune import ops
     from moetune.inputs import random_moe_inputs
 
     sizes = [16]
     limit = ops.FUSE_GEMM1_STATIC_FP8_MAX_M
     if act_scales == "static" and problem.quant == "fp8_w8a8" and limit is not None:
         sizes = [max(1, min(16, limit)), limit + 1]  # one at or below it, one above
-    if launch.PDL and launch.PDL_TRIGGER == "auto" and ops.DIRECT_SLOTS_MAX_M:
+    if ops.DIRECT_SLOTS_MAX_M:
         sizes.append(1)
     start = ops.SUM_TOPK_IN_GEMM2_MIN_M
     if start is not None and problem.topk > 1:

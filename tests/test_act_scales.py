@@ -8,7 +8,7 @@ from conftest import HAS_GPU
 from helpers import record_launches
 from typer.testing import CliRunner
 
-from moetune import launch, ops
+from moetune import ops
 from moetune.cli import app
 from moetune.evaluate import Workload
 from moetune.journal import JournalError, read_journal
@@ -49,7 +49,7 @@ def test_run_sweep_refuses_static_scales_where_they_do_not_apply(tmp_path):
 
 @pytest.mark.parametrize(("limit", "sizes"), [(20, [16, 21]), (8, [8, 9]), (None, [16])])
 def test_compile_inputs_cover_both_sides_of_the_static_fp8_limit(monkeypatch, limit, sizes):
-    monkeypatch.setattr(launch, "PDL_TRIGGER", "early")  # no one-token set (test_pdl.py)
+    monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", None)  # no one-token set (test_pdl.py)
     monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", limit)
     sets = compile_inputs(FP8, "cpu", torch.float8_e4m3fn, "static")
     assert [a[0].shape[0] for a, _ in sets] == sizes

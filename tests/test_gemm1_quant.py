@@ -41,10 +41,10 @@ def _case(M, topk, device, *, activation="silu", fp8=torch.float8_e4m3fn, per_ch
     return case
 
 
-def _op(case, monkeypatch, on):
+def _op(case, monkeypatch, on, config=SMALL):
     monkeypatch.setattr(ops, "QUANTIZE_IN_GEMM1", on)
     with poisoned_workspace():
-        return fused_experts(*case.args(), config=SMALL, **case.kwargs)
+        return fused_experts(*case.args(), config=config, **case.kwargs)
 
 
 def _count_quantizations(monkeypatch) -> list[int]:
@@ -58,29 +58,32 @@ def _count_quantizations(monkeypatch) -> list[int]:
     return calls
 
 
+# 64 rows: the weights through TMA where the GPU has it (launch.WEIGHTS_TMA_MIN_BLOCK_M).
+WIDE = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1}
+
+
 @pytest.mark.parametrize(
-    ("activation", "fuse_max", "fp8", "K"),
+    ("activation", "fuse_max", "fp8", "K", "config"),
     [
-        pytest.param("silu", 64, torch.float8_e4m3fn, 72, id="silu-fused-K-tail"),
-        pytest.param("swigluoai", 64, torch.float8_e4m3fn, 64, id="swigluoai"),
-        pytest.param("silu", 0, torch.float8_e4m3fn, 72, id="separate-activation"),
-        pytest.param("silu", 64, torch.float8_e4m3fnuz, 72, id="e4m3fnuz", marks=FNUZ_SKIP),
+        pytest.param("silu", 64, torch.float8_e4m3fn, 72, SMALL, id="silu-fused-K-tail"),
+        pytest.param("swigluoai", 64, torch.float8_e4m3fn, 64, SMALL, id="swigluoai"),
+        pytest.param("silu", 0, torch.float8_e4m3fn, 72, SMALL, id="separate-activation"),
+        pytest.param("silu", 64, torch.float8_e4m3fn, 64, WIDE, id="64-rows"),
+        pytest.param("silu", 64, torch.float8_e4m3fnuz, 72, SMALL, id="e4m3fnuz", marks=FNUZ_SKIP),
     ],
 )
 def test_one_token_gives_the_same_bits_without_the_quantization_launch(
-    activation, fuse_max, fp8, K, device, monkeypatch
+    activation, fuse_max, fp8, K, config, device, monkeypatch
 ):
-    if fp8 == torch.float8_e4m3fnuz and device == "cuda":
-        pytest.skip("e4m3fnuz: AMD only")
     monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", fuse_max)
     monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", 1)
     case = _case(1, 2, device, activation=activation, fp8=fp8, K=K)
     scale = float(case.kwargs["a1_scale"])
     assert bool((case.x.float() / scale).abs().gt(quant_max(fp8)).any()), "no input clamps"
     calls = _count_quantizations(monkeypatch)
-    before = _op(case, monkeypatch, on=False)
+    before = _op(case, monkeypatch, on=False, config=config)
     assert len(calls) == 1, "switched off, the input is quantized in its own launch"
-    after = _op(case, monkeypatch, on=True)
+    after = _op(case, monkeypatch, on=True, config=config)
     assert len(calls) == 1, "switched on, the input was quantized in its own launch again"
     assert not torch.isnan(after).any()
     assert torch.equal(after, before)
@@ -94,14 +97,51 @@ def test_outside_its_reach_the_input_keeps_its_launch(device, monkeypatch):
     calls = _count_quantizations(monkeypatch)
     dynamic = _case(1, 2, device)
     del dynamic.kwargs["a1_scale"]
+    mapped = _case(1, 2, device)  # an expert map: no direct slots
+    mapped.kwargs["expert_map"] = torch.arange(6, dtype=torch.int32, device=device)
+    int8 = make_case(1, 6, 32, 64, 2, F16, device, quant="int8_w8a8")
+    block = make_case(1, 6, 64, 128, 2, F16, device, quant="fp8_w8a8", block_shape=(32, 32))
     # Two tokens: routed (their quantization rides in the routing launch, or has its own).
     monkeypatch.setattr(ops, "QUANTIZE_IN_ROUTING", False)
-    for case in (_case(2, 2, device), _case(1, 2, device, per_channel=True), dynamic):
+    cases = {"two tokens": (_case(2, 2, device), "fp8_w8a8"),
+             "per-token scale": (_case(1, 2, device, per_channel=True), "fp8_w8a8"),
+             "dynamic scale": (dynamic, "fp8_w8a8"), "expert map": (mapped, "fp8_w8a8"),
+             "int8": (int8, "int8_w8a8"), "block scales": (block, "fp8_w8a8")}  # fmt: skip
+    for why, (case, quant) in cases.items():
         calls.clear()
-        out = _op(case, monkeypatch, on=True)
-        assert len(calls) == 1, "the input's own quantization launch did not run"
+        before = _op(case, monkeypatch, on=False)
+        launches = len(calls)  # the input's, and GEMM2's input's where it is quantized apart
+        assert launches >= 1, why
+        after = _op(case, monkeypatch, on=True)
+        assert len(calls) == 2 * launches, f"{why}: the input's own quantization did not run"
+        assert torch.equal(after, before), why
         ref = fused_experts_reference(*case.args(), **case.kwargs)
-        assert check_close(out, ref, dtype=F16, quant="fp8_w8a8").ok
+        assert check_close(after, ref, dtype=F16, quant=quant).ok, why
+
+
+@pytest.mark.parametrize(
+    ("M", "quant", "on", "quantize_a", "dependent"),
+    [(1, "fp8", True, True, False), (1, "fp8", False, False, True), (1, None, True, False, False),
+     (2, "fp8", True, False, True), (2, None, False, False, True)],
+)  # fmt: skip
+def test_gemm1_launch_flags(M, quant, on, quantize_a, dependent, device, monkeypatch):
+    """GEMM1 quantizes its input on one token's static fp8 alone, and launches as a dependent
+    (launch.PDL_GEMM1) where an op's kernel ran ahead of it: routing, or the quantization."""
+    from moetune import launch
+
+    monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", 1)
+    monkeypatch.setattr(launch, "PDL_GEMM1", True)
+    seen, real = [], ops.invoke_moe_gemm
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("quantize_a", False), kwargs.get("dependent", False)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "invoke_moe_gemm", spy)
+    case = _case(M, 2, device) if quant else make_case(M, 6, 32, 64, 2, F16, device)
+    _op(case, monkeypatch, on=on)
+    assert seen[0] == (quantize_a, dependent)
+    assert seen[1] == (False, True), "GEMM2 always follows the op's own kernel"
 
 
 def test_the_launcher_refuses_what_it_cannot_quantize(device):

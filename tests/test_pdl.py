@@ -194,17 +194,20 @@ def test_late_trigger(trigger, direct, programs, down, late, monkeypatch):
     assert launch.late_trigger(direct, programs, down) is late
 
 
-@pytest.mark.parametrize(("trigger", "one_token"), [("auto", True), ("early", False)])
-def test_compile_inputs_include_one_token_where_gemm1_may_signal_late(trigger, one_token,
-                                                                     monkeypatch):  # fmt: skip
-    """A one-token GEMM1 may compile with the late trigger, a constexpr the 16-token warm-up
-    never sets: compile processes warm up at one token too, so M=1 sweeps time no compile."""
+@pytest.mark.parametrize(("direct_max", "one_token"), [(1, True), (None, False)])
+@pytest.mark.parametrize("trigger", ["auto", "early"])
+def test_compile_inputs_include_one_token_on_direct_slots(direct_max, one_token, trigger,
+                                                          monkeypatch):  # fmt: skip
+    """A one-token GEMM1 on direct slots may compile another kernel than the 16-token warm-up
+    builds (the late trigger, no launch_pdl flag, the input quantized in the kernel): compile
+    processes warm up at one token too wherever one token takes direct slots, so M=1 sweeps
+    time no compile."""
     from moetune import ops
     from moetune.precompile import compile_inputs
     from moetune.problem import Problem
 
     monkeypatch.setattr(launch, "PDL_TRIGGER", trigger)
-    monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", 1)
+    monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", direct_max)
     monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", 64)
     plain = Problem(4, 32, 64, 2, "float16")
     fp8 = Problem(4, 32, 64, 2, "float16", quant="fp8_w8a8")
