@@ -33,7 +33,7 @@ Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--p
        [--quants bf16,fp8_w8a8]
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
        auto-tma,auto-bound,auto-bs,auto-gq,auto-direct,
-       auto-pdl,auto-pdl-early,auto-pdl-late,auto-pdl1,auto-qa,auto-pdl1-qa]]
+       auto-pdl,auto-pdl-early,auto-pdl-late,auto-pdl1]]
 A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
 quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
 ``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
@@ -44,8 +44,7 @@ or the routing launch); ``auto-pdl`` switches ``launch.PDL`` (GEMM2 and
 the sum over top-k as programmatic dependent launches; ``auto-pdl-early`` and ``auto-pdl-late``
 with the GEMMs' trigger at their programs' start or after their K loop); ``auto-pdl1``
 switches ``launch.PDL_GEMM1`` (GEMM1 as a dependent of the op's routing or quantization
-launch); ``auto-qa`` switches ``ops.QUANTIZE_IN_GEMM1`` (one token's static fp8 input
-quantized in GEMM1, not in a launch of its own); ``auto-pdl1-qa`` both. A kernel launched more than
+launch). A kernel launched more than
 once a call (the two GEMMs) is reported per launch, ``name#1`` first.
 """
 
@@ -95,7 +94,6 @@ class Flags(NamedTuple):
     pdl: bool = launch.PDL  # launch.PDL
     pdl_trigger: str = launch.PDL_TRIGGER  # launch.PDL_TRIGGER
     pdl_gemm1: bool = launch.PDL_GEMM1  # launch.PDL_GEMM1
-    quantize_in_gemm1: bool = ops.QUANTIZE_IN_GEMM1  # ops.QUANTIZE_IN_GEMM1
 
 
 DEFAULTS = Flags(
@@ -113,7 +111,6 @@ DEFAULTS = Flags(
     launch.PDL,
     launch.PDL_TRIGGER,
     launch.PDL_GEMM1,
-    ops.QUANTIZE_IN_GEMM1,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
@@ -143,10 +140,6 @@ VARIANTS = {
     "auto-pdl-early": DEFAULTS._replace(pdl=True, pdl_trigger="early"),
     "auto-pdl-late": DEFAULTS._replace(pdl=True, pdl_trigger="late"),
     "auto-pdl1": DEFAULTS._replace(pdl_gemm1=not launch.PDL_GEMM1),
-    "auto-qa": DEFAULTS._replace(quantize_in_gemm1=not ops.QUANTIZE_IN_GEMM1),
-    "auto-pdl1-qa": DEFAULTS._replace(
-        pdl_gemm1=not launch.PDL_GEMM1, quantize_in_gemm1=not ops.QUANTIZE_IN_GEMM1
-    ),
 }
 
 
@@ -201,7 +194,6 @@ def _use(flags: Flags) -> None:
     launch.PDL = flags.pdl
     launch.PDL_TRIGGER = flags.pdl_trigger
     launch.PDL_GEMM1 = flags.pdl_gemm1
-    ops.QUANTIZE_IN_GEMM1 = flags.quantize_in_gemm1
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

@@ -57,7 +57,7 @@ def fused_moe_kernel(
     out_scale_ptr,  # QUANT_OUT: static scale of the activation, [1], or [T_c] per row
     alpha,  # swigluoai's constants
     limit,
-    qmax,  # QUANT_OUT, QUANT_A: the fp8 format's largest value (one format: c's is B's)
+    qmax,  # QUANT_OUT: the fp8 format's largest value
     # Sizes
     N,
     K,
@@ -106,7 +106,7 @@ def fused_moe_kernel(
     SILU_PAIRS: tl.constexpr = False,
     QUANT_OUT: tl.constexpr = False,
     PER_ROW_SCALE: tl.constexpr = False,
-    MIN_EXP: tl.constexpr = -6,  # QUANT_OUT, QUANT_A: the fp8 format's smallest normal exponent
+    MIN_EXP: tl.constexpr = -6,  # QUANT_OUT: the fp8 format's smallest normal exponent
     # k > 0 (ACTIVATION 0 only): atomically add slot rows into token rows slot // k of an fp32 c
     # instead of storing them. Its own parameter: GEMM2 runs with top_k = 1 (its A rows are slots).
     SUM_TOPK: tl.constexpr = 0,
@@ -121,18 +121,12 @@ def fused_moe_kernel(
     B_SCALE_PER_TILE: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,  # launched as a programmatic dependent (launch.PDL)
     PDL_LATE_TRIGGER: tl.constexpr = False,  # dependents may launch after the K loop, not before
-    # fp8_w8a8 with a static per-tensor input scale: A arrives in the compute dtype and each tile
-    # is quantized here (qmax, MIN_EXP: B's fp8 format) with the quantization launch's
-    # arithmetic, so the bits of that launch without it (moetune.ops.QUANTIZE_IN_GEMM1).
-    QUANT_A: tl.constexpr = False,
 ):
     """Grid: ``(cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N),)``.
 
     ``EM`` is a static upper bound on the padded slot count, so the launch needs no host
     synchronisation; programs past ``num_tokens_post_padded`` return at once.
     """
-    # The launcher checks it too (launch.invoke_moe_gemm): one static scale for the whole input.
-    tl.static_assert(not QUANT_A or (use_fp8_w8a8 and not per_channel_quant and group_k == 0))
     # Grouped ordering of the tiles, so programs that share B columns run close in time.
     pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)
@@ -250,9 +244,6 @@ def fused_moe_kernel(
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_remaining = K - k * BLOCK_SIZE_K
         a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0)
-        if QUANT_A:  # zeros (masked lanes) quantize to zeros
-            a = quantize_fp8(a.to(tl.float32), a_scale, qmax, MIN_EXP)
-            a = a.to(b_ptr.dtype.element_ty)
         if B_TMA:  # TMA fills the K tail with zeros
             b = b_desc.load([b_row, k * BLOCK_SIZE_K]).T
         else:

@@ -69,9 +69,10 @@ PDL = True
 # dependents launch first thing (the quantization kernels wherever they run: ahead of GEMM2 too,
 # where they re-quantize its input with dynamic, per-token or block scales). Never where the
 # kernel ahead may be the caller's (a one-token bf16 launch): GEMM1's programs waiting on the
-# SMs cost Mixtral and gpt-oss 10% at M=1 there (results/kernels/NOTES.md §22, run0). Off until
-# timed (§25). Changing it changes the op's timings: bump the version.
-PDL_GEMM1 = False
+# SMs cost Mixtral and gpt-oss 10% at M=1 there (results/kernels/NOTES.md §22, run0). On an
+# H100 0.3-0.8 µs faster a call at 27 of the 27 points M = 1-512 it changes (§25). Changing it
+# changes the op's timings: bump the version.
+PDL_GEMM1 = True
 # Where both GEMMs' programs let their dependents launch: first thing ("early"), after the K loop
 # ("late"), or "auto": late in GEMM1 (whose dependent is GEMM2) of a one-token launch (direct
 # slots, an exact grid) of at least PDL_LATE_MIN_PROGRAMS programs, early otherwise. On an H100
@@ -250,7 +251,6 @@ def invoke_moe_gemm(
     sum_topk: int = 0,
     dependent: bool = False,
     down: bool = False,
-    quantize_a: bool = False,
 ) -> None:
     """``c[slot] = epilogue(a[slot // top_k] · b[expert(slot)]ᵀ)`` for every routed slot.
 
@@ -263,10 +263,8 @@ def invoke_moe_gemm(
     ``routing`` is the expert-sorted blocks, or :class:`moetune.align.DirectSlots` (one block a
     slot, no routing launch). ``dependent``: the kernel launched before this one is the op's
     own, so with :data:`PDL` this launch may start before it finishes; ``down``: this is the op's
-    GEMM2 (:func:`late_trigger`). ``quantize_a`` (fp8_w8a8 with a static per-tensor
-    ``a_scale``): ``a`` is in the compute dtype and the kernel quantizes its tiles to ``b``'s
-    fp8 format with the bits of :func:`moetune.quant_kernel.quantize_activation_fast`. The
-    caller has validated shapes; this checks the config and launches.
+    GEMM2 (:func:`late_trigger`). The caller has validated shapes; this checks the config and
+    launches.
     """
     validate_config(config, block_shape)
     num_slots = a.shape[0] * top_k  # not c's rows: with sum_topk c has one row per token
@@ -285,18 +283,6 @@ def invoke_moe_gemm(
                          f"out {list(c.shape)}")  # fmt: skip
     if quant_out != (out_scale is not None) or (quant_out and not act):
         raise ValueError("an fp8 output needs a fused activation and its static scale")
-    if quantize_a and (
-        quant != "fp8_w8a8"
-        or per_channel
-        or block_shape is not None
-        or a_scale is None
-        or a_scale.numel() != 1
-        or a.dtype != compute_dtype
-        or b.dtype not in FP8_DTYPES
-        or (quant_out and c.dtype != b.dtype)
-    ):
-        raise ValueError("quantize_a needs fp8_w8a8 with one static input scale, a in the "
-                         "compute dtype and fp8 weights (of the output's format)")  # fmt: skip
     bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
     direct = isinstance(routing, DirectSlots)
     if direct:
@@ -352,7 +338,7 @@ def invoke_moe_gemm(
         out_scale if out_scale is not None else dummy,
         SWIGLU_ALPHA,
         SWIGLU_LIMIT,
-        quant_max(b.dtype) if quantize_a else quant_max(c.dtype) if quant_out else 0.0,
+        quant_max(c.dtype) if quant_out else 0.0,
         N,
         K,
         EM,
@@ -390,12 +376,11 @@ def invoke_moe_gemm(
         SILU_PAIRS=(SILU_PAIRS or b_tma) and act == ACTIVATION_CODES["silu"],
         QUANT_OUT=quant_out,
         PER_ROW_SCALE=out_scale is not None and out_scale.numel() > 1,
-        MIN_EXP=fp8_min_exp(b.dtype) if quantize_a else fp8_min_exp(c.dtype) if quant_out else -6,
+        MIN_EXP=fp8_min_exp(c.dtype) if quant_out else -6,
         SUM_TOPK=sum_topk,
         B_TMA=b_tma,
         USE_PDL=pdl,
         PDL_LATE_TRIGGER=late_trigger(direct, grid[0], down) and pdl,  # checks the switch
         B_SCALE_PER_TILE=block_scale_per_tile(block_shape, act, b_tma, N, bn),
-        QUANT_A=quantize_a,
         **launch,
     )

@@ -62,13 +62,6 @@ TOPK_SUM_KERNEL = True
 # an H100, 0.5-0.9 µs with static fp8 (results/kernels/NOTES.md §20). Changing it changes the
 # op's timings: bump the version.
 DIRECT_SLOTS_MAX_M: int | None = 1
-# fp8_w8a8 with one static per-tensor input scale, on direct slots (DIRECT_SLOTS_MAX_M: one
-# token): GEMM1 quantizes the input's tiles itself (launch.invoke_moe_gemm's quantize_a: the
-# same bits) instead of a launch of its own ahead of it. Each of GEMM1's column tiles quantizes
-# the same rows again, a few KB at one token; with more tokens the quantization rides in the
-# routing launch (QUANTIZE_IN_ROUTING) or, at prefill sizes, is worth its own launch. Off until
-# timed (results/kernels/NOTES.md §25). Changing it changes the op's timings: bump the version.
-QUANTIZE_IN_GEMM1 = False
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
@@ -227,13 +220,9 @@ def fused_experts(
             and a1_scale is not None and not per_channel_quant and group_k is None):  # fmt: skip
         routed = align_and_quantize(topk_ids, config["BLOCK_SIZE_M"], args.global_num_experts,
                                     expert_map, hidden_states, a1_scale, qdtype)  # fmt: skip
-    one_scale = a1_scale is not None and a1_scale.numel() == 1 and not per_channel_quant
-    quantize_a = QUANTIZE_IN_GEMM1 and direct and qdtype in FP8_DTYPES and one_scale and not group_k
     if routed is not None:
         routing, a1 = routed
         a1s = static_scale(a1_scale, M).contiguous()
-    elif quantize_a:
-        routing, a1, a1s = direct_slots(topk_ids), hidden_states, static_scale(a1_scale, M)
     else:
         if direct:
             routing = direct_slots(topk_ids)
@@ -255,8 +244,7 @@ def fused_experts(
                   block_shape=block)  # fmt: skip
 
     gemm1 = dict(routing=routing, config=config, top_k=topk, a_scale=a1s, b_scale=w1_scale,
-                 bias=w1_bias, quantize_a=quantize_a,
-                 dependent=gemm1_dependent(direct, qdtype is not None and not quantize_a),
+                 bias=w1_bias, dependent=gemm1_dependent(direct, qdtype is not None),
                  **common)  # fmt: skip
     static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None
     # Compile processes take the fused paths too: they must compile the kernel the op runs.

@@ -129,9 +129,8 @@ def compile_inputs(
     where GEMM2 stores slot rows or sums them (a large limit makes a large problem to compile
     from: its routing and activation run in PyTorch on CPU for each candidate); with
     ``ops.DIRECT_SLOTS_MAX_M`` set, one token, whose GEMM1 on direct slots may build another
-    kernel: a late trigger (:func:`moetune.launch.late_trigger`), no dependent launch flag
-    (:func:`moetune.ops.gemm1_dependent`; the flag is part of Triton's compile key), or the
-    input quantized in the kernel (``ops.QUANTIZE_IN_GEMM1``)."""
+    kernel: a late trigger (:func:`moetune.launch.late_trigger`), or no dependent launch flag
+    (:func:`moetune.ops.gemm1_dependent`; the flag is part of Triton's compile key)."""
     import torch
 
     from moetune import ops

@@ -167,6 +167,36 @@ def test_gemm1_is_a_dependent_after_the_ops_own_kernel(switch, direct, quantized
     assert ops.gemm1_dependent(direct, quantized) is dependent
 
 
+@pytest.mark.parametrize(
+    ("M", "quant", "switch", "dependent"),
+    [(1, "fp8_w8a8", True, True), (1, None, True, False), (2, None, True, True),
+     (2, "fp8_w8a8", False, False)],
+)  # fmt: skip
+def test_the_op_launches_gemm1_as_a_dependent_after_its_own_kernel(
+    M, quant, switch, dependent, device, monkeypatch
+):
+    """What the op passes: one fp8 token (its input quantized first) and two tokens (the routing
+    launch first) make GEMM1 a dependent, one bf16 token (no kernel of the op's first) does not,
+    nor anything with launch.PDL_GEMM1 off. GEMM2 always is one."""
+    from moetune import ops
+
+    monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", 1)
+    monkeypatch.setattr(launch, "PDL_GEMM1", switch)
+    seen, real = [], ops.invoke_moe_gemm
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dependent", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "invoke_moe_gemm", spy)
+    case = make_case(M, 6, 32, 64, 2, torch.float16, device, quant=quant)
+    if quant:
+        case.kwargs.update(static_activation_scales(case.args(), case.kwargs))
+    config = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=1)
+    fused_experts(*case.args(), config=config, **case.kwargs)
+    assert seen == [dependent, True]
+
+
 def test_signal_gemm1_follows_the_switches(monkeypatch):
     from triton.backends.compiler import GPUTarget
 
