@@ -70,7 +70,7 @@ PDL = True
 # where they re-quantize its input with dynamic, per-token or block scales). Never where the
 # kernel ahead may be the caller's (a one-token bf16 launch): GEMM1's programs waiting on the
 # SMs cost Mixtral and gpt-oss 10% at M=1 there (results/kernels/NOTES.md §22, run0). On an
-# H100 0.3-0.8 µs faster a call at 27 of the 27 points M = 1-512 it changes (§25). Changing it
+# H100 0.06-2.5 µs faster a call at each of the 27 points M = 1-512 it changes (§25). Changing it
 # changes the op's timings: bump the version.
 PDL_GEMM1 = True
 # Where both GEMMs' programs let their dependents launch: first thing ("early"), after the K loop
