@@ -229,9 +229,8 @@ def test_late_trigger(trigger, direct, programs, down, late, monkeypatch):
 def test_compile_inputs_include_one_token_on_direct_slots(direct_max, one_token, trigger,
                                                           monkeypatch):  # fmt: skip
     """A one-token GEMM1 on direct slots may compile another kernel than the 16-token warm-up
-    builds (the late trigger, no launch_pdl flag, the input quantized in the kernel): compile
-    processes warm up at one token too wherever one token takes direct slots, so M=1 sweeps
-    time no compile."""
+    builds (the late trigger, no launch_pdl flag): compile processes warm up at one token too
+    wherever one token takes direct slots, so M=1 sweeps time no compile."""
     from moetune import ops
     from moetune.precompile import compile_inputs
     from moetune.problem import Problem
