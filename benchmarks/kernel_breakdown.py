@@ -33,7 +33,8 @@ Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--p
        [--quants bf16,fp8_w8a8]
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
        auto-tma,auto-bound,auto-bs,auto-gq,auto-direct,
-       auto-pdl,auto-pdl-early,auto-pdl-late,auto-pdl1]]
+       auto-pdl,auto-pdl-early,auto-pdl-late,auto-pdl1,auto-sorted,auto-sorted-in,
+       auto-sorted-ws]]
 A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
 quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
 ``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
@@ -44,7 +45,11 @@ or the routing launch); ``auto-pdl`` switches ``launch.PDL`` (GEMM2 and
 the sum over top-k as programmatic dependent launches; ``auto-pdl-early`` and ``auto-pdl-late``
 with the GEMMs' trigger at their programs' start or after their K loop); ``auto-pdl1``
 switches ``launch.PDL_GEMM1`` (GEMM1 as a dependent of the op's routing or quantization
-launch). A kernel launched more than
+launch); ``auto-sorted`` sets ``ops.SORTED_MIN_M`` to 1 (GEMM1's output at the routing's
+sorted positions, GEMM2 reading contiguous blocks through TMA), ``auto-sorted-in`` also
+``ops.SORTED_INPUT_MIN_M`` (the input gathered into sorted positions for GEMM1) and
+``auto-sorted-ws`` also ``launch.WARP_SPECIALIZE`` (the K loop warp-specialized where both
+operands come through TMA). A kernel launched more than
 once a call (the two GEMMs) is reported per launch, ``name#1`` first.
 """
 
@@ -94,6 +99,9 @@ class Flags(NamedTuple):
     pdl: bool = launch.PDL  # launch.PDL
     pdl_trigger: str = launch.PDL_TRIGGER  # launch.PDL_TRIGGER
     pdl_gemm1: bool = launch.PDL_GEMM1  # launch.PDL_GEMM1
+    sorted_min_m: int | None = ops.SORTED_MIN_M  # ops.SORTED_MIN_M
+    sorted_input_min_m: int | None = ops.SORTED_INPUT_MIN_M  # ops.SORTED_INPUT_MIN_M
+    warp_specialize: bool = launch.WARP_SPECIALIZE  # launch.WARP_SPECIALIZE
 
 
 DEFAULTS = Flags(
@@ -111,6 +119,9 @@ DEFAULTS = Flags(
     launch.PDL,
     launch.PDL_TRIGGER,
     launch.PDL_GEMM1,
+    ops.SORTED_MIN_M,
+    ops.SORTED_INPUT_MIN_M,
+    launch.WARP_SPECIALIZE,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
@@ -140,6 +151,9 @@ VARIANTS = {
     "auto-pdl-early": DEFAULTS._replace(pdl=True, pdl_trigger="early"),
     "auto-pdl-late": DEFAULTS._replace(pdl=True, pdl_trigger="late"),
     "auto-pdl1": DEFAULTS._replace(pdl_gemm1=not launch.PDL_GEMM1),
+    "auto-sorted": DEFAULTS._replace(sorted_min_m=1),
+    "auto-sorted-in": DEFAULTS._replace(sorted_min_m=1, sorted_input_min_m=1),
+    "auto-sorted-ws": DEFAULTS._replace(sorted_min_m=1, sorted_input_min_m=1, warp_specialize=True),
 }
 
 
@@ -194,6 +208,9 @@ def _use(flags: Flags) -> None:
     launch.PDL = flags.pdl
     launch.PDL_TRIGGER = flags.pdl_trigger
     launch.PDL_GEMM1 = flags.pdl_gemm1
+    ops.SORTED_MIN_M = flags.sorted_min_m
+    ops.SORTED_INPUT_MIN_M = flags.sorted_input_min_m
+    launch.WARP_SPECIALIZE = flags.warp_specialize
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

@@ -45,6 +45,7 @@ def fused_moe_kernel(
     a_ptr,  # [T_a, K]        activations: compute dtype, or fp8/int8 for w8a8
     b_ptr,  # [E, N, K]       weights: compute dtype, fp8 or int8
     b_desc,  # B_TMA: a TMA descriptor of b viewed as [E * N, K]; else unused (None)
+    a_desc,  # A_TMA: a TMA descriptor of a ([EM, K], A_SORTED's rows); else unused (None)
     c_ptr,  # [T_c, N] output rows, one per routed slot (compute dtype); [T_c, N / 2] after
     # ACTIVATION (compute dtype, or fp8 with QUANT_OUT); [T_c / SUM_TOPK, N] fp32 with SUM_TOPK
     bias_ptr,  # [E, N]       optional, any float dtype
@@ -119,6 +120,17 @@ def fused_moe_kernel(
     # in one N-group of the weight scales, so each K step loads one weight scale, not a vector
     # of BLOCK_SIZE_N gathered ones (the launcher decides, moetune.launch.block_scale_per_tile).
     B_SCALE_PER_TILE: tl.constexpr = False,
+    # A's rows are the routing's sorted positions ([EM, K]: row i holds sorted slot i, padded rows
+    # anything), not token rows gathered through sorted_token_ids: a block's rows are contiguous.
+    # Per-row scales of A (per-token, block) are then indexed by sorted position too.
+    A_SORTED: tl.constexpr = False,
+    A_TMA: tl.constexpr = False,  # A_SORTED's tiles through a_desc (Hopper's TMA)
+    # C's rows are the routing's sorted positions ([EM, N]), for a GEMM2 with A_SORTED: padded
+    # rows are left as they were. Not with SUM_TOPK.
+    C_SORTED: tl.constexpr = False,
+    # The K loop as Triton's warp-specialized loop (producer warps load, consumer warps multiply),
+    # which it applies where both operands come through TMA (A_TMA and B_TMA).
+    WARP_SPECIALIZE: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,  # launched as a programmatic dependent (launch.PDL)
     PDL_LATE_TRIGGER: tl.constexpr = False,  # dependents may launch after the K loop, not before
 ):
@@ -145,6 +157,7 @@ def fused_moe_kernel(
     if direct_slots == 0:  # noqa: SIM102 (one condition a run-time value, the other a load)
         if pid_m * BLOCK_SIZE_M >= tl.load(num_tokens_post_padded_ptr):
             return
+    offs_token_id = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
     if direct_slots != 0:
         # One slot a block, no routing launch: row 0 holds slot pid_m, the others are padding,
         # and the block's expert is that slot's routing id (expert_ids_ptr: the flat topk_ids).
@@ -152,7 +165,6 @@ def fused_moe_kernel(
         offs_token = tl.where(rows == 0, pid_m, num_valid_tokens).to(tl.int64)
         off_expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     else:
-        offs_token_id = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
         offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
         off_expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     token_mask = offs_token < num_valid_tokens
@@ -176,7 +188,12 @@ def fused_moe_kernel(
         else:  # gate and up interleaved: the tile's columns are contiguous rows of B
             offs_bn = (pid_n * BLOCK_SIZE_N + cols) % N
     # Padded slots (num_valid_tokens) map past the last token row under SUM_TOPK too: masked.
-    c_rows = offs_token // SUM_TOPK if SUM_TOPK > 0 else offs_token
+    if C_SORTED:
+        c_rows = offs_token_id
+    elif SUM_TOPK > 0:
+        c_rows = offs_token // SUM_TOPK
+    else:
+        c_rows = offs_token
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_cn[None, :] * stride_cn
 
     if off_expert == -1:
@@ -191,7 +208,7 @@ def fused_moe_kernel(
         tl.store(c_ptrs, zero.to(c_ptr.dtype.element_ty), mask=c_mask)
         return
     offs_k = tl.arange(0, BLOCK_SIZE_K)
-    a_rows = offs_token // top_k
+    a_rows = offs_token_id if A_SORTED else offs_token // top_k
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = (
         b_ptr + off_expert * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
@@ -241,9 +258,15 @@ def fused_moe_kernel(
                 b_scale_ptrs = b_scale_ptrs_up + (half_cols // group_n) * stride_bsn
                 b_scale_ptrs_up += ((half_cols + N // 2) // group_n) * stride_bsn
 
-    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+    a_row = (pid_m * BLOCK_SIZE_M).to(tl.int32)
+    for k in tl.range(0, tl.cdiv(K, BLOCK_SIZE_K), warp_specialize=WARP_SPECIALIZE):
         k_remaining = K - k * BLOCK_SIZE_K
-        a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0)
+        if A_TMA:  # padded rows load whatever the rows hold; their outputs are masked
+            a = a_desc.load([a_row, k * BLOCK_SIZE_K])
+        else:
+            a = tl.load(
+                a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0
+            )
         if B_TMA:  # TMA fills the K tail with zeros
             b = b_desc.load([b_row, k * BLOCK_SIZE_K]).T
         else:

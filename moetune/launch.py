@@ -54,6 +54,11 @@ WEIGHTS_TMA_MIN_BLOCK_M = 64
 # (block_shape's N) group, not a gathered vector of BLOCK_SIZE_N (:func:`block_scale_per_tile`).
 # Changing it changes the kernel's timings: bump the version with it.
 BLOCK_SCALE_PER_TILE = True
+# A GEMM whose input rows are in the routing's sorted order (moetune.ops.SORTED_MIN_M) loads them
+# through TMA where the GPU allows it (sorted_input_tma), from WEIGHTS_TMA_MIN_BLOCK_M rows.
+SORTED_TMA = True
+# Where both operands come through TMA, run the K loop as Triton's warp-specialized loop.
+WARP_SPECIALIZE = False
 # Programmatic dependent launch (NVIDIA compute capability 9 and up, a Triton with it): GEMM2
 # and the sum over top-k launch with Triton's launch_pdl, so their programs may start while the
 # kernel before them (in the op: GEMM1, the activation, a quantization or a fill) finishes. Every
@@ -149,18 +154,31 @@ def weights_tma(b: torch.Tensor, block_m: int, block_n: int, block_k: int) -> bo
     with :data:`WEIGHTS_TMA` on, from :data:`WEIGHTS_TMA_MIN_BLOCK_M` rows, on NVIDIA GPUs of
     compute capability 9 or more (and Triton's interpreter), for contiguous weights whose rows
     are whole 16-byte units and tiles TMA can copy (at most 256 per side, K at least 16 bytes)."""
-    if not WEIGHTS_TMA or TensorDescriptor is None or block_m < WEIGHTS_TMA_MIN_BLOCK_M:
+    if not WEIGHTS_TMA or block_m < WEIGHTS_TMA_MIN_BLOCK_M:
         return False
-    if block_n > 256 or block_k > 256:
+    return _tma_ok(b, block_n, block_k)
+
+
+def sorted_input_tma(a: torch.Tensor, block_m: int, block_k: int) -> bool:
+    """Whether the kernel loads a sorted input ``a`` ([EM, K], the kernel's A_SORTED) through
+    TMA: with :data:`SORTED_TMA` on, where :func:`weights_tma`'s conditions hold for it."""
+    if not SORTED_TMA or block_m < WEIGHTS_TMA_MIN_BLOCK_M:
         return False
-    interpreted = b.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
-    if not interpreted and not _nvidia_sm90(b.device):
+    return _tma_ok(a, block_m, block_k)
+
+
+def _tma_ok(t: torch.Tensor, block_rows: int, block_k: int) -> bool:
+    """Whether TMA can copy ``[block_rows, block_k]`` tiles of ``t``'s last dimension's rows."""
+    if TensorDescriptor is None or block_rows > 256 or block_k > 256:
         return False
-    size = b.element_size()
+    interpreted = t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpreted and not _nvidia_sm90(t.device):
+        return False
+    size = t.element_size()
     return (
-        b.is_contiguous()
-        and (b.shape[2] * size) % 16 == 0
-        and b.data_ptr() % 16 == 0
+        t.is_contiguous()
+        and (t.shape[-1] * size) % 16 == 0
+        and t.data_ptr() % 16 == 0
         and block_k * size >= 16
     )
 
@@ -251,6 +269,9 @@ def invoke_moe_gemm(
     sum_topk: int = 0,
     dependent: bool = False,
     down: bool = False,
+    sorted_in: bool = False,
+    sorted_out: bool = False,
+    num_slots: int | None = None,
 ) -> None:
     """``c[slot] = epilogue(a[slot // top_k] · b[expert(slot)]ᵀ)`` for every routed slot.
 
@@ -263,11 +284,19 @@ def invoke_moe_gemm(
     ``routing`` is the expert-sorted blocks, or :class:`moetune.align.DirectSlots` (one block a
     slot, no routing launch). ``dependent``: the kernel launched before this one is the op's
     own, so with :data:`PDL` this launch may start before it finishes; ``down``: this is the op's
-    GEMM2 (:func:`late_trigger`). The caller has validated shapes; this checks the config and
-    launches.
+    GEMM2 (:func:`late_trigger`). ``sorted_in``: ``a``'s rows are the routing's sorted positions
+    (``[EM, K]``, ``num_slots`` given), not token rows; ``sorted_out``: ``c``'s rows are too
+    (``[EM, ...]``; padded rows are left as they were). The caller has validated shapes; this
+    checks the config and launches.
     """
     validate_config(config, block_shape)
-    num_slots = a.shape[0] * top_k  # not c's rows: with sum_topk c has one row per token
+    direct = isinstance(routing, DirectSlots)
+    if (sorted_in or sorted_out) and (direct or sum_topk):
+        raise ValueError("sorted rows need the routing's blocks and no sum over top-k")
+    if sorted_in != (num_slots is not None):
+        raise ValueError("num_slots is given exactly when the input rows are sorted")
+    if not sorted_in:
+        num_slots = a.shape[0] * top_k  # not c's rows: with sum_topk c has one per token
     N, K = b.shape[1], b.shape[2]
     act = ACTIVATION_CODES[activation] if activation is not None else 0
     quant_out = c.dtype in FP8_DTYPES
@@ -275,6 +304,12 @@ def invoke_moe_gemm(
         raise ValueError(f"sum_topk {sum_topk} needs no activation and slots ({num_slots}) in "
                          "whole tokens")  # fmt: skip
     rows = num_slots // sum_topk if sum_topk else num_slots
+    if sorted_in or sorted_out:
+        em = routing.sorted_token_ids.numel()
+        if sorted_in and a.shape[0] != em:
+            raise ValueError(f"sorted input must have the routing's {em} rows, got {a.shape[0]}")
+        if sorted_out:
+            rows = em
     if c.shape[0] != rows or (sum_topk and (c.dtype != torch.float32 or c.shape[1] != N)):
         want = f"fp32 [{rows}, {N}]" if sum_topk else f"[{rows}, ...]"
         raise ValueError(f"c must be {want}, got {c.dtype} {list(c.shape)}")
@@ -284,7 +319,6 @@ def invoke_moe_gemm(
     if quant_out != (out_scale is not None) or (quant_out and not act):
         raise ValueError("an fp8 output needs a fused activation and its static scale")
     bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
-    direct = isinstance(routing, DirectSlots)
     if direct:
         if routing.topk_ids.numel() != num_slots:
             raise ValueError(f"direct slots need {num_slots} routing ids, got "
@@ -315,6 +349,10 @@ def invoke_moe_gemm(
         b_desc = TensorDescriptor.from_tensor(
             b.view(b.shape[0] * N, K), block_shape=[tile_n, config["BLOCK_SIZE_K"]]
         )
+    a_tma = sorted_in and sorted_input_tma(a, bm, config["BLOCK_SIZE_K"])
+    a_desc = None
+    if a_tma:
+        a_desc = TensorDescriptor.from_tensor(a, block_shape=[bm, config["BLOCK_SIZE_K"]])
     if _compile_only:
 
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -327,6 +365,7 @@ def invoke_moe_gemm(
         a,
         b,
         b_desc,
+        a_desc,
         c,
         bias if bias is not None else dummy,
         a_scale if a_scale is not None else dummy,
@@ -379,6 +418,10 @@ def invoke_moe_gemm(
         MIN_EXP=fp8_min_exp(c.dtype) if quant_out else -6,
         SUM_TOPK=sum_topk,
         B_TMA=b_tma,
+        A_SORTED=sorted_in,
+        A_TMA=a_tma,
+        C_SORTED=sorted_out,
+        WARP_SPECIALIZE=WARP_SPECIALIZE and a_tma and b_tma,
         USE_PDL=pdl,
         PDL_LATE_TRIGGER=late_trigger(direct, grid[0], down) and pdl,  # checks the switch
         B_SCALE_PER_TILE=block_scale_per_tile(block_shape, act, b_tma, N, bn),

@@ -14,6 +14,7 @@ from moetune import launch
 from moetune.activation import apply_activation, apply_activation_quantized, apply_activation_torch
 from moetune.align import direct_slots, moe_align_block_size_torch
 from moetune.align_kernel import align_and_quantize, moe_align_block_size
+from moetune.gather import gather_sorted, gather_sorted_torch
 from moetune.launch import compiling, invoke_moe_gemm
 from moetune.problem import ACTIVATIONS
 from moetune.quant import FP8_DTYPES, static_scale
@@ -62,6 +63,17 @@ TOPK_SUM_KERNEL = True
 # an H100, 0.5-0.9 µs with static fp8 (results/kernels/NOTES.md §20). Changing it changes the
 # op's timings: bump the version.
 DIRECT_SLOTS_MAX_M: int | None = 1
+# From this many tokens (None: never) GEMM1 stores its rows at the routing's sorted positions
+# ([EM, n], padded rows unwritten) and GEMM2 reads them as contiguous blocks, through TMA where
+# the GPU has it (launch.SORTED_TMA), instead of gathering slot rows by pointer. Not with direct
+# slots, up and down tiles of different BLOCK_SIZE_M (other padding), per-token scales, or a
+# dynamic per-tensor scale of GEMM2's input (its maximum would take in the padded rows).
+# Changing it changes the op's timings: bump the version.
+SORTED_MIN_M: int | None = None
+# From this many tokens (None: never) the input is gathered into the routing's sorted positions
+# first (moetune.gather, one launch), so GEMM1 reads contiguous blocks too (through TMA where the
+# GPU has it). Not with direct slots. Changing it changes the op's timings: bump the version.
+SORTED_INPUT_MIN_M: int | None = None
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
@@ -144,6 +156,27 @@ def gemm1_dependent(direct: bool, quantized: bool) -> bool:
     input's quantization (``quantized``). The same answer in compile processes, where those
     steps run in PyTorch: the launch flag is part of the compiled kernel."""
     return launch.PDL_GEMM1 and (not direct or quantized)
+
+
+def sorted_rows(
+    M: int,
+    direct: bool,
+    same_block_m: bool,
+    quantized: bool,
+    static_scale: bool,
+    per_channel: bool,
+    block: bool,
+) -> tuple[bool, bool]:
+    """Whether GEMM1 reads its input gathered into sorted positions, and whether GEMM1's output
+    (GEMM2's input) lies in sorted positions (:data:`SORTED_INPUT_MIN_M`,
+    :data:`SORTED_MIN_M`), for ``M`` tokens. The same answers in compile processes."""
+    if direct:
+        return False, False
+    sorted_in = SORTED_INPUT_MIN_M is not None and M >= SORTED_INPUT_MIN_M
+    per_row_safe = not quantized or block or (static_scale and not per_channel)
+    sorted_mid = (SORTED_MIN_M is not None and M >= SORTED_MIN_M and same_block_m
+                  and per_row_safe)  # fmt: skip
+    return sorted_in, sorted_mid
 
 
 def sum_topk_in_gemm2(M: int, topk: int) -> bool:
@@ -242,27 +275,44 @@ def fused_experts(
         )
     common = dict(compute_dtype=dtype, quant=quant, per_channel=per_channel_quant,
                   block_shape=block)  # fmt: skip
+    static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None
+    sorted_in, sorted_mid = sorted_rows(
+        M, direct, routing_down is routing, qdtype is not None,
+        a2_scale is not None and a2_scale.numel() == 1, per_channel_quant, group_k is not None,
+    )  # fmt: skip
+    if sorted_in:  # GEMM1's input (and its per-row scales) at the sorted positions
+        gather = (
+            gather_sorted_torch
+            if compiling()
+            else lambda x, *r: gather_sorted(x, *r, signal=launch.signal_gemm1(device))
+        )
+        a1 = gather(a1, routing, topk, num_slots)
+        if a1s is not None and a1s.dim() == 2:
+            a1s = gather(a1s, routing, topk, num_slots)
+    # GEMM1's output rows: one a slot, or the sorted positions (GEMM2 reads contiguous blocks).
+    rows1 = routing.sorted_token_ids.numel() if sorted_mid else num_slots
+    layout1 = dict(sorted_in=sorted_in, num_slots=num_slots if sorted_in else None,
+                   sorted_out=sorted_mid)  # fmt: skip
 
     gemm1 = dict(routing=routing, config=config, top_k=topk, a_scale=a1s, b_scale=w1_scale,
                  bias=w1_bias, dependent=gemm1_dependent(direct, qdtype is not None),
-                 **common)  # fmt: skip
-    static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None
+                 **layout1, **common)  # fmt: skip
     # Compile processes take the fused paths too: they must compile the kernel the op runs.
     fuse = fuse_gemm1(M, static_fp8)
     if fuse and static_fp8:
         a2s = static_scale(a2_scale, num_slots).contiguous()
-        a2 = _empty((num_slots, N), qdtype, device)
+        a2 = _empty((rows1, N), qdtype, device)
         invoke_moe_gemm(a1, w1, a2, activation=activation, out_scale=a2s, **gemm1)
     elif FUSE_ACTIVATION_QUANT and static_fp8 and not compiling():
-        cache1 = _empty((num_slots, two_n), dtype, device)
+        cache1 = _empty((rows1, two_n), dtype, device)
         invoke_moe_gemm(a1, w1, cache1, **gemm1)
         a2, a2s = apply_activation_quantized(cache1, activation, qdtype, a2_scale)
     else:
         if fuse:
-            h = _empty((num_slots, N), dtype, device)
+            h = _empty((rows1, N), dtype, device)
             invoke_moe_gemm(a1, w1, h, activation=activation, **gemm1)
         else:
-            cache1 = _empty((num_slots, two_n), dtype, device)
+            cache1 = _empty((rows1, two_n), dtype, device)
             invoke_moe_gemm(a1, w1, cache1, **gemm1)
             h = activate(cache1, activation)
         a2, a2s = h, None
@@ -272,11 +322,12 @@ def fused_experts(
             )
     seen = _CAPTURE.get()
     if seen is not None and a2s is not None:
-        seen.append((a2, a2s))
+        seen.append(_slot_rows(a2, a2s, routing, num_slots) if sorted_mid else (a2, a2s))
     # GEMM2 follows a kernel of the op's own (GEMM1, the activation, a quantization, or the fill
     # of the zeros below): with launch.PDL it may start while that one finishes.
     gemm2 = dict(config=config_down, top_k=1, a_scale=a2s, b_scale=w2_scale, bias=w2_bias,
                  topk_weights=topk_weights.reshape(-1).float(), dependent=True, down=True,
+                 sorted_in=sorted_mid, num_slots=num_slots if sorted_mid else None,
                  **common)  # fmt: skip
     if sum_topk_in_gemm2(M, topk):
         # Zeros, never the poison: the slots are added into it (see poisoned_workspace).
@@ -290,6 +341,23 @@ def fused_experts(
     if TOPK_SUM_KERNEL and not compiling():
         return topk_sum(cache3, topk)
     return cache3.view(M, topk, K).sum(dim=1)
+
+
+def _slot_rows(
+    a2: torch.Tensor, a2s: torch.Tensor, routing: Any, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GEMM2's input and its scales from sorted positions back to one row a slot (for
+    :func:`capture_requantized`: checks only, never timed)."""
+    ids = routing.sorted_token_ids.to(torch.int64)
+    used = torch.arange(ids.numel(), device=ids.device) < routing.num_tokens_post_padded
+    keep = used & (ids < num_slots)
+    slots = torch.empty((num_slots, a2.shape[1]), dtype=a2.dtype, device=a2.device)
+    slots[ids[keep]] = a2[keep]
+    if a2s.dim() == 2 and a2s.shape[0] == a2.shape[0]:
+        scales = torch.empty((num_slots, a2s.shape[1]), dtype=a2s.dtype, device=a2s.device)
+        scales[ids[keep]] = a2s[keep]
+        a2s = scales
+    return slots, a2s
 
 
 def fused_moe(

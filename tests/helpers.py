@@ -124,7 +124,7 @@ def record_launches_and_warmups(monkeypatch) -> dict[str, list]:
             return type(a).__name__ + (str(list(shape)) if shape is not None else "")
 
         types = tuple(kind(a) for a in args)
-        return types, kwargs, tuple(args[3].shape)  # c (after a, b and b_desc)
+        return types, kwargs, tuple(args[4].shape)  # c (after a, b, b_desc and a_desc)
 
     class Recording:
         def warmup(self, *args, grid, **kwargs):

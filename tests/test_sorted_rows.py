@@ -1,0 +1,176 @@
+"""Rows in the routing's sorted order (ops.SORTED_MIN_M, ops.SORTED_INPUT_MIN_M): GEMM1 storing
+its output at sorted positions for GEMM2 to read as contiguous blocks, and the input gathered
+into sorted positions for GEMM1, through TMA where the GPU has it. The op's output must be the
+default layout's bit for bit in every mode that takes them, and the modes that cannot must keep
+the slot layout."""
+
+import pytest
+import torch
+from helpers import make_case, record_launches
+
+from moetune import check_close, fused_experts, fused_experts_reference, launch, ops
+from moetune.align import moe_align_block_size_torch
+from moetune.gather import gather_sorted, gather_sorted_torch
+from moetune.ops import capture_requantized, poisoned_workspace
+
+TMA_HERE = not torch.cuda.is_available() or (
+    torch.version.hip is None and torch.cuda.get_device_capability()[0] >= 9
+)
+NOUT, K = 48, 80
+CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1}
+# (quant, per_channel, block_shape, static activation scales, whether GEMM2 reads sorted rows)
+MODES = [
+    pytest.param(None, False, None, False, True, id="fp16"),
+    pytest.param("int8_w8a16", False, None, False, True, id="int8_w8a16"),
+    pytest.param("fp8_w8a8", False, None, True, True, id="fp8-static"),
+    pytest.param("fp8_w8a8", False, (32, 32), False, True, id="fp8-block"),
+    # a dynamic per-tensor scale would take in the padded rows; per-token scales stay by slot
+    pytest.param("fp8_w8a8", False, None, False, False, id="fp8-dynamic"),
+    pytest.param("fp8_w8a8", True, None, False, False, id="fp8-token"),
+]
+
+
+def _run(case, monkeypatch, *, mid, inp, tma=True, expert_map=None, config=CONFIG):
+    monkeypatch.setattr(ops, "SORTED_MIN_M", 1 if mid else None)
+    monkeypatch.setattr(ops, "SORTED_INPUT_MIN_M", 1 if inp else None)
+    monkeypatch.setattr(launch, "SORTED_TMA", tma)
+    monkeypatch.setattr(launch, "WEIGHTS_TMA", tma)
+    monkeypatch.setattr(launch, "WEIGHTS_TMA_MIN_BLOCK_M", 16)
+    kwargs = dict(case.kwargs)
+    if expert_map is not None:
+        kwargs["expert_map"] = expert_map
+    with poisoned_workspace():
+        return fused_experts(*case.args(), config=config, **kwargs)
+
+
+def _static_scales(case):
+    x = case.x
+    return {"a1_scale": x.abs().amax().float().reshape(1) / 448,
+            "a2_scale": torch.full((1,), 0.02, device=x.device)}  # fmt: skip
+
+
+@pytest.mark.skipif(not TMA_HERE, reason="this GPU has no TMA (NVIDIA sm90+)")
+@pytest.mark.parametrize(("quant", "per_channel", "block_shape", "static", "mid"), MODES)
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+def test_sorted_rows_change_no_bit(quant, per_channel, block_shape, static, mid, fuse,
+                                   activation, device, monkeypatch):  # fmt: skip
+    case = make_case(19, 5, NOUT, K, 2, torch.float16, device, quant=quant,
+                     per_channel=per_channel, block_shape=block_shape, bias=True,
+                     activation=activation, exact_dots=True)  # fmt: skip
+    if static:
+        case.kwargs.update(_static_scales(case))
+    monkeypatch.setattr(ops, "FUSE_GEMM1_ACTIVATION", fuse)
+    launches = record_launches(monkeypatch, run=True)
+    slots = _run(case, monkeypatch, mid=False, inp=False)
+    assert not any(k["A_SORTED"] or k["C_SORTED"] for k in launches)
+    launches.clear()
+    out = _run(case, monkeypatch, mid=True, inp=True)
+    up, down = launches[0], launches[-1]
+    assert up["A_SORTED"] and up["A_TMA"]  # the input's gathered rows, through TMA
+    assert up["C_SORTED"] is mid and down["A_SORTED"] is mid and down["A_TMA"] is mid
+    assert not down["C_SORTED"]
+    assert not torch.isnan(out).any()
+    assert torch.equal(out, slots)
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    assert check_close(out, ref, dtype=torch.float16, quant=quant).ok
+
+
+@pytest.mark.skipif(not TMA_HERE, reason="this GPU has no TMA (NVIDIA sm90+)")
+@pytest.mark.parametrize("tma", [False, True])
+def test_sorted_rows_with_pointer_loads_and_another_ranks_experts(tma, device, monkeypatch):
+    """Sorted rows on pointer loads too; experts of another rank (expert id -1 blocks) still
+    contribute zero."""
+    case = make_case(23, 6, NOUT, K, 3, torch.float16, device, bias=True, exact_dots=True)
+    expert_map = torch.tensor([0, -1, 1, 2, -1, 3], dtype=torch.int32, device=device)
+    launches = record_launches(monkeypatch, run=True)
+    slots = _run(case, monkeypatch, mid=False, inp=False, expert_map=expert_map)
+    launches.clear()
+    out = _run(case, monkeypatch, mid=True, inp=True, tma=tma, expert_map=expert_map)
+    assert [k["A_SORTED"] for k in launches] == [True, True]
+    assert [k["A_TMA"] for k in launches] == [tma, tma]
+    assert torch.equal(out, slots)
+
+
+def test_no_sorted_rows_for_direct_slots_or_other_down_tiles(device, monkeypatch):
+    """One token takes direct slots; down tiles of another BLOCK_SIZE_M pad otherwise: both
+    keep the slot layout between the GEMMs."""
+    case = make_case(1, 4, NOUT, K, 2, torch.float16, device)
+    launches = record_launches(monkeypatch, run=True)
+    _run(case, monkeypatch, mid=True, inp=True)
+    assert not any(k["A_SORTED"] or k["C_SORTED"] for k in launches)
+    case = make_case(9, 4, NOUT, K, 2, torch.float16, device)
+    launches.clear()
+    monkeypatch.setattr(ops, "SORTED_MIN_M", 1)
+    monkeypatch.setattr(ops, "SORTED_INPUT_MIN_M", None)
+    with poisoned_workspace():
+        out = fused_experts(*case.args(), config=CONFIG,
+                            config_down=dict(CONFIG, BLOCK_SIZE_M=32), **case.kwargs)  # fmt: skip
+    assert [k["C_SORTED"] for k in launches] == [False, False]
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    assert check_close(out, ref, dtype=torch.float16).ok
+
+
+def test_the_requantized_input_is_captured_in_slot_order(device, monkeypatch):
+    """Checks judge GEMM2 given the operand the op re-quantized: one row a slot, whatever the
+    op's layout."""
+    case = make_case(13, 4, NOUT, K, 2, torch.float16, device, quant="fp8_w8a8",
+                     block_shape=(32, 32))  # fmt: skip
+    seen = {}
+    for mid in (False, True):
+        monkeypatch.setattr(ops, "SORTED_MIN_M", 1 if mid else None)
+        with capture_requantized() as captured:
+            fused_experts(*case.args(), config=CONFIG, **case.kwargs)
+        seen[mid] = captured[0]
+    assert seen[True][0].shape == seen[False][0].shape
+    assert torch.equal(seen[True][0].view(torch.uint8), seen[False][0].view(torch.uint8))
+    assert torch.equal(seen[True][1], seen[False][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float8_e4m3fn])
+def test_gather_sorted_matches_torch(dtype, device):
+    M, topk, E = 37, 3, 6
+    ids = torch.randint(0, E, (M, topk), dtype=torch.int32, device=device)
+    routing = moe_align_block_size_torch(ids, 16, E)
+    x = torch.randn(M, 72, device=device).to(dtype)
+    got = gather_sorted(x, routing, topk, M * topk)
+    want = gather_sorted_torch(x, routing, topk, M * topk)
+    used = int(routing.num_tokens_post_padded)
+    assert got.shape == (routing.sorted_token_ids.numel(), 72)
+    bits = (lambda t: t.view(torch.uint8)) if dtype.itemsize == 1 else (lambda t: t)
+    assert torch.equal(bits(got[:used]), bits(want[:used]))
+    # each used position holds its slot's token row, padding zeros
+    sorted_ids = routing.sorted_token_ids[:used].long()
+    real = sorted_ids < M * topk
+    assert torch.equal(bits(got[:used][real]), bits(x[sorted_ids[real] // topk]))
+    assert not bits(got[:used][~real]).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [None, "fp8_w8a8", "fp8-block"])
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+@pytest.mark.parametrize(("block_m", "ws"), [(64, False), (128, False), (128, True)])
+def test_sorted_rows_change_no_bit_gpu(quant, activation, block_m, ws, device, monkeypatch):
+    """bf16, static fp8 and block fp8 on realistic tiles (GPU only), with the K loop
+    warp-specialized too: sorted rows through TMA against the slot layout's pointer loads."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9")
+    block = (128, 128) if quant == "fp8-block" else None
+    quant = "fp8_w8a8" if quant else None
+    case = make_case(600, 8, 384, 512, 4, torch.bfloat16, device, quant=quant, bias=True,
+                     block_shape=block, activation=activation)  # fmt: skip
+    if quant and block is None:
+        case.kwargs.update(_static_scales(case))
+    warps = 8 if block_m == 128 else 4
+    config = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128,
+              "GROUP_SIZE_M": 8, "num_warps": warps, "num_stages": 3}  # fmt: skip
+    monkeypatch.setattr(launch, "WARP_SPECIALIZE", ws)
+    launches = record_launches(monkeypatch, run=True)
+    slots = _run(case, monkeypatch, mid=False, inp=False, config=config)
+    launches.clear()
+    out = _run(case, monkeypatch, mid=True, inp=True, config=config)
+    assert [k["A_TMA"] for k in launches] == [True, True]
+    assert [k["WARP_SPECIALIZE"] for k in launches] == [ws, ws]
+    assert torch.equal(out, slots)
+    ref = fused_experts_reference(*case.args(), **case.kwargs)
+    assert check_close(out, ref, dtype=torch.bfloat16, quant=quant).ok
