@@ -33,8 +33,8 @@ Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--p
        [--quants bf16,fp8_w8a8]
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
        auto-tma,auto-bound,auto-bs,auto-gq,auto-direct,
-       auto-pdl,auto-pdl-early,auto-pdl-late,auto-pdl1,auto-sorted,auto-sorted-in,
-       auto-sorted-ws]]
+       auto-pdl,auto-pdl-early,auto-pdl-late,auto-pdl1,auto-sorted,auto-sorted-ptr,
+       auto-sorted-in,auto-sorted-ws]]
 A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
 quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
 ``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
@@ -46,10 +46,12 @@ the sum over top-k as programmatic dependent launches; ``auto-pdl-early`` and ``
 with the GEMMs' trigger at their programs' start or after their K loop); ``auto-pdl1``
 switches ``launch.PDL_GEMM1`` (GEMM1 as a dependent of the op's routing or quantization
 launch); ``auto-sorted`` sets ``ops.SORTED_MIN_M`` to 1 (GEMM1's output at the routing's
-sorted positions, GEMM2 reading contiguous blocks through TMA), ``auto-sorted-in`` also
+sorted positions, GEMM2 reading contiguous blocks through TMA; ``auto-sorted-ptr`` the same
+with pointer loads, ``launch.SORTED_TMA`` off), ``auto-sorted-in`` also
 ``ops.SORTED_INPUT_MIN_M`` (the input gathered into sorted positions for GEMM1) and
 ``auto-sorted-ws`` also ``launch.WARP_SPECIALIZE`` (the K loop warp-specialized where both
-operands come through TMA). A kernel launched more than
+operands come through TMA). Each variant that passed its check is also profiled
+(``<variant>_kernels``). A kernel launched more than
 once a call (the two GEMMs) is reported per launch, ``name#1`` first.
 """
 
@@ -102,6 +104,7 @@ class Flags(NamedTuple):
     sorted_min_m: int | None = ops.SORTED_MIN_M  # ops.SORTED_MIN_M
     sorted_input_min_m: int | None = ops.SORTED_INPUT_MIN_M  # ops.SORTED_INPUT_MIN_M
     warp_specialize: bool = launch.WARP_SPECIALIZE  # launch.WARP_SPECIALIZE
+    sorted_tma: bool = launch.SORTED_TMA  # launch.SORTED_TMA
 
 
 DEFAULTS = Flags(
@@ -122,6 +125,7 @@ DEFAULTS = Flags(
     ops.SORTED_MIN_M,
     ops.SORTED_INPUT_MIN_M,
     launch.WARP_SPECIALIZE,
+    launch.SORTED_TMA,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
@@ -152,6 +156,7 @@ VARIANTS = {
     "auto-pdl-late": DEFAULTS._replace(pdl=True, pdl_trigger="late"),
     "auto-pdl1": DEFAULTS._replace(pdl_gemm1=not launch.PDL_GEMM1),
     "auto-sorted": DEFAULTS._replace(sorted_min_m=1),
+    "auto-sorted-ptr": DEFAULTS._replace(sorted_min_m=1, sorted_tma=False),
     "auto-sorted-in": DEFAULTS._replace(sorted_min_m=1, sorted_input_min_m=1),
     "auto-sorted-ws": DEFAULTS._replace(sorted_min_m=1, sorted_input_min_m=1, warp_specialize=True),
 }
@@ -211,6 +216,7 @@ def _use(flags: Flags) -> None:
     ops.SORTED_MIN_M = flags.sorted_min_m
     ops.SORTED_INPUT_MIN_M = flags.sorted_input_min_m
     launch.WARP_SPECIALIZE = flags.warp_specialize
+    launch.SORTED_TMA = flags.sorted_tma
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:
@@ -230,6 +236,9 @@ def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str])
         for name in passed * 2:
             _use(VARIANTS[name])
             times[name].append(time_op(run, n_sets, device="cuda", replays=20).median_us)
+        for name in passed:  # where each variant's time goes, kernel by kernel
+            _use(VARIANTS[name])
+            out[f"{name}_kernels"] = breakdown(run, n_sets)[0]
     finally:
         _use(DEFAULTS)
     for name, ts in times.items():
