@@ -293,6 +293,9 @@ def fused_experts(
     rows1 = routing.sorted_token_ids.numel() if sorted_mid else num_slots
     layout1 = dict(sorted_in=sorted_in, num_slots=num_slots if sorted_in else None,
                    sorted_out=sorted_mid)  # fmt: skip
+    # The steps between the GEMMs skip sorted positions past the routing's used length (the
+    # bound EM may be several times the slots: gpt-oss at M=2048, 24,448 rows for 8,192 slots).
+    used = {"rows_used": routing.num_tokens_post_padded} if sorted_mid and not compiling() else {}
 
     gemm1 = dict(routing=routing, config=config, top_k=topk, a_scale=a1s, b_scale=w1_scale,
                  bias=w1_bias, dependent=gemm1_dependent(direct, qdtype is not None),
@@ -306,7 +309,7 @@ def fused_experts(
     elif FUSE_ACTIVATION_QUANT and static_fp8 and not compiling():
         cache1 = _empty((rows1, two_n), dtype, device)
         invoke_moe_gemm(a1, w1, cache1, **gemm1)
-        a2, a2s = apply_activation_quantized(cache1, activation, qdtype, a2_scale)
+        a2, a2s = apply_activation_quantized(cache1, activation, qdtype, a2_scale, **used)
     else:
         if fuse:
             h = _empty((rows1, N), dtype, device)
@@ -314,12 +317,13 @@ def fused_experts(
         else:
             cache1 = _empty((rows1, two_n), dtype, device)
             invoke_moe_gemm(a1, w1, cache1, **gemm1)
-            h = activate(cache1, activation)
+            h = activate(cache1, activation, **used)
         a2, a2s = h, None
         if qdtype is not None:
             a2, a2s = quantize(
-                h, qdtype, scale=a2_scale, per_token=per_channel_quant, group_k=group_k
-            )
+                h, qdtype, scale=a2_scale, per_token=per_channel_quant, group_k=group_k,
+                **(used if group_k is not None else {}),
+            )  # fmt: skip
     seen = _CAPTURE.get()
     if seen is not None and a2s is not None:
         seen.append(_slot_rows(a2, a2s, routing, num_slots) if sorted_mid else (a2, a2s))

@@ -119,12 +119,16 @@ def _quant_tensor_kernel(
 def _quant_group_kernel(
     x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, stride_s, qmax, min_amax,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, MIN_EXP: tl.constexpr,
-    SIGNAL: tl.constexpr = False,
+    SIGNAL: tl.constexpr = False, used_ptr=None, USED: tl.constexpr = False,
 ):  # fmt: skip
-    """Dynamic scale per (row, group of GROUP columns); GROUP = K for per-token scales."""
+    """Dynamic scale per (row, group of GROUP columns); GROUP = K for per-token scales. With
+    USED, rows from ``*used_ptr`` on are left as they are."""
     if SIGNAL:  # the op's next kernel (a programmatic dependent) may launch now
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
+    if USED:  # noqa: SIM102 (a constexpr, then a load)
+        if row >= tl.load(used_ptr):
+            return
     g = tl.program_id(1)
     start = g * GROUP
     amax = tl.zeros((), dtype=tl.float32)
@@ -150,14 +154,18 @@ def _quant_group_kernel(
 def _quant_group_rows_kernel(
     x_ptr, q_ptr, scale_ptr, T, K, stride_x, stride_q, stride_s, qmax, min_amax,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, MIN_EXP: tl.constexpr,
-    SIGNAL: tl.constexpr = False,
+    SIGNAL: tl.constexpr = False, used_ptr=None, USED: tl.constexpr = False,
 ):  # fmt: skip
     """Dynamic scale per (row, group of GROUP <= BLOCK columns), for ROWS rows of one group per
     program: the ``[ROWS, BLOCK]`` tile is loaded once and kept in registers between its amax
     and its quantization (a program per row and group of 128 columns, one column per thread,
-    loading it twice, was 5x off the copy's bandwidth on an H100)."""
+    loading it twice, was 5x off the copy's bandwidth on an H100). With USED, rows from
+    ``*used_ptr`` on are left as they are."""
     if SIGNAL:  # the op's next kernel (a programmatic dependent) may launch now
         tl.extra.cuda.gdc_launch_dependents()
+    if USED:  # noqa: SIM102 (a constexpr, then a load)
+        if tl.program_id(0) * ROWS >= tl.load(used_ptr):
+            return
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     g = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -191,9 +199,12 @@ def quantize_activation_fast(
     scale: torch.Tensor | None = None,
     per_token: bool = False,
     group_k: int | None = None,
+    rows_used: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`moetune.quant.quantize_activation` with Triton kernels for fp8 (same results);
-    int8 and unusual inputs go to the PyTorch version."""
+    int8 and unusual inputs go to the PyTorch version. ``rows_used`` (``[1]`` int32 on the
+    device; dynamic per-token or per-group scales only): rows from it on are left unwritten,
+    their scales too."""
     unusual = x.dim() != 2 or x.numel() == 0 or (group_k is not None and scale is not None)
     if qdtype not in FP8_DTYPES or unusual:  # the PyTorch version handles (or refuses) these
         return quantize_activation(x, qdtype, scale=scale, per_token=per_token, group_k=group_k)
@@ -218,11 +229,13 @@ def quantize_activation_fast(
             _quant_group_rows_kernel[(triton.cdiv(T, rows), n_groups)](
                 x, q, s, T, K, x.stride(0), q.stride(0), s.stride(0), qmax, _MIN_AMAX,
                 GROUP=group, BLOCK=block, ROWS=rows, MIN_EXP=min_exp, SIGNAL=signal,
+                used_ptr=rows_used, USED=rows_used is not None,
             )  # fmt: skip
             return q, s
         _quant_group_kernel[(T, n_groups)](
             x, q, s, K, x.stride(0), q.stride(0), s.stride(0), qmax, _MIN_AMAX,
             GROUP=group, BLOCK=min(COLS, block), MIN_EXP=min_exp, SIGNAL=signal,
+            used_ptr=rows_used, USED=rows_used is not None,
         )  # fmt: skip
         return q, s
     grid = (T, triton.cdiv(K, COLS))

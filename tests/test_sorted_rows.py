@@ -174,3 +174,30 @@ def test_sorted_rows_change_no_bit_gpu(quant, activation, block_m, ws, device, m
     assert torch.equal(out, slots)
     ref = fused_experts_reference(*case.args(), **case.kwargs)
     assert check_close(out, ref, dtype=torch.bfloat16, quant=quant).ok
+
+
+@pytest.mark.parametrize("step", ["activation", "activation-fp8", "group-fp8"])
+def test_steps_between_the_gemms_stop_at_the_used_rows(step, device):
+    """Rows before ``rows_used`` are the whole tensor's bits; the rows past it (NaN here, as
+    unwritten sorted positions are) do not reach them."""
+    from moetune.activation import apply_activation, apply_activation_quantized
+    from moetune.quant_kernel import quantize_activation_fast
+
+    T, used = 40, 27
+    x = torch.randn(T, 96, device=device).to(torch.float16)
+    x[used:] = float("nan")
+    rows_used = torch.tensor([used], dtype=torch.int32, device=device)
+    fp8 = torch.float8_e4m3fn
+    if step == "activation":
+        whole, part = (apply_activation(x, "silu", **kw) for kw in ({}, {"rows_used": rows_used}))
+    elif step == "activation-fp8":
+        scale = torch.full((1,), 0.05, device=device)
+        whole, part = (apply_activation_quantized(x, "swigluoai", fp8, scale, **kw)[0]
+                       for kw in ({}, {"rows_used": rows_used}))  # fmt: skip
+    else:
+        outs = [quantize_activation_fast(x, fp8, group_k=32, **kw)
+                for kw in ({}, {"rows_used": rows_used})]  # fmt: skip
+        assert torch.equal(outs[0][1][:used], outs[1][1][:used])
+        whole, part = outs[0][0], outs[1][0]
+    bits = (lambda t: t.view(torch.uint8)) if whole.element_size() == 1 else (lambda t: t)
+    assert torch.equal(bits(whole[:used]), bits(part[:used]))
