@@ -8,13 +8,14 @@ M=4096 read 2,746 and 2,566 µs in two runs on one H100 with the same config. He
 graph, and then the graphs are replayed in alternation for ``--seconds``: ``--chunk`` calls of
 one, then of the next (the order reversed every round), so every variant sees the same thermal
 state. Reported per variant: the median µs per call over the chunks, and the median of the
-per-round ratios to the first variant.
+per-round ratios to the first variant; with ``--profile`` also each kernel's µs per replay of
+its graph (torch.profiler, the variants again in alternation).
 
 One input set per point (no rotation): at these sizes the weights are far larger than L2.
 
 Usage: python benchmarks/ab_interleaved.py OUT.json --variants auto,auto-sorted-in
        [--problems Mixtral-8x7B,gpt-oss-120b] [--quants bf16,fp8_w8a8] [--m 2048,4096]
-       [--seconds 4] [--chunk 5]
+       [--seconds 4] [--chunk 5] [--profile]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import statistics
 import time
 
 import torch
-from kernel_breakdown import DEFAULTS, NATIVE_PROBLEMS, PROBLEMS, VARIANTS, _use
+from kernel_breakdown import DEFAULTS, NATIVE_PROBLEMS, PROBLEMS, VARIANTS, _use, breakdown
 
 from moetune import ops
 from moetune.check import check_op
@@ -58,6 +59,19 @@ def interleave(graphs: dict[str, torch.cuda.CUDAGraph], seconds: float, chunk: i
     return times
 
 
+def kernels_interleaved(graphs: dict[str, torch.cuda.CUDAGraph], rounds: int = 2) -> dict:
+    """Each graph's kernels, µs per replay (torch.profiler over replays), in alternation as
+    the timing: the mean over ``rounds`` rounds, the order reversed every round."""
+    names = list(graphs)
+    per: dict[str, dict[str, float]] = {n: {} for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            kernels, _ = breakdown(lambda i, g=graphs[name]: g.replay(), 1)
+            for k, us in kernels.items():
+                per[name][k] = per[name].get(k, 0.0) + us / rounds
+    return per
+
+
 def measure_point(name: str, problem, args, kws, M: int, variants: list[str], a, ceilings) -> dict:
     """One problem at one batch size: each variant checked and captured, then interleaved."""
     quant, block = problem.quant, problem.block_shape
@@ -87,6 +101,9 @@ def measure_point(name: str, problem, args, kws, M: int, variants: list[str], a,
         _use(DEFAULTS)
     del ref
     times = interleave(graphs, a.seconds, a.chunk)
+    if a.profile:
+        for v, kernels in kernels_interleaved(graphs).items():
+            row[f"{v}_kernels"] = kernels
     first = times.get(variants[0])
     experts = float(torch.unique(args[4]).numel())  # the experts routed to
     row["floor_us"] = roofline(problem, M, ceilings, experts=experts).us
@@ -107,6 +124,7 @@ def main() -> None:
     ap.add_argument("--m", default="2048,4096")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--chunk", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="each variant's kernels too")
     a = ap.parse_args()
     variants = a.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
