@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from moetune.align import LiveRows
 from moetune.problem import ACTIVATIONS
 from moetune.quant import FP8_DTYPES, quant_max, static_scale
-from moetune.quant_kernel import fp8_min_exp, quantize_fp8
+from moetune.quant_kernel import fp8_min_exp, live_args, quantize_fp8
 
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
@@ -43,12 +44,13 @@ def swiglu_oai(gate, up, alpha, limit):
 def _activation_kernel(
     x_ptr, out_ptr, N, stride_x, stride_out, alpha, limit, scale_ptr, qmax,
     SWIGLU: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
-    MIN_EXP: tl.constexpr, used_ptr=None, USED: tl.constexpr = False,
+    MIN_EXP: tl.constexpr, ids_ptr=None, used_ptr=None, num_slots=0, LIVE: tl.constexpr = False,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    # rows from *used_ptr on (the routing's unused positions) are left as they are
-    if USED:  # noqa: SIM102 (a constexpr, then a load)
+    if LIVE:  # only rows that hold a slot (moetune.align.LiveRows); the others stay as they are
         if row >= tl.load(used_ptr):
+            return
+        if tl.load(ids_ptr + row) >= num_slots:
             return
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -72,15 +74,15 @@ def _activation_kernel(
 
 
 def apply_activation(
-    gate_up: torch.Tensor, activation: str, rows_used: torch.Tensor | None = None
+    gate_up: torch.Tensor, activation: str, live: LiveRows | None = None
 ) -> torch.Tensor:
-    """``[T, 2N] → [T, N]`` in fp32, cast back to the input dtype once. ``rows_used`` (``[1]``
-    int32 on the device): only the rows before it; the others are left unwritten."""
+    """``[T, 2N] → [T, N]`` in fp32, cast back to the input dtype once. ``live``: only the rows
+    that hold a slot of a sorted layout; the others are left unwritten."""
     gate_up, T, n = _prepare(gate_up, activation)
     out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)
     if T == 0 or n == 0:
         return out
-    _launch(gate_up, out, activation, rows_used=rows_used)
+    _launch(gate_up, out, activation, live=live)
     return out
 
 
@@ -95,7 +97,7 @@ def _prepare(gate_up: torch.Tensor, activation: str) -> tuple[torch.Tensor, int,
     return gate_up, T, two_n // 2
 
 
-def _launch(gate_up, out, activation, scale=None, qmax=0.0, min_exp=-6, rows_used=None) -> None:
+def _launch(gate_up, out, activation, scale=None, qmax=0.0, min_exp=-6, live=None) -> None:
     T, n = out.shape
     block = min(MAX_BLOCK, triton.next_power_of_2(n))
     _activation_kernel[(T, triton.cdiv(n, block))](
@@ -103,7 +105,7 @@ def _launch(gate_up, out, activation, scale=None, qmax=0.0, min_exp=-6, rows_use
         scale if scale is not None else gate_up, qmax,
         SWIGLU=activation == "swigluoai", BLOCK=block, QUANT=scale is not None,
         PER_ROW_SCALE=scale is not None and scale.dim() == 2, MIN_EXP=min_exp,
-        used_ptr=rows_used, USED=rows_used is not None,
+        **live_args(live),
     )  # fmt: skip
 
 
@@ -112,13 +114,13 @@ def apply_activation_quantized(
     activation: str,
     qdtype: torch.dtype,
     scale: torch.Tensor,
-    rows_used: torch.Tensor | None = None,
+    live: LiveRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation and its static-scale fp8 quantization in one launch: the same bits as
     :func:`apply_activation` followed by ``quantize_activation(h, qdtype, scale=scale)`` (the
     activation is rounded to the input dtype before it is divided by the scale), without
     writing and reading the activation in between. Returns ``(q, scale as [1] or [T, 1])``.
-    ``rows_used``: as in :func:`apply_activation`."""
+    ``live``: as in :func:`apply_activation`."""
     if qdtype not in FP8_DTYPES:
         raise ValueError(f"fused quantization is fp8 only, got {qdtype}")
     gate_up, T, n = _prepare(gate_up, activation)
@@ -126,7 +128,7 @@ def apply_activation_quantized(
     q = torch.empty((T, n), dtype=qdtype, device=gate_up.device)
     if T == 0 or n == 0:
         return q, scale
-    _launch(gate_up, q, activation, scale, quant_max(qdtype), fp8_min_exp(qdtype), rows_used)
+    _launch(gate_up, q, activation, scale, quant_max(qdtype), fp8_min_exp(qdtype), live)
     return q, scale
 
 

@@ -17,6 +17,16 @@ class RoutingBlocks(NamedTuple):
     num_tokens_post_padded: torch.Tensor  # [1] int32, used length of sorted_token_ids
 
 
+class LiveRows(NamedTuple):
+    """The rows of a tensor laid out at a routing's sorted positions that hold a slot: position
+    ``i`` is live when ``i < num_tokens_post_padded`` and ``sorted_token_ids[i] < num_slots``.
+    Kernels between the GEMMs skip the others (padding, and the bound's unused tail)."""
+
+    sorted_token_ids: torch.Tensor
+    num_tokens_post_padded: torch.Tensor
+    num_slots: int
+
+
 class DirectSlots(NamedTuple):
     """Routing without blocks: each GEMM program's M-block holds one slot (row 0) and takes
     that slot's expert from ``topk_ids`` (flat ``[M·topk]`` int32). Needs no launch. At M=1

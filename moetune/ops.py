@@ -12,7 +12,7 @@ import torch
 
 from moetune import launch
 from moetune.activation import apply_activation, apply_activation_quantized, apply_activation_torch
-from moetune.align import direct_slots, moe_align_block_size_torch
+from moetune.align import LiveRows, direct_slots, moe_align_block_size_torch
 from moetune.align_kernel import align_and_quantize, moe_align_block_size
 from moetune.gather import gather_sorted, gather_sorted_torch
 from moetune.launch import compiling, invoke_moe_gemm
@@ -293,9 +293,12 @@ def fused_experts(
     rows1 = routing.sorted_token_ids.numel() if sorted_mid else num_slots
     layout1 = dict(sorted_in=sorted_in, num_slots=num_slots if sorted_in else None,
                    sorted_out=sorted_mid)  # fmt: skip
-    # The steps between the GEMMs skip sorted positions past the routing's used length (the
-    # bound EM may be several times the slots: gpt-oss at M=2048, 24,448 rows for 8,192 slots).
-    used = {"rows_used": routing.num_tokens_post_padded} if sorted_mid and not compiling() else {}
+    # The steps between the GEMMs skip sorted positions that hold no slot (the bound EM may be
+    # several times the slots: gpt-oss at M=2048, 24,448 rows for 8,192 slots).
+    used = {}
+    if sorted_mid and not compiling():
+        live = LiveRows(routing.sorted_token_ids, routing.num_tokens_post_padded, num_slots)
+        used = {"live": live}
 
     gemm1 = dict(routing=routing, config=config, top_k=topk, a_scale=a1s, b_scale=w1_scale,
                  bias=w1_bias, dependent=gemm1_dependent(direct, qdtype is not None),

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moetune.align import LiveRows
 from moetune.quant import _MIN_AMAX, FP8_DTYPES, quant_max, quantize_activation, static_scale
 
 COLS = 1024  # columns per program for the per-tensor kernels and per-row loops
@@ -119,15 +120,18 @@ def _quant_tensor_kernel(
 def _quant_group_kernel(
     x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, stride_s, qmax, min_amax,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, MIN_EXP: tl.constexpr,
-    SIGNAL: tl.constexpr = False, used_ptr=None, USED: tl.constexpr = False,
+    SIGNAL: tl.constexpr = False, ids_ptr=None, used_ptr=None, num_slots=0,
+    LIVE: tl.constexpr = False,
 ):  # fmt: skip
     """Dynamic scale per (row, group of GROUP columns); GROUP = K for per-token scales. With
-    USED, rows from ``*used_ptr`` on are left as they are."""
+    LIVE, only rows that hold a slot (moetune.align.LiveRows); the others stay as they are."""
     if SIGNAL:  # the op's next kernel (a programmatic dependent) may launch now
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
-    if USED:  # noqa: SIM102 (a constexpr, then a load)
+    if LIVE:
         if row >= tl.load(used_ptr):
+            return
+        if tl.load(ids_ptr + row) >= num_slots:
             return
     g = tl.program_id(1)
     start = g * GROUP
@@ -154,29 +158,34 @@ def _quant_group_kernel(
 def _quant_group_rows_kernel(
     x_ptr, q_ptr, scale_ptr, T, K, stride_x, stride_q, stride_s, qmax, min_amax,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, MIN_EXP: tl.constexpr,
-    SIGNAL: tl.constexpr = False, used_ptr=None, USED: tl.constexpr = False,
+    SIGNAL: tl.constexpr = False, ids_ptr=None, used_ptr=None, num_slots=0,
+    LIVE: tl.constexpr = False,
 ):  # fmt: skip
     """Dynamic scale per (row, group of GROUP <= BLOCK columns), for ROWS rows of one group per
     program: the ``[ROWS, BLOCK]`` tile is loaded once and kept in registers between its amax
     and its quantization (a program per row and group of 128 columns, one column per thread,
-    loading it twice, was 5x off the copy's bandwidth on an H100). With USED, rows from
-    ``*used_ptr`` on are left as they are."""
+    loading it twice, was 5x off the copy's bandwidth on an H100). With LIVE, only rows that
+    hold a slot (moetune.align.LiveRows); the others stay as they are."""
     if SIGNAL:  # the op's next kernel (a programmatic dependent) may launch now
         tl.extra.cuda.gdc_launch_dependents()
-    if USED:  # noqa: SIM102 (a constexpr, then a load)
-        if tl.program_id(0) * ROWS >= tl.load(used_ptr):
-            return
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    in_t = rows < T
+    if LIVE:
+        used = tl.load(used_ptr)
+        if tl.program_id(0) * ROWS >= used:
+            return
+        ids = tl.load(ids_ptr + rows, mask=in_t, other=num_slots)
+        in_t = in_t & (rows < used) & (ids < num_slots)
     g = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     cols = g * GROUP + offs
-    mask = (rows[:, None] < T) & (cols[None, :] < K) & (offs[None, :] < GROUP)
+    mask = in_t[:, None] & (cols[None, :] < K) & (offs[None, :] < GROUP)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask,
                 other=0.0).to(tl.float32)  # fmt: skip
     amax = tl.max(tl.abs(x), 1)
     nans = tl.sum((x != x).to(tl.int32), 1)
     scale = _scale_from_amax(amax, nans > 0, min_amax, qmax)
-    tl.store(scale_ptr + rows * stride_s + g, scale, mask=rows < T)
+    tl.store(scale_ptr + rows * stride_s + g, scale, mask=in_t)
     y = quantize_fp8(x, scale[:, None], qmax, MIN_EXP)
     tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :],
              y.to(q_ptr.dtype.element_ty), mask=mask)  # fmt: skip
@@ -199,12 +208,12 @@ def quantize_activation_fast(
     scale: torch.Tensor | None = None,
     per_token: bool = False,
     group_k: int | None = None,
-    rows_used: torch.Tensor | None = None,
+    live: LiveRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`moetune.quant.quantize_activation` with Triton kernels for fp8 (same results);
-    int8 and unusual inputs go to the PyTorch version. ``rows_used`` (``[1]`` int32 on the
-    device; dynamic per-token or per-group scales only): rows from it on are left unwritten,
-    their scales too."""
+    int8 and unusual inputs go to the PyTorch version. ``live`` (dynamic per-token or per-group
+    scales only): only the rows of a sorted layout that hold a slot; the others, and their
+    scales, are left unwritten."""
     unusual = x.dim() != 2 or x.numel() == 0 or (group_k is not None and scale is not None)
     if qdtype not in FP8_DTYPES or unusual:  # the PyTorch version handles (or refuses) these
         return quantize_activation(x, qdtype, scale=scale, per_token=per_token, group_k=group_k)
@@ -229,13 +238,13 @@ def quantize_activation_fast(
             _quant_group_rows_kernel[(triton.cdiv(T, rows), n_groups)](
                 x, q, s, T, K, x.stride(0), q.stride(0), s.stride(0), qmax, _MIN_AMAX,
                 GROUP=group, BLOCK=block, ROWS=rows, MIN_EXP=min_exp, SIGNAL=signal,
-                used_ptr=rows_used, USED=rows_used is not None,
+                **live_args(live),
             )  # fmt: skip
             return q, s
         _quant_group_kernel[(T, n_groups)](
             x, q, s, K, x.stride(0), q.stride(0), s.stride(0), qmax, _MIN_AMAX,
             GROUP=group, BLOCK=min(COLS, block), MIN_EXP=min_exp, SIGNAL=signal,
-            used_ptr=rows_used, USED=rows_used is not None,
+            **live_args(live),
         )  # fmt: skip
         return q, s
     grid = (T, triton.cdiv(K, COLS))
@@ -261,3 +270,11 @@ def _signal(device: torch.device) -> bool:
     from moetune.launch import signal_gemm1  # imported here: launch imports this module
 
     return signal_gemm1(device)
+
+
+def live_args(live: LiveRows | None) -> dict:
+    """The kernels' LIVE arguments for ``live`` (none: every row)."""
+    if live is None:
+        return {"LIVE": False}
+    return {"ids_ptr": live.sorted_token_ids, "used_ptr": live.num_tokens_post_padded,
+            "num_slots": live.num_slots, "LIVE": True}  # fmt: skip

@@ -176,28 +176,36 @@ def test_sorted_rows_change_no_bit_gpu(quant, activation, block_m, ws, device, m
     assert check_close(out, ref, dtype=torch.bfloat16, quant=quant).ok
 
 
-@pytest.mark.parametrize("step", ["activation", "activation-fp8", "group-fp8"])
-def test_steps_between_the_gemms_stop_at_the_used_rows(step, device):
-    """Rows before ``rows_used`` are the whole tensor's bits; the rows past it (NaN here, as
-    unwritten sorted positions are) do not reach them."""
+@pytest.mark.parametrize("step", ["activation", "activation-fp8", "group-fp8", "token-fp8"])
+def test_steps_between_the_gemms_take_only_live_rows(step, device):
+    """Rows that hold a slot (before the used length, not padding) are the whole tensor's bits,
+    and the others (NaN here, as unwritten sorted positions may be) do not reach them. (That
+    the others are skipped is a matter of time, measured, not of bits.)"""
     from moetune.activation import apply_activation, apply_activation_quantized
+    from moetune.align import LiveRows
     from moetune.quant_kernel import quantize_activation_fast
 
-    T, used = 40, 27
+    T, used, num_slots = 40, 27, 50
+    ids = torch.randint(0, num_slots, (T,), dtype=torch.int32, device=device)
+    ids[[3, 4, 11, 20]] = num_slots  # padding
+    live_rows = torch.zeros(T, dtype=torch.bool, device=device)
+    live_rows[:used] = ids[:used] < num_slots
     x = torch.randn(T, 96, device=device).to(torch.float16)
-    x[used:] = float("nan")
-    rows_used = torch.tensor([used], dtype=torch.int32, device=device)
+    x[~live_rows] = float("nan")
+    live = LiveRows(ids, torch.tensor([used], dtype=torch.int32, device=device), num_slots)
     fp8 = torch.float8_e4m3fn
     if step == "activation":
-        whole, part = (apply_activation(x, "silu", **kw) for kw in ({}, {"rows_used": rows_used}))
+        whole, part = (apply_activation(x, "silu", **kw) for kw in ({}, {"live": live}))
     elif step == "activation-fp8":
         scale = torch.full((1,), 0.05, device=device)
         whole, part = (apply_activation_quantized(x, "swigluoai", fp8, scale, **kw)[0]
-                       for kw in ({}, {"rows_used": rows_used}))  # fmt: skip
+                       for kw in ({}, {"live": live}))  # fmt: skip
     else:
-        outs = [quantize_activation_fast(x, fp8, group_k=32, **kw)
-                for kw in ({}, {"rows_used": rows_used})]  # fmt: skip
-        assert torch.equal(outs[0][1][:used], outs[1][1][:used])
+        group = 32 if step == "group-fp8" else None
+        outs = [quantize_activation_fast(x, fp8, group_k=group, per_token=group is None, **kw)
+                for kw in ({}, {"live": live})]  # fmt: skip
+        assert torch.equal(outs[0][1][live_rows], outs[1][1][live_rows])
         whole, part = outs[0][0], outs[1][0]
     bits = (lambda t: t.view(torch.uint8)) if whole.element_size() == 1 else (lambda t: t)
-    assert torch.equal(bits(whole[:used]), bits(part[:used]))
+    assert torch.equal(bits(whole[live_rows]), bits(part[live_rows]))
+    assert not torch.isnan(part[live_rows].float()).any()
