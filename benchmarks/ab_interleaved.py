@@ -8,7 +8,7 @@ M=4096 read 2,746 and 2,566 µs in two runs on one H100 with the same config. He
 graph, and then the graphs are replayed in alternation for ``--seconds``: ``--chunk`` calls of
 one, then of the next (the order reversed every round), so every variant sees the same thermal
 state. Reported per variant: the median µs per call over the chunks, and the median of the
-per-round ratios to the first variant; with ``--profile`` also each kernel's µs per replay of
+per-round ratios first ÷ variant (above 1: faster than the first variant that passed); with ``--profile`` also each kernel's µs per replay of
 its graph (torch.profiler, the variants again in alternation).
 
 One input set per point (no rotation): at these sizes the weights are far larger than L2.
@@ -41,12 +41,12 @@ from moetune.roofline import measure_ceilings, roofline
 def interleave(graphs: dict[str, torch.cuda.CUDAGraph], seconds: float, chunk: int) -> dict:
     """Replay each graph ``chunk`` times in turn until ``seconds`` pass; µs per call per chunk."""
     names = list(graphs)
-    for g in graphs.values():  # one warm chunk each
+    for g in graphs.values():  # one warm-up replay each
         g.replay()
     torch.cuda.synchronize()
     times: dict[str, list[float]] = {n: [] for n in names}
-    end, rounds = time.time() + seconds, 0
-    while time.time() < end or rounds < 2:
+    end, rounds = time.monotonic() + seconds, 0
+    while time.monotonic() < end or rounds < 2:
         for name in names if rounds % 2 == 0 else names[::-1]:
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -104,7 +104,7 @@ def measure_point(name: str, problem, args, kws, M: int, variants: list[str], a,
     if a.profile:
         for v, kernels in kernels_interleaved(graphs).items():
             row[f"{v}_kernels"] = kernels
-    first = times.get(variants[0])
+    first = next(iter(times.values()), None)  # the first variant that passed its check
     experts = float(torch.unique(args[4]).numel())  # the experts routed to
     row["floor_us"] = roofline(problem, M, ceilings, experts=experts).us
     for v, ts in times.items():

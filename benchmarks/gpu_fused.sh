@@ -50,7 +50,7 @@ except KeyError:  # cut by its timeout: the rows written as they were measured
 names = ["unfused", "fused", "fused-pairs", "auto", "auto-sum", "auto-rq", "auto-ts", "auto-pairs",
          "auto-tma", "auto-bound", "auto-bs", "auto-gq", "auto-direct",
          "auto-pdl", "auto-pdl-early", "auto-pdl-late", "auto-pdl1", "auto-sorted",
-         "auto-sorted-ptr", "auto-sorted-in", "auto-sorted-ws"]
+         "auto-sorted-ptr", "auto-sorted-in"]
 groups, every = {}, {}
 for r in rows:
     head = f"{r['problem'][:8]} {r['quant']:>8} M={r['M']:<5}"

@@ -34,7 +34,7 @@ Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--p
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
        auto-tma,auto-bound,auto-bs,auto-gq,auto-direct,
        auto-pdl,auto-pdl-early,auto-pdl-late,auto-pdl1,auto-sorted,auto-sorted-ptr,
-       auto-sorted-in,auto-sorted-ws]]
+       auto-sorted-in]]
 A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
 quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
 ``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
@@ -48,9 +48,7 @@ switches ``launch.PDL_GEMM1`` (GEMM1 as a dependent of the op's routing or quant
 launch); ``auto-sorted`` sets ``ops.SORTED_MIN_M`` to 1 (GEMM1's output at the routing's
 sorted positions, GEMM2 reading contiguous blocks through TMA; ``auto-sorted-ptr`` the same
 with pointer loads, ``launch.SORTED_TMA`` off), ``auto-sorted-in`` also
-``ops.SORTED_INPUT_MIN_M`` (the input gathered into sorted positions for GEMM1) and
-``auto-sorted-ws`` also ``launch.WARP_SPECIALIZE`` (the K loop warp-specialized where both
-operands come through TMA). Each variant that passed its check is also profiled
+``ops.SORTED_INPUT_MIN_M`` (the input gathered into sorted positions for GEMM1). Each variant that passed its check is also profiled
 (``<variant>_kernels``). A kernel launched more than
 once a call (the two GEMMs) is reported per launch, ``name#1`` first.
 """
@@ -103,7 +101,6 @@ class Flags(NamedTuple):
     pdl_gemm1: bool = launch.PDL_GEMM1  # launch.PDL_GEMM1
     sorted_min_m: int | None = ops.SORTED_MIN_M  # ops.SORTED_MIN_M
     sorted_input_min_m: int | None = ops.SORTED_INPUT_MIN_M  # ops.SORTED_INPUT_MIN_M
-    warp_specialize: bool = launch.WARP_SPECIALIZE  # launch.WARP_SPECIALIZE
     sorted_tma: bool = launch.SORTED_TMA  # launch.SORTED_TMA
 
 
@@ -124,7 +121,6 @@ DEFAULTS = Flags(
     launch.PDL_GEMM1,
     ops.SORTED_MIN_M,
     ops.SORTED_INPUT_MIN_M,
-    launch.WARP_SPECIALIZE,
     launch.SORTED_TMA,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
@@ -158,7 +154,6 @@ VARIANTS = {
     "auto-sorted": DEFAULTS._replace(sorted_min_m=1),
     "auto-sorted-ptr": DEFAULTS._replace(sorted_min_m=1, sorted_tma=False),
     "auto-sorted-in": DEFAULTS._replace(sorted_min_m=1, sorted_input_min_m=1),
-    "auto-sorted-ws": DEFAULTS._replace(sorted_min_m=1, sorted_input_min_m=1, warp_specialize=True),
 }
 
 
@@ -215,7 +210,6 @@ def _use(flags: Flags) -> None:
     launch.PDL_GEMM1 = flags.pdl_gemm1
     ops.SORTED_MIN_M = flags.sorted_min_m
     ops.SORTED_INPUT_MIN_M = flags.sorted_input_min_m
-    launch.WARP_SPECIALIZE = flags.warp_specialize
     launch.SORTED_TMA = flags.sorted_tma
 
 

@@ -1,7 +1,8 @@
 """The input's rows in the routing's sorted order, for a GEMM that reads contiguous blocks.
 
 ``gather_sorted(x, routing, top_k)`` is ``[EM, K]``: row ``i`` holds ``x[sorted_token_ids[i] //
-top_k]``, padded positions hold zeros, and rows past the used length are left unwritten. A
+top_k]`` and padded positions hold zeros, up to the used length (rows past it may be left
+unwritten: the GEMM's programs there return at once). A
 per-row tensor beside the input (per-token or block scales) is gathered the same way, so the
 kernel (its ``A_SORTED``) indexes both by sorted position.
 """
@@ -64,6 +65,9 @@ def gather_sorted(
     ``signal``: the kernel lets a programmatic dependent (GEMM1) launch first thing."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be [T, K] with contiguous rows, got {list(x.shape)}")
+    if x.shape[0] * top_k != num_slots:
+        raise ValueError(f"{x.shape[0]} rows of top-{top_k} make {x.shape[0] * top_k} slots, "
+                         f"not {num_slots}")  # fmt: skip
     sorted_ids, _, used = routing
     em = sorted_ids.numel()
     out = torch.empty((em, x.shape[1]), dtype=x.dtype, device=x.device)

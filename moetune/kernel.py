@@ -42,11 +42,11 @@ from moetune.quant_kernel import quantize_fp8
 @triton.jit(do_not_specialize=["EM", "num_valid_tokens", "direct_slots"])
 def fused_moe_kernel(
     # Pointers
-    a_ptr,  # [T_a, K]        activations: compute dtype, or fp8/int8 for w8a8
+    a_ptr,  # [T_a, K]        activations: compute dtype, or fp8/int8 for w8a8 ([EM, K], A_SORTED)
     b_ptr,  # [E, N, K]       weights: compute dtype, fp8 or int8
     b_desc,  # B_TMA: a TMA descriptor of b viewed as [E * N, K]; else unused (None)
     a_desc,  # A_TMA: a TMA descriptor of a ([EM, K], A_SORTED's rows); else unused (None)
-    c_ptr,  # [T_c, N] output rows, one per routed slot (compute dtype); [T_c, N / 2] after
+    c_ptr,  # [T_c, N] output rows, one per routed slot ([EM, ...], C_SORTED); [T_c, N / 2] after
     # ACTIVATION (compute dtype, or fp8 with QUANT_OUT); [T_c / SUM_TOPK, N] fp32 with SUM_TOPK
     bias_ptr,  # [E, N]       optional, any float dtype
     a_scale_ptr,  # [1] per tensor | [T_a, 1] per token | [T_a, ceil(K/group_k)] per block
@@ -125,12 +125,9 @@ def fused_moe_kernel(
     # Per-row scales of A (per-token, block) are then indexed by sorted position too.
     A_SORTED: tl.constexpr = False,
     A_TMA: tl.constexpr = False,  # A_SORTED's tiles through a_desc (Hopper's TMA)
-    # C's rows are the routing's sorted positions ([EM, N]), for a GEMM2 with A_SORTED: padded
-    # rows are left as they were. Not with SUM_TOPK.
+    # C's rows are the routing's sorted positions ([EM, N]): GEMM1's, so that GEMM2 reads them
+    # with A_SORTED. Padded rows are left as they were. Not with SUM_TOPK.
     C_SORTED: tl.constexpr = False,
-    # The K loop as Triton's warp-specialized loop (producer warps load, consumer warps multiply),
-    # which it applies where both operands come through TMA (A_TMA and B_TMA).
-    WARP_SPECIALIZE: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,  # launched as a programmatic dependent (launch.PDL)
     PDL_LATE_TRIGGER: tl.constexpr = False,  # dependents may launch after the K loop, not before
 ):
@@ -259,7 +256,7 @@ def fused_moe_kernel(
                 b_scale_ptrs_up += ((half_cols + N // 2) // group_n) * stride_bsn
 
     a_row = (pid_m * BLOCK_SIZE_M).to(tl.int32)
-    for k in tl.range(0, tl.cdiv(K, BLOCK_SIZE_K), warp_specialize=WARP_SPECIALIZE):
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_remaining = K - k * BLOCK_SIZE_K
         if A_TMA:  # padded rows load whatever the rows hold; their outputs are masked
             a = a_desc.load([a_row, k * BLOCK_SIZE_K])

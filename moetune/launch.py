@@ -57,8 +57,6 @@ BLOCK_SCALE_PER_TILE = True
 # A GEMM whose input rows are in the routing's sorted order (moetune.ops.SORTED_MIN_M) loads them
 # through TMA where the GPU allows it (sorted_input_tma), from WEIGHTS_TMA_MIN_BLOCK_M rows.
 SORTED_TMA = True
-# Where both operands come through TMA, run the K loop as Triton's warp-specialized loop.
-WARP_SPECIALIZE = False
 # Programmatic dependent launch (NVIDIA compute capability 9 and up, a Triton with it): GEMM2
 # and the sum over top-k launch with Triton's launch_pdl, so their programs may start while the
 # kernel before them (in the op: GEMM1, the activation, a quantization or a fill) finishes. Every
@@ -273,7 +271,8 @@ def invoke_moe_gemm(
     sorted_out: bool = False,
     num_slots: int | None = None,
 ) -> None:
-    """``c[slot] = epilogue(a[slot // top_k] · b[expert(slot)]ᵀ)`` for every routed slot.
+    """``c[slot] = epilogue(a[slot // top_k] · b[expert(slot)]ᵀ)`` for every routed slot (with
+    ``sorted_in``, ``a``'s row is the slot's sorted position; with ``sorted_out``, ``c``'s).
 
     ``c`` is ``[num_slots, N]``; ``topk_weights`` (flattened ``[num_slots]``) is applied only when
     given. With ``activation`` (the up projection, ``b`` of ``N = 2·n`` rows) ``c`` is
@@ -291,8 +290,10 @@ def invoke_moe_gemm(
     """
     validate_config(config, block_shape)
     direct = isinstance(routing, DirectSlots)
-    if (sorted_in or sorted_out) and (direct or sum_topk):
-        raise ValueError("sorted rows need the routing's blocks and no sum over top-k")
+    if (sorted_in or sorted_out) and direct:
+        raise ValueError("sorted rows need the routing's blocks, not direct slots")
+    if sorted_out and sum_topk:
+        raise ValueError("sorted output rows and a sum over top-k exclude each other")
     if sorted_in != (num_slots is not None):
         raise ValueError("num_slots is given exactly when the input rows are sorted")
     if not sorted_in:
@@ -308,6 +309,9 @@ def invoke_moe_gemm(
         em = routing.sorted_token_ids.numel()
         if sorted_in and a.shape[0] != em:
             raise ValueError(f"sorted input must have the routing's {em} rows, got {a.shape[0]}")
+        if sorted_in and a_scale is not None and a_scale.dim() == 2 and a_scale.shape[0] != em:
+            raise ValueError(f"a sorted input's per-row scales must have {em} rows too, got "
+                             f"{a_scale.shape[0]}")  # fmt: skip
         if sorted_out:
             rows = em
     if c.shape[0] != rows or (sum_topk and (c.dtype != torch.float32 or c.shape[1] != N)):
@@ -421,7 +425,6 @@ def invoke_moe_gemm(
         A_SORTED=sorted_in,
         A_TMA=a_tma,
         C_SORTED=sorted_out,
-        WARP_SPECIALIZE=WARP_SPECIALIZE and a_tma and b_tma,
         USE_PDL=pdl,
         PDL_LATE_TRIGGER=late_trigger(direct, grid[0], down) and pdl,  # checks the switch
         B_SCALE_PER_TILE=block_scale_per_tile(block_shape, act, b_tma, N, bn),

@@ -12,7 +12,7 @@ import torch
 
 from moetune import launch
 from moetune.activation import apply_activation, apply_activation_quantized, apply_activation_torch
-from moetune.align import LiveRows, direct_slots, moe_align_block_size_torch
+from moetune.align import LiveRows, RoutingBlocks, direct_slots, moe_align_block_size_torch
 from moetune.align_kernel import align_and_quantize, moe_align_block_size
 from moetune.gather import gather_sorted, gather_sorted_torch
 from moetune.launch import compiling, invoke_moe_gemm
@@ -65,9 +65,11 @@ TOPK_SUM_KERNEL = True
 DIRECT_SLOTS_MAX_M: int | None = 1
 # From this many tokens (None: never) GEMM1 stores its rows at the routing's sorted positions
 # ([EM, n], padded rows unwritten) and GEMM2 reads them as contiguous blocks, through TMA where
-# the GPU has it (launch.SORTED_TMA), instead of gathering slot rows by pointer. Not with direct
-# slots, up and down tiles of different BLOCK_SIZE_M (other padding), per-token scales, or a
-# dynamic per-tensor scale of GEMM2's input (its maximum would take in the padded rows).
+# the GPU has it (launch.SORTED_TMA), instead of gathering slot rows by pointer; the steps
+# between them take only the rows that hold a slot (align.LiveRows). Not with direct slots, up
+# and down tiles of different BLOCK_SIZE_M (other padding), per-token scales (dynamic or
+# static), or a dynamic per-tensor scale of GEMM2's input (its maximum would take in the padded
+# rows).
 # Changing it changes the op's timings: bump the version.
 SORTED_MIN_M: int | None = None
 # From this many tokens (None: never) the input is gathered into the routing's sorted positions
@@ -160,10 +162,11 @@ def gemm1_dependent(direct: bool, quantized: bool) -> bool:
 
 def sorted_rows(
     M: int,
+    *,
     direct: bool,
     same_block_m: bool,
     quantized: bool,
-    static_scale: bool,
+    static_tensor_scale: bool,
     per_channel: bool,
     block: bool,
 ) -> tuple[bool, bool]:
@@ -173,7 +176,7 @@ def sorted_rows(
     if direct:
         return False, False
     sorted_in = SORTED_INPUT_MIN_M is not None and M >= SORTED_INPUT_MIN_M
-    per_row_safe = not quantized or block or (static_scale and not per_channel)
+    per_row_safe = not quantized or block or (static_tensor_scale and not per_channel)
     sorted_mid = (SORTED_MIN_M is not None and M >= SORTED_MIN_M and same_block_m
                   and per_row_safe)  # fmt: skip
     return sorted_in, sorted_mid
@@ -277,8 +280,9 @@ def fused_experts(
                   block_shape=block)  # fmt: skip
     static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None
     sorted_in, sorted_mid = sorted_rows(
-        M, direct, routing_down is routing, qdtype is not None,
-        a2_scale is not None and a2_scale.numel() == 1, per_channel_quant, group_k is not None,
+        M, direct=direct, same_block_m=routing_down is routing, quantized=qdtype is not None,
+        static_tensor_scale=a2_scale is not None and a2_scale.numel() == 1,
+        per_channel=per_channel_quant, block=group_k is not None,
     )  # fmt: skip
     if sorted_in:  # GEMM1's input (and its per-row scales) at the sorted positions
         gather = (
@@ -295,10 +299,11 @@ def fused_experts(
                    sorted_out=sorted_mid)  # fmt: skip
     # The steps between the GEMMs skip sorted positions that hold no slot (the bound EM may be
     # several times the slots: gpt-oss at M=2048, 24,448 rows for 8,192 slots).
-    used = {}
+    live_kw = {}
     if sorted_mid and not compiling():
-        live = LiveRows(routing.sorted_token_ids, routing.num_tokens_post_padded, num_slots)
-        used = {"live": live}
+        live_kw["live"] = LiveRows(
+            routing.sorted_token_ids, routing.num_tokens_post_padded, num_slots
+        )
 
     gemm1 = dict(routing=routing, config=config, top_k=topk, a_scale=a1s, b_scale=w1_scale,
                  bias=w1_bias, dependent=gemm1_dependent(direct, qdtype is not None),
@@ -312,7 +317,7 @@ def fused_experts(
     elif FUSE_ACTIVATION_QUANT and static_fp8 and not compiling():
         cache1 = _empty((rows1, two_n), dtype, device)
         invoke_moe_gemm(a1, w1, cache1, **gemm1)
-        a2, a2s = apply_activation_quantized(cache1, activation, qdtype, a2_scale, **used)
+        a2, a2s = apply_activation_quantized(cache1, activation, qdtype, a2_scale, **live_kw)
     else:
         if fuse:
             h = _empty((rows1, N), dtype, device)
@@ -320,12 +325,12 @@ def fused_experts(
         else:
             cache1 = _empty((rows1, two_n), dtype, device)
             invoke_moe_gemm(a1, w1, cache1, **gemm1)
-            h = activate(cache1, activation, **used)
+            h = activate(cache1, activation, **live_kw)
         a2, a2s = h, None
         if qdtype is not None:
             a2, a2s = quantize(
                 h, qdtype, scale=a2_scale, per_token=per_channel_quant, group_k=group_k,
-                **(used if group_k is not None else {}),
+                **(live_kw if group_k is not None else {}),
             )  # fmt: skip
     seen = _CAPTURE.get()
     if seen is not None and a2s is not None:
@@ -351,20 +356,23 @@ def fused_experts(
 
 
 def _slot_rows(
-    a2: torch.Tensor, a2s: torch.Tensor, routing: Any, num_slots: int
+    a2: torch.Tensor, a2s: torch.Tensor, routing: RoutingBlocks, num_slots: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GEMM2's input and its scales from sorted positions back to one row a slot (for
     :func:`capture_requantized`: checks only, never timed)."""
     ids = routing.sorted_token_ids.to(torch.int64)
     used = torch.arange(ids.numel(), device=ids.device) < routing.num_tokens_post_padded
     keep = used & (ids < num_slots)
-    slots = torch.empty((num_slots, a2.shape[1]), dtype=a2.dtype, device=a2.device)
-    slots[ids[keep]] = a2[keep]
+
+    def unsort(t: torch.Tensor) -> torch.Tensor:
+        out = _empty((num_slots, t.shape[1]), t.dtype, t.device)
+        bits = (lambda x: x.view(torch.uint8)) if t.element_size() == 1 else (lambda x: x)
+        bits(out)[ids[keep]] = bits(t)[keep]  # fp8 copied as bytes
+        return out
+
     if a2s.dim() == 2 and a2s.shape[0] == a2.shape[0]:
-        scales = torch.empty((num_slots, a2s.shape[1]), dtype=a2s.dtype, device=a2s.device)
-        scales[ids[keep]] = a2s[keep]
-        a2s = scales
-    return slots, a2s
+        a2s = unsort(a2s)
+    return unsort(a2), a2s
 
 
 def fused_moe(

@@ -130,7 +130,9 @@ def compile_inputs(
     from: its routing and activation run in PyTorch on CPU for each candidate); with
     ``ops.DIRECT_SLOTS_MAX_M`` set, one token, whose GEMM1 on direct slots may build another
     kernel: a late trigger (:func:`moetune.launch.late_trigger`), or no dependent launch flag
-    (:func:`moetune.ops.gemm1_dependent`; the flag is part of Triton's compile key)."""
+    (:func:`moetune.ops.gemm1_dependent`; the flag is part of Triton's compile key); with
+    ``ops.SORTED_MIN_M`` or ``ops.SORTED_INPUT_MIN_M`` set, a set of that many tokens, where the
+    GEMMs read or write rows at the routing's sorted positions (other kernels again)."""
     import torch
 
     from moetune import ops
@@ -149,6 +151,9 @@ def compile_inputs(
             sizes.append(start)
         if False not in sums and start > 1:
             sizes.append(start - 1)
+    for start in (ops.SORTED_MIN_M, ops.SORTED_INPUT_MIN_M):
+        if start is not None and max(sizes) < start:
+            sizes.append(start)
     sets = []
     for M in sorted(set(sizes)):
         args, kw = random_moe_inputs(problem, M, device, seed=0, fp8_dtype=fp8)

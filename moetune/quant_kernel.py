@@ -19,6 +19,8 @@ from __future__ import annotations
 import moetune._interpret  # noqa: F401  (must run before triton is imported)
 
 # isort: split
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -215,7 +217,10 @@ def quantize_activation_fast(
     scales only): only the rows of a sorted layout that hold a slot; the others, and their
     scales, are left unwritten."""
     unusual = x.dim() != 2 or x.numel() == 0 or (group_k is not None and scale is not None)
+    if live is not None and group_k is None and not (per_token and scale is None):
+        raise ValueError("live rows apply to dynamic per-token or per-group scales only")
     if qdtype not in FP8_DTYPES or unusual:  # the PyTorch version handles (or refuses) these
+        # (on every row, live or not: the same values for the live ones)
         return quantize_activation(x, qdtype, scale=scale, per_token=per_token, group_k=group_k)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -272,7 +277,7 @@ def _signal(device: torch.device) -> bool:
     return signal_gemm1(device)
 
 
-def live_args(live: LiveRows | None) -> dict:
+def live_args(live: LiveRows | None) -> dict[str, Any]:
     """The kernels' LIVE arguments for ``live`` (none: every row)."""
     if live is None:
         return {"LIVE": False}

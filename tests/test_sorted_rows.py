@@ -27,6 +27,8 @@ MODES = [
     # a dynamic per-tensor scale would take in the padded rows; per-token scales stay by slot
     pytest.param("fp8_w8a8", False, None, False, False, id="fp8-dynamic"),
     pytest.param("fp8_w8a8", True, None, False, False, id="fp8-token"),
+    pytest.param("int8_w8a8", False, None, True, True, id="int8-static"),
+    pytest.param("int8_w8a8", False, (32, 32), False, True, id="int8-block"),
 ]
 
 
@@ -111,16 +113,51 @@ def test_no_sorted_rows_for_direct_slots_or_other_down_tiles(device, monkeypatch
     assert check_close(out, ref, dtype=torch.float16).ok
 
 
+def test_sorted_rows_with_the_sum_over_topk_in_gemm2(device, monkeypatch):
+    """GEMM2 reads sorted rows and adds each slot into its token's fp32 row: the same result
+    as the slot layout with the same sum (up to fp32's addition order: top-2 sums commute)."""
+    case = make_case(21, 5, NOUT, K, 2, torch.float16, device, bias=True, exact_dots=True)
+    monkeypatch.setattr(ops, "SUM_TOPK_IN_GEMM2_MIN_M", 1)
+    launches = record_launches(monkeypatch, run=True)
+    slots = _run(case, monkeypatch, mid=False, inp=False, tma=False)
+    launches.clear()
+    out = _run(case, monkeypatch, mid=True, inp=True, tma=False)
+    assert launches[1]["A_SORTED"] and launches[1]["SUM_TOPK"] == 2
+    assert torch.equal(out, slots)
+
+
+def test_compile_processes_build_the_sorted_kernels(monkeypatch):
+    """With the switches set, compile processes run a set of that many tokens."""
+    from moetune.precompile import compile_inputs
+    from moetune.problem import Problem
+
+    problem = Problem(E=4, N=32, K=64, topk=2)
+
+    def sizes():
+        return sorted(a[0].shape[0] for a, _ in compile_inputs(problem, "cpu", torch.float8_e4m3fn))
+
+    monkeypatch.setattr(ops, "SORTED_MIN_M", None)
+    monkeypatch.setattr(ops, "SORTED_INPUT_MIN_M", None)
+    assert max(sizes()) < 64
+    monkeypatch.setattr(ops, "SORTED_MIN_M", 64)
+    assert max(sizes()) == 64
+    monkeypatch.setattr(ops, "SORTED_INPUT_MIN_M", 96)
+    assert 64 in sizes() and 96 in sizes()
+
+
 def test_the_requantized_input_is_captured_in_slot_order(device, monkeypatch):
     """Checks judge GEMM2 given the operand the op re-quantized: one row a slot, whatever the
     op's layout."""
     case = make_case(13, 4, NOUT, K, 2, torch.float16, device, quant="fp8_w8a8",
                      block_shape=(32, 32))  # fmt: skip
     seen = {}
+    launches = record_launches(monkeypatch, run=True)
     for mid in (False, True):
         monkeypatch.setattr(ops, "SORTED_MIN_M", 1 if mid else None)
+        launches.clear()
         with capture_requantized() as captured:
             fused_experts(*case.args(), config=CONFIG, **case.kwargs)
+        assert launches[0]["C_SORTED"] is mid
         seen[mid] = captured[0]
     assert seen[True][0].shape == seen[False][0].shape
     assert torch.equal(seen[True][0].view(torch.uint8), seen[False][0].view(torch.uint8))
@@ -149,10 +186,10 @@ def test_gather_sorted_matches_torch(dtype, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant", [None, "fp8_w8a8", "fp8-block"])
 @pytest.mark.parametrize("activation", ["silu", "swigluoai"])
-@pytest.mark.parametrize(("block_m", "ws"), [(64, False), (128, False), (128, True)])
-def test_sorted_rows_change_no_bit_gpu(quant, activation, block_m, ws, device, monkeypatch):
-    """bf16, static fp8 and block fp8 on realistic tiles (GPU only), with the K loop
-    warp-specialized too: sorted rows through TMA against the slot layout's pointer loads."""
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_sorted_rows_change_no_bit_gpu(quant, activation, block_m, device, monkeypatch):
+    """bf16, static fp8 and block fp8 on realistic tiles (GPU only): sorted rows through TMA
+    against the slot layout's pointer loads."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability 9")
     block = (128, 128) if quant == "fp8-block" else None
@@ -164,13 +201,11 @@ def test_sorted_rows_change_no_bit_gpu(quant, activation, block_m, ws, device, m
     warps = 8 if block_m == 128 else 4
     config = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128,
               "GROUP_SIZE_M": 8, "num_warps": warps, "num_stages": 3}  # fmt: skip
-    monkeypatch.setattr(launch, "WARP_SPECIALIZE", ws)
     launches = record_launches(monkeypatch, run=True)
     slots = _run(case, monkeypatch, mid=False, inp=False, config=config)
     launches.clear()
     out = _run(case, monkeypatch, mid=True, inp=True, config=config)
     assert [k["A_TMA"] for k in launches] == [True, True]
-    assert [k["WARP_SPECIALIZE"] for k in launches] == [ws, ws]
     assert torch.equal(out, slots)
     ref = fused_experts_reference(*case.args(), **case.kwargs)
     assert check_close(out, ref, dtype=torch.bfloat16, quant=quant).ok
