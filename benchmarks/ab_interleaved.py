@@ -8,8 +8,9 @@ M=4096 read 2,746 and 2,566 µs in two runs on one H100 with the same config. He
 graph, and then the graphs are replayed in alternation for ``--seconds``: ``--chunk`` calls of
 one, then of the next (the order reversed every round), so every variant sees the same thermal
 state. Reported per variant: the median µs per call over the chunks, and the median of the
-per-round ratios first ÷ variant (above 1: faster than the first variant that passed); with ``--profile`` also each kernel's µs per replay of
-its graph (torch.profiler, the variants again in alternation).
+per-round ratios first ÷ variant (above 1: faster than the first variant that passed); with
+``--profile`` also each kernel's µs per replay of its graph (torch.profiler, the variants
+again in alternation).
 
 One input set per point (no rotation): at these sizes the weights are far larger than L2.
 

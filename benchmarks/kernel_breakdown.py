@@ -48,9 +48,9 @@ switches ``launch.PDL_GEMM1`` (GEMM1 as a dependent of the op's routing or quant
 launch); ``auto-sorted`` sets ``ops.SORTED_MIN_M`` to 1 (GEMM1's output at the routing's
 sorted positions, GEMM2 reading contiguous blocks through TMA; ``auto-sorted-ptr`` the same
 with pointer loads, ``launch.SORTED_TMA`` off), ``auto-sorted-in`` also
-``ops.SORTED_INPUT_MIN_M`` (the input gathered into sorted positions for GEMM1). Each variant that passed its check is also profiled
-(``<variant>_kernels``). A kernel launched more than
-once a call (the two GEMMs) is reported per launch, ``name#1`` first.
+``ops.SORTED_INPUT_MIN_M`` (the input gathered into sorted positions for GEMM1). Each
+variant that passed its check is also profiled (``<variant>_kernels``). A kernel launched
+more than once a call (the two GEMMs) is reported per launch, ``name#1`` first.
 """
 
 from __future__ import annotations
