@@ -225,7 +225,7 @@ def test_compile_only_builds_the_summing_kernel_the_op_launches(quant, device, m
         ops.fused_experts(*case.args(), config=SMALL, **case.kwargs)
     assert len(seen["warmup"]) == 2 and seen["warmup"] == seen["launch"]
     types, gemm2, c_shape = seen["warmup"][1]
-    assert gemm2["SUM_TOPK"] == 2 and (types[3], c_shape) == ("torch.float32", (16, 64))
+    assert gemm2["SUM_TOPK"] == 2 and (types[4], c_shape) == ("torch.float32", (16, 64))  # c
 
 
 @pytest.mark.parametrize(
