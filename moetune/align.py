@@ -26,6 +26,12 @@ class LiveRows(NamedTuple):
     num_tokens_post_padded: torch.Tensor
     num_slots: int
 
+    def mask(self) -> torch.Tensor:
+        """``[EM]`` bool: which positions are live (PyTorch ops, no host sync)."""
+        ids = self.sorted_token_ids
+        positions = torch.arange(ids.numel(), device=ids.device)
+        return (positions < self.num_tokens_post_padded) & (ids < self.num_slots)
+
 
 class DirectSlots(NamedTuple):
     """Routing without blocks: each GEMM program's M-block holds one slot (row 0) and takes

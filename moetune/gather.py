@@ -1,10 +1,10 @@
 """The input's rows in the routing's sorted order, for a GEMM that reads contiguous blocks.
 
-``gather_sorted(x, routing, top_k)`` is ``[EM, K]``: row ``i`` holds ``x[sorted_token_ids[i] //
-top_k]`` and padded positions hold zeros, up to the used length (rows past it may be left
-unwritten: the GEMM's programs there return at once). A
-per-row tensor beside the input (per-token or block scales) is gathered the same way, so the
-kernel (its ``A_SORTED``) indexes both by sorted position.
+``gather_sorted(x, routing, top_k, num_slots)`` is ``[EM, K]``: row ``i`` holds
+``x[sorted_token_ids[i] // top_k]`` and padded positions hold zeros, up to the used length (rows
+past it may be left unwritten: the GEMM's programs there return at once). A per-row tensor
+beside the input (per-token or block scales) is gathered the same way, so the kernel (its
+``A_SORTED``) indexes both by sorted position.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moetune.align import RoutingBlocks
+from moetune.align import LiveRows, RoutingBlocks
 
 BLOCK_ROWS = 16
 
@@ -86,10 +86,8 @@ def gather_sorted_torch(
 ) -> torch.Tensor:
     """:func:`gather_sorted` in PyTorch (compile processes; the tests' reference): every row
     past the used length is zero too."""
-    sorted_ids, _, used = routing
-    ids = sorted_ids.to(torch.int64)
-    positions = torch.arange(ids.numel(), device=ids.device)
-    valid = (ids < num_slots) & (positions < used.to(torch.int64))
+    ids = routing.sorted_token_ids.to(torch.int64)
+    valid = LiveRows(ids, routing.num_tokens_post_padded, num_slots).mask()
     rows = torch.where(valid, ids // top_k, 0)
     out = x[rows]
     bits = out.view(torch.uint8) if out.element_size() == 1 else out  # fp8: zero is all-0 bits

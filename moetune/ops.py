@@ -361,8 +361,7 @@ def _slot_rows(
     """GEMM2's input and its scales from sorted positions back to one row a slot (for
     :func:`capture_requantized`: checks only, never timed)."""
     ids = routing.sorted_token_ids.to(torch.int64)
-    used = torch.arange(ids.numel(), device=ids.device) < routing.num_tokens_post_padded
-    keep = used & (ids < num_slots)
+    keep = LiveRows(ids, routing.num_tokens_post_padded, num_slots).mask()
 
     def unsort(t: torch.Tensor) -> torch.Tensor:
         out = _empty((num_slots, t.shape[1]), t.dtype, t.device)
