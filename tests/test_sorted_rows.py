@@ -212,10 +212,10 @@ def test_sorted_rows_change_no_bit_gpu(quant, activation, block_m, device, monke
 
 
 @pytest.mark.parametrize("step", ["activation", "activation-fp8", "group-fp8", "token-fp8"])
-def test_steps_between_the_gemms_take_only_live_rows(step, device):
+def test_steps_between_the_gemms_take_only_live_rows(step, device, monkeypatch):
     """Rows that hold a slot (before the used length, not padding) are the whole tensor's bits,
-    and the others (NaN here, as unwritten sorted positions may be) do not reach them. (That
-    the others are skipped is a matter of time, measured, not of bits.)"""
+    the others (NaN here, as unwritten sorted positions may be) do not reach them, and their
+    output rows (and scales) are left as allocated: new buffers here hold a byte pattern."""
     from moetune.activation import apply_activation, apply_activation_quantized
     from moetune.align import LiveRows
     from moetune.quant_kernel import quantize_activation_fast
@@ -229,6 +229,14 @@ def test_steps_between_the_gemms_take_only_live_rows(step, device):
     x[~live_rows] = float("nan")
     live = LiveRows(ids, torch.tensor([used], dtype=torch.int32, device=device), num_slots)
     fp8 = torch.float8_e4m3fn
+    empty = torch.empty
+
+    def patterned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        t.view(torch.uint8).fill_(0x55)
+        return t
+
+    monkeypatch.setattr(torch, "empty", patterned)
     if step == "activation":
         whole, part = (apply_activation(x, "silu", **kw) for kw in ({}, {"live": live}))
     elif step == "activation-fp8":
@@ -240,7 +248,9 @@ def test_steps_between_the_gemms_take_only_live_rows(step, device):
         outs = [quantize_activation_fast(x, fp8, group_k=group, per_token=group is None, **kw)
                 for kw in ({}, {"live": live})]  # fmt: skip
         assert torch.equal(outs[0][1][live_rows], outs[1][1][live_rows])
+        assert (outs[1][1][~live_rows].view(torch.uint8) == 0x55).all()  # scales left too
         whole, part = outs[0][0], outs[1][0]
     bits = (lambda t: t.view(torch.uint8)) if whole.element_size() == 1 else (lambda t: t)
     assert torch.equal(bits(whole[live_rows]), bits(part[live_rows]))
     assert not torch.isnan(part[live_rows].float()).any()
+    assert (part[~live_rows].view(torch.uint8) == 0x55).all()
