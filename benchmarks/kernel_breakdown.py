@@ -34,7 +34,7 @@ Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--p
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
        auto-tma,auto-bound,auto-bs,auto-gq,auto-direct,
        auto-pdl,auto-pdl-early,auto-pdl-late,auto-pdl1,auto-sorted,auto-sorted-ptr,
-       auto-sorted-in]]
+       auto-sorted-in,auto-ranked]]
 A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
 quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
 ``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
@@ -48,7 +48,9 @@ switches ``launch.PDL_GEMM1`` (GEMM1 as a dependent of the op's routing or quant
 launch); ``auto-sorted`` sets ``ops.SORTED_MIN_M`` to 1 (GEMM1's output at the routing's
 sorted positions, GEMM2 reading contiguous blocks through TMA; ``auto-sorted-ptr`` the same
 with pointer loads, ``launch.SORTED_TMA`` off), ``auto-sorted-in`` also
-``ops.SORTED_INPUT_MIN_M`` (the input gathered into sorted positions for GEMM1). Each
+``ops.SORTED_INPUT_MIN_M`` (the input gathered into sorted positions for GEMM1);
+``auto-ranked`` switches ``align_kernel.RANKED_DEFAULT`` (past one program's slots, the routing
+in two launches that rank sorted chunks, or in three with atomic counters). Each
 variant that passed its check is also profiled (``<variant>_kernels``). A kernel launched
 more than once a call (the two GEMMs) is reported per launch, ``name#1`` first.
 """
@@ -64,7 +66,7 @@ from typing import NamedTuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moetune import align, launch, ops, quant_kernel
+from moetune import align, align_kernel, launch, ops, quant_kernel
 from moetune.check import check_op
 from moetune.inputs import static_activation_scales, timing_input_sets
 from moetune.lookup import config_for
@@ -102,6 +104,7 @@ class Flags(NamedTuple):
     sorted_min_m: int | None = ops.SORTED_MIN_M  # ops.SORTED_MIN_M
     sorted_input_min_m: int | None = ops.SORTED_INPUT_MIN_M  # ops.SORTED_INPUT_MIN_M
     sorted_tma: bool = launch.SORTED_TMA  # launch.SORTED_TMA
+    ranked_routing: bool = align_kernel.RANKED_DEFAULT  # align_kernel.RANKED_DEFAULT
 
 
 DEFAULTS = Flags(
@@ -122,6 +125,7 @@ DEFAULTS = Flags(
     ops.SORTED_MIN_M,
     ops.SORTED_INPUT_MIN_M,
     launch.SORTED_TMA,
+    align_kernel.RANKED_DEFAULT,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
@@ -154,6 +158,7 @@ VARIANTS = {
     "auto-sorted": DEFAULTS._replace(sorted_min_m=1),
     "auto-sorted-ptr": DEFAULTS._replace(sorted_min_m=1, sorted_tma=False),
     "auto-sorted-in": DEFAULTS._replace(sorted_min_m=1, sorted_input_min_m=1),
+    "auto-ranked": DEFAULTS._replace(ranked_routing=not align_kernel.RANKED_DEFAULT),
 }
 
 
@@ -211,6 +216,7 @@ def _use(flags: Flags) -> None:
     ops.SORTED_MIN_M = flags.sorted_min_m
     ops.SORTED_INPUT_MIN_M = flags.sorted_input_min_m
     launch.SORTED_TMA = flags.sorted_tma
+    align_kernel.RANKED_DEFAULT = flags.ranked_routing
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

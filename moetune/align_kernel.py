@@ -47,6 +47,10 @@ ONE_PROGRAM_SLOTS = 256  # up to this many slots: one launch, one program
 # 3 to 6 µs faster than three launches at every decode point timed on an NVIDIA H200
 # (results/kernels/NOTES.md §8); ``one_program=False`` asks for the three launches.
 ONE_PROGRAM_DEFAULT = True
+# Past ONE_PROGRAM_SLOTS: two launches that rank slots by sorting chunks of RANK_CHUNK slots (no
+# counters to zero, no atomics, token order within an expert), or three with atomic counters.
+RANKED_DEFAULT = False
+RANK_CHUNK = 256  # slots per program of the two-launch path
 SLOT_CHUNK = 1024  # slots per program
 FILL_CHUNK = 1024  # padding ids written per program
 BLOCK_CHUNK = 32  # expert_ids entries per program
@@ -102,6 +106,78 @@ def _place_kernel(
         expert = tl.load(map_ptr + expert, mask=in_range, other=-1).to(tl.int32)
     expert = tl.where(first < total, expert, -1)
     tl.store(expert_ids_ptr + b, expert, mask=in_range)
+    if pid == 0:
+        tl.store(total_ptr, total)
+
+
+@triton.jit
+def _chunk_count_kernel(
+    ids_ptr, chunk_counts_ptr, sorted_ptr, num_slots, num_experts, max_padded, num_chunks,
+    E_BINS: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    if pid < num_chunks:  # row pid of chunk_counts: its chunk's histogram, every bin written
+        offs = pid * CHUNK + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=num_experts).to(tl.int32)
+        tl.store(chunk_counts_ptr + pid * E_BINS + tl.arange(0, E_BINS), tl.histogram(ids, E_BINS))
+    f = pid * FILL + tl.arange(0, FILL)
+    tl.store(sorted_ptr + f, num_slots, mask=f < max_padded)
+
+
+@triton.jit
+def _chunk_place_kernel(
+    ids_ptr, chunk_counts_ptr, sorted_ptr, expert_ids_ptr, total_ptr, map_ptr,
+    num_slots, num_experts, num_blocks, num_chunks,
+    BLOCK_M: tl.constexpr, E_BINS: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr,
+    BLOCKS: tl.constexpr, HAS_MAP: tl.constexpr, SIGNAL: tl.constexpr = False,
+):  # fmt: skip
+    if SIGNAL:  # GEMM1, a programmatic dependent, may launch now (it waits for this one's memory)
+        tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    bins = tl.arange(0, E_BINS)
+    # Each expert's count, and its count in the chunks before this program's: ROWS chunks' rows
+    # of chunk_counts at a time.
+    counts = tl.zeros([E_BINS], dtype=tl.int32)
+    before = tl.zeros([E_BINS], dtype=tl.int32)
+    for c0 in range(0, num_chunks, ROWS):
+        c = c0 + tl.arange(0, ROWS)
+        rows = tl.load(chunk_counts_ptr + c[:, None] * E_BINS + bins[None, :],
+                       mask=(c < num_chunks)[:, None], other=0)  # fmt: skip
+        counts += tl.sum(rows, axis=0)
+        before += tl.sum(tl.where((c < pid)[:, None], rows, 0), axis=0)
+    counts = tl.where(bins < num_experts, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    start = end - padded
+    total = tl.sum(padded, 0)
+
+    if pid < num_chunks:
+        # A slot's rank within its expert: the expert's slots in earlier chunks, plus its place
+        # among the expert's slots of this chunk, from a sort of (expert, slot) keys. Token order,
+        # as the PyTorch version's stable sort.
+        s = tl.arange(0, CHUNK)
+        offs = pid * CHUNK + s
+        ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=num_experts).to(tl.int32)
+        hist = tl.histogram(ids, E_BINS)
+        hist_start = tl.cumsum(hist, 0) - hist
+        key = tl.sort(ids * CHUNK + s, 0)
+        expert = key // CHUNK
+        real = expert < num_experts  # lanes past the end sort last
+        e = tl.minimum(expert, num_experts - 1)
+        rank = tl.gather(before, e, 0) + s - tl.gather(hist_start, e, 0)
+        pos = tl.gather(start, e, 0) + rank
+        tl.store(sorted_ptr + pos, pid * CHUNK + key % CHUNK, mask=real)
+
+    # Block b belongs to the expert whose padded range holds b * BLOCK_M (searchsorted, right).
+    b = pid * BLOCKS + tl.arange(0, BLOCKS)
+    in_range = b < num_blocks
+    first = b * BLOCK_M
+    expert_b = tl.sum((end[None, :] <= first[:, None]).to(tl.int32), axis=1)
+    expert_b = tl.minimum(expert_b, num_experts - 1)
+    if HAS_MAP:
+        expert_b = tl.load(map_ptr + expert_b, mask=in_range, other=-1).to(tl.int32)
+    expert_b = tl.where(first < total, expert_b, -1)
+    tl.store(expert_ids_ptr + b, expert_b, mask=in_range)
     if pid == 0:
         tl.store(total_ptr, total)
 
@@ -198,12 +274,15 @@ def moe_align_block_size(
     expert_map: torch.Tensor | None = None,
     *,
     one_program: bool | None = None,
+    ranked: bool | None = None,
     _quant: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype] | None = None,
 ) -> RoutingBlocks:
     """Sort the flattened ``topk_ids [M, topk]`` slots by expert, padding each expert to
     ``block_m``; same contract as :func:`moetune.align.moe_align_block_size_torch` (slot order
     within an expert aside), in three launches, or with ``one_program`` (default
     ONE_PROGRAM_DEFAULT) in one launch up to ONE_PROGRAM_SLOTS slots, identical to it then.
+    Past that, ``ranked`` (default RANKED_DEFAULT) takes two launches that give the same
+    outputs as the PyTorch version, slot order included, instead of three with atomic counters.
     ``expert_map`` (global → local id or -1) gives blocks of experts on other ranks expert id
     -1. Ids must lie in [0, num_experts): the kernels do not check (that would need a host
     sync), and an id outside writes outside the counters."""
@@ -242,6 +321,26 @@ def moe_align_block_size(
         return RoutingBlocks(sorted_token_ids, expert_ids, total)
     if _quant is not None:
         raise ValueError("quantizing in the routing launch needs its one-program path")
+
+    if ranked is None:
+        ranked = RANKED_DEFAULT
+    if ranked:
+        num_chunks = triton.cdiv(num_slots, RANK_CHUNK)
+        chunk_counts = torch.empty(max(num_chunks, 1) * e_bins, dtype=torch.int32, device=device)
+        grid_a = max(num_chunks, triton.cdiv(max_padded, FILL_CHUNK))
+        _chunk_count_kernel[(grid_a,)](
+            flat, chunk_counts, sorted_token_ids, num_slots, num_experts, max_padded, num_chunks,
+            E_BINS=e_bins, CHUNK=RANK_CHUNK, FILL=FILL_CHUNK,
+        )  # fmt: skip
+        grid_b = max(num_chunks, triton.cdiv(num_blocks, BLOCK_CHUNK))
+        _chunk_place_kernel[(grid_b,)](
+            flat, chunk_counts, sorted_token_ids, expert_ids, total,
+            expert_map if expert_map is not None else flat,
+            num_slots, num_experts, num_blocks, num_chunks,
+            BLOCK_M=block_m, E_BINS=e_bins, CHUNK=RANK_CHUNK, ROWS=max(1, 4096 // e_bins),
+            BLOCKS=BLOCK_CHUNK, HAS_MAP=expert_map is not None, SIGNAL=signal_gemm1(device),
+        )  # fmt: skip
+        return RoutingBlocks(sorted_token_ids, expert_ids, total)
 
     scratch = torch.zeros(2 * num_experts, dtype=torch.int32, device=device)
     counts, cursor = scratch[:num_experts], scratch[num_experts:]

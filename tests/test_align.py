@@ -14,15 +14,20 @@ def _one_program(*args, **kwargs):
 
 
 def _three_launches(*args, **kwargs):
-    return moe_align_block_size(*args, one_program=False, **kwargs)
+    return moe_align_block_size(*args, one_program=False, ranked=False, **kwargs)
+
+
+def _two_launches(*args, **kwargs):
+    return moe_align_block_size(*args, one_program=False, ranked=True, **kwargs)
 
 
 # The op's implementation (Triton kernels: one program up to ONE_PROGRAM_SLOTS slots, the
-# default, or three launches) and the PyTorch one kept as a cross-check.
+# default, or two launches that rank chunks, or three with atomics) and the PyTorch one kept as
+# a cross-check.
 IMPLS = pytest.mark.parametrize(
     "align",
-    [_three_launches, _one_program, moe_align_block_size_torch],
-    ids=["triton-3", "triton-1", "torch"],
+    [_three_launches, _two_launches, _one_program, moe_align_block_size_torch],
+    ids=["triton-3", "triton-2", "triton-1", "torch"],
 )
 
 
@@ -144,8 +149,8 @@ def test_triton_and_torch_agree_on_blocks(M, E, topk, block_m, device):
     assert ops.moe_align_block_size is moe_align_block_size, "the op must use the kernel version"
 
 
-@pytest.mark.parametrize("one_program", [False, True])
-def test_kernel_version_does_not_fall_back_to_torch_ops(one_program, monkeypatch, device):
+@pytest.mark.parametrize(("one_program", "ranked"), [(False, False), (False, True), (True, False)])
+def test_kernel_version_does_not_fall_back_to_torch_ops(one_program, ranked, monkeypatch, device):
     """Matching invariants alone would also pass a wrapper around the PyTorch version."""
     from moetune import align
 
@@ -158,7 +163,7 @@ def test_kernel_version_does_not_fall_back_to_torch_ops(one_program, monkeypatch
     monkeypatch.setattr(align, "moe_align_block_size_torch", forbidden)
     for name in ("sort", "searchsorted", "cumsum"):
         monkeypatch.setattr(torch, name, forbidden)
-    got = moe_align_block_size(ids, 16, 16, one_program=one_program)
+    got = moe_align_block_size(ids, 16, 16, one_program=one_program, ranked=ranked)
     assert torch.equal(got.expert_ids, want.expert_ids)
     assert torch.equal(got.num_tokens_post_padded, want.num_tokens_post_padded)
 
@@ -178,3 +183,23 @@ def test_one_program_matches_torch_exactly(M, topk, block_m, skew, device):
     assert torch.equal(got.num_tokens_post_padded, want.num_tokens_post_padded)
     if M * topk <= ONE_PROGRAM_SLOTS:
         assert torch.equal(got.sorted_token_ids, want.sorted_token_ids)
+
+
+@pytest.mark.parametrize(("M", "E", "topk", "block_m", "skew", "mapped"), [
+    (33, 64, 8, 16, "uniform", False),  # 264 slots: two chunks, the second nearly empty
+    (300, 256, 8, 16, "uniform", True),  # ten chunks, E_BINS 512 (one row of counts at a time)
+    (1500, 8, 2, 64, "one-hot", False),  # twelve chunks, one expert holding most slots
+    (100, 16, 2, 64, "uniform", True),
+])  # fmt: skip
+def test_two_launches_match_torch_exactly(M, E, topk, block_m, skew, mapped, device):
+    """The two-launch path ranks each slot by the expert's slots in earlier chunks plus its place
+    in a sort of its own chunk: every output equals the PyTorch version's, slot order and padding
+    included, with and without an expert map."""
+    _, ids = random_routing(M, E, topk, device, skew)
+    emap = None
+    if mapped:  # every other expert local, numbered 0, 1, ...; the rest remote
+        emap = torch.where(torch.arange(E) % 2 == 0, torch.arange(E) // 2, -1).to(device)
+    got = moe_align_block_size(ids, block_m, E, emap, one_program=False, ranked=True)
+    want = moe_align_block_size_torch(ids, block_m, E, emap)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
