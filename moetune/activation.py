@@ -8,6 +8,8 @@ clamps (an unwritten, NaN-poisoned row must stay visible to the check).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import moetune._interpret  # noqa: F401  (must run before triton is imported)
 
 # isort: split
@@ -42,47 +44,58 @@ def swiglu_oai(gate, up, alpha, limit):
 
 @triton.jit
 def _activation_kernel(
-    x_ptr, out_ptr, N, stride_x, stride_out, alpha, limit, scale_ptr, qmax,
-    SWIGLU: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
-    MIN_EXP: tl.constexpr, ids_ptr=None, used_ptr=None, num_slots=0, LIVE: tl.constexpr = False,
+    x_ptr, out_ptr, T, N, stride_x, stride_out, alpha, limit, scale_ptr, qmax,
+    SWIGLU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+    PER_ROW_SCALE: tl.constexpr, MIN_EXP: tl.constexpr, PAIR_LOAD: tl.constexpr = False,
+    ids_ptr=None, used_ptr=None, num_slots=0, LIVE: tl.constexpr = False,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < T
     if LIVE:  # only rows that hold a slot (moetune.align.LiveRows); the others stay as they are
-        if row >= tl.load(used_ptr):
-            return
-        if tl.load(ids_ptr + row) >= num_slots:
-            return
+        row_ok &= rows < tl.load(used_ptr)
+        row_ok &= tl.load(ids_ptr + rows, mask=row_ok, other=num_slots) < num_slots
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    x_row = x_ptr + row * stride_x
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    x_rows = x_ptr + rows[:, None] * stride_x
     if SWIGLU:  # gate and up interleaved
-        gate = tl.load(x_row + 2 * cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_row + 2 * cols + 1, mask=mask, other=0.0).to(tl.float32)
+        if PAIR_LOAD:  # each (gate, up) pair in one load, split in registers
+            pair = cols[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+            gu = tl.load(x_rows[:, :, None] + pair, mask=mask[:, :, None], other=0.0)
+            gate, up = tl.split(gu.to(tl.float32))
+        else:
+            gate = tl.load(x_rows + 2 * cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + 2 * cols[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
         out = swiglu_oai(gate, up, alpha, limit)
     else:  # gate | up halves
-        gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_row + N + cols, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_rows + N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         out = silu_mul(gate, up)
     if QUANT:  # the activation as the op's dtype holds it, then the static-scale fp8 step
-        if PER_ROW_SCALE:  # noqa: SIM108 (one branch compiled)
-            scale = tl.load(scale_ptr + row)
+        if PER_ROW_SCALE:  # one branch compiled
+            scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)[:, None]
         else:
             scale = tl.load(scale_ptr)
         h = out.to(x_ptr.dtype.element_ty).to(tl.float32)  # as the unfused op stores it
         out = quantize_fp8(h, scale, qmax, MIN_EXP)
-    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    dst = out_ptr + rows[:, None] * stride_out + cols[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def apply_activation(
-    gate_up: torch.Tensor, activation: str, live: LiveRows | None = None
+    gate_up: torch.Tensor,
+    activation: str,
+    live: LiveRows | None = None,
+    *,
+    tile: Tile | None = None,
 ) -> torch.Tensor:
     """``[T, 2N] → [T, N]`` in fp32, cast back to the input dtype once. ``live``: only the rows
-    that hold a slot of a sorted layout; the others are left unwritten."""
+    that hold a slot of a sorted layout; the others are left unwritten. ``tile`` overrides
+    TILE (benchmarks, tests)."""
     gate_up, T, n = _prepare(gate_up, activation)
     out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)
     if T == 0 or n == 0:
         return out
-    _launch(gate_up, out, activation, live=live)
+    _launch(gate_up, out, activation, live=live, tile=tile)
     return out
 
 
@@ -97,15 +110,38 @@ def _prepare(gate_up: torch.Tensor, activation: str) -> tuple[torch.Tensor, int,
     return gate_up, T, two_n // 2
 
 
-def _launch(gate_up, out, activation, scale=None, qmax=0.0, min_exp=-6, live=None) -> None:
+class Tile(NamedTuple):
+    """A program's ``[rows, block]`` piece of the output, and its warps."""
+
+    rows: int
+    block: int
+    num_warps: int
+    pair_load: bool  # swiglu: each interleaved (gate, up) pair in one load
+
+
+# One row of up to MAX_BLOCK columns a program, 4 warps, (gate, up) in two strided loads.
+TILE = Tile(1, MAX_BLOCK, 4, False)
+
+
+def tile_for(T: int, n: int, tile: Tile | None = None) -> Tile:
+    """``tile`` (default TILE) fitted to the shape: no wider than n's next power of two, no
+    more rows than T's."""
+    t = tile or TILE
+    block = min(t.block, triton.next_power_of_2(n))
+    return t._replace(block=block, rows=min(t.rows, triton.next_power_of_2(max(T, 1))))
+
+
+def _launch(
+    gate_up, out, activation, scale=None, qmax=0.0, min_exp=-6, live=None, tile=None
+) -> None:
     T, n = out.shape
-    block = min(MAX_BLOCK, triton.next_power_of_2(n))
-    _activation_kernel[(T, triton.cdiv(n, block))](
-        gate_up, out, n, gate_up.stride(0), out.stride(0), SWIGLU_ALPHA, SWIGLU_LIMIT,
+    t = tile_for(T, n, tile)
+    _activation_kernel[(triton.cdiv(T, t.rows), triton.cdiv(n, t.block))](
+        gate_up, out, T, n, gate_up.stride(0), out.stride(0), SWIGLU_ALPHA, SWIGLU_LIMIT,
         scale if scale is not None else gate_up, qmax,
-        SWIGLU=activation == "swigluoai", BLOCK=block, QUANT=scale is not None,
+        SWIGLU=activation == "swigluoai", ROWS=t.rows, BLOCK=t.block, QUANT=scale is not None,
         PER_ROW_SCALE=scale is not None and scale.dim() == 2, MIN_EXP=min_exp,
-        **live_args(live),
+        PAIR_LOAD=t.pair_load, num_warps=t.num_warps, **live_args(live),
     )  # fmt: skip
 
 
@@ -115,12 +151,14 @@ def apply_activation_quantized(
     qdtype: torch.dtype,
     scale: torch.Tensor,
     live: LiveRows | None = None,
+    *,
+    tile: Tile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation and its static-scale fp8 quantization in one launch: the same bits as
     :func:`apply_activation` followed by ``quantize_activation(h, qdtype, scale=scale)`` (the
     activation is rounded to the input dtype before it is divided by the scale), without
     writing and reading the activation in between. Returns ``(q, scale as [1] or [T, 1])``.
-    ``live``: as in :func:`apply_activation`."""
+    ``live`` and ``tile``: as in :func:`apply_activation`."""
     if qdtype not in FP8_DTYPES:
         raise ValueError(f"fused quantization is fp8 only, got {qdtype}")
     gate_up, T, n = _prepare(gate_up, activation)
@@ -128,7 +166,7 @@ def apply_activation_quantized(
     q = torch.empty((T, n), dtype=qdtype, device=gate_up.device)
     if T == 0 or n == 0:
         return q, scale
-    _launch(gate_up, q, activation, scale, quant_max(qdtype), fp8_min_exp(qdtype), live)
+    _launch(gate_up, q, activation, scale, quant_max(qdtype), fp8_min_exp(qdtype), live, tile)
     return q, scale
 
 

@@ -101,3 +101,34 @@ def test_fused_quantization_refuses_int8(device):
     with pytest.raises(ValueError, match="fp8 only"):
         apply_activation_quantized(torch.zeros(2, 8, device=device), "silu", torch.int8,
                                    torch.ones(1, device=device))  # fmt: skip
+
+
+TILES = [(1, 1024, 4, False), (4, 256, 4, True), (8, 128, 8, False), (2, 512, 8, True)]
+
+
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("per_row", [None, False, True])
+def test_every_tile_gives_the_same_bits(activation, tile, per_row, device):
+    """Programs of several rows (T not a multiple of them), narrower blocks and the paired
+    (gate, up) load compute the bits of the default tile, plain (per_row None) and with the
+    fp8 step; a NaN row stays NaN."""
+    from moetune.activation import Tile, apply_activation_quantized
+
+    T, N = 37, 700  # N past the narrower blocks, not a multiple of them
+    x = (torch.randn(T, 2 * N, device=device) * 6).to(torch.float16)
+    x[9] = float("nan")
+    t = Tile(*tile)
+    if per_row is None:
+        want, got = apply_activation(x, activation), apply_activation(x, activation, tile=t)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+        assert got[9].isnan().all() and not got[[0, 36]].isnan().any()
+        return
+    g = torch.Generator(device="cpu").manual_seed(1)
+    scale = (torch.rand(T, 1, generator=g) * 0.05 + 1e-3) if per_row else torch.tensor([0.004])
+    scale = scale.to(device)
+    fp8 = torch.float8_e4m3fn
+    want, _ = apply_activation_quantized(x, activation, fp8, scale)
+    got, _ = apply_activation_quantized(x, activation, fp8, scale, tile=t)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert got[[0, 36]].float().abs().max() > 0

@@ -211,12 +211,14 @@ def test_sorted_rows_change_no_bit_gpu(quant, activation, block_m, device, monke
     assert check_close(out, ref, dtype=torch.bfloat16, quant=quant).ok
 
 
-@pytest.mark.parametrize("step", ["activation", "activation-fp8", "group-fp8", "token-fp8"])
+@pytest.mark.parametrize(
+    "step", ["activation", "activation-fp8", "activation-fp8-rows", "group-fp8", "token-fp8"]
+)
 def test_steps_between_the_gemms_take_only_live_rows(step, device, monkeypatch):
     """Rows that hold a slot (before the used length, not padding) are the whole tensor's bits,
     the others (NaN here, as unwritten sorted positions may be) do not reach them, and their
     output rows (and scales) are left as allocated: new buffers here hold a byte pattern."""
-    from moetune.activation import apply_activation, apply_activation_quantized
+    from moetune.activation import Tile, apply_activation, apply_activation_quantized
     from moetune.align import LiveRows
     from moetune.quant_kernel import quantize_activation_fast
 
@@ -239,9 +241,10 @@ def test_steps_between_the_gemms_take_only_live_rows(step, device, monkeypatch):
     monkeypatch.setattr(torch, "empty", patterned)
     if step == "activation":
         whole, part = (apply_activation(x, "silu", **kw) for kw in ({}, {"live": live}))
-    elif step == "activation-fp8":
+    elif step.startswith("activation-fp8"):  # -rows: programs of 8 rows, some live, some not
         scale = torch.full((1,), 0.05, device=device)
-        whole, part = (apply_activation_quantized(x, "swigluoai", fp8, scale, **kw)[0]
+        tile = Tile(8, 32, 4, True) if step.endswith("rows") else None
+        whole, part = (apply_activation_quantized(x, "swigluoai", fp8, scale, tile=tile, **kw)[0]
                        for kw in ({}, {"live": live}))  # fmt: skip
     else:
         group = 32 if step == "group-fp8" else None
