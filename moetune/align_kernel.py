@@ -51,6 +51,10 @@ ONE_PROGRAM_DEFAULT = True
 # counters to zero, no atomics, token order within an expert), or three with atomic counters.
 RANKED_DEFAULT = False
 RANK_CHUNK = 256  # slots per program of the two-launch path
+# Every program of the second launch reads every chunk's histogram: past this many chunks
+# (32,768 slots, Qwen3-30B-A3B at M=4096) those reads grow as the square of the slots, and the
+# three launches take over.
+RANKED_MAX_CHUNKS = 128
 SLOT_CHUNK = 1024  # slots per program
 FILL_CHUNK = 1024  # padding ids written per program
 BLOCK_CHUNK = 32  # expert_ids entries per program
@@ -282,7 +286,8 @@ def moe_align_block_size(
     within an expert aside), in three launches, or with ``one_program`` (default
     ONE_PROGRAM_DEFAULT) in one launch up to ONE_PROGRAM_SLOTS slots, identical to it then.
     Past that, ``ranked`` (default RANKED_DEFAULT) takes two launches that give the same
-    outputs as the PyTorch version, slot order included, instead of three with atomic counters.
+    outputs as the PyTorch version, slot order included, instead of three with atomic counters
+    (up to RANKED_MAX_CHUNKS chunks of RANK_CHUNK slots).
     ``expert_map`` (global → local id or -1) gives blocks of experts on other ranks expert id
     -1. Ids must lie in [0, num_experts): the kernels do not check (that would need a host
     sync), and an id outside writes outside the counters."""
@@ -324,8 +329,8 @@ def moe_align_block_size(
 
     if ranked is None:
         ranked = RANKED_DEFAULT
-    if ranked:
-        num_chunks = triton.cdiv(num_slots, RANK_CHUNK)
+    num_chunks = triton.cdiv(num_slots, RANK_CHUNK)
+    if ranked and num_chunks <= RANKED_MAX_CHUNKS:
         chunk_counts = torch.empty(max(num_chunks, 1) * e_bins, dtype=torch.int32, device=device)
         grid_a = max(num_chunks, triton.cdiv(max_padded, FILL_CHUNK))
         _chunk_count_kernel[(grid_a,)](

@@ -203,3 +203,34 @@ def test_two_launches_match_torch_exactly(M, E, topk, block_m, skew, mapped, dev
     want = moe_align_block_size_torch(ids, block_m, E, emap)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+def test_two_launches_hand_over_to_three_past_their_chunks(monkeypatch, device):
+    """Past RANKED_MAX_CHUNKS chunks the second launch's reads of every histogram would grow as
+    the square of the slots: the three launches with atomics run instead, with valid blocks."""
+    from moetune import align_kernel
+
+    ran = []
+    for name in ("_chunk_place_kernel", "_place_kernel"):
+        kernel = getattr(align_kernel, name)
+
+        class Spy:
+            def __init__(self, kernel=kernel, name=name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                ran.append(self.name)
+                return self.kernel[grid]
+
+        monkeypatch.setattr(align_kernel, name, Spy())
+    _, ids = random_routing(300, 16, 2, device)  # 600 slots: three chunks of 256
+    want = moe_align_block_size_torch(ids, 16, 16)
+    got = moe_align_block_size(ids, 16, 16, one_program=False, ranked=True)
+    assert ran == ["_chunk_place_kernel"]
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    monkeypatch.setattr(align_kernel, "RANKED_MAX_CHUNKS", 2)
+    ran.clear()
+    got = moe_align_block_size(ids, 16, 16, one_program=False, ranked=True)
+    assert ran == ["_place_kernel"]
+    assert torch.equal(got.expert_ids, want.expert_ids)
+    assert torch.equal(got.num_tokens_post_padded, want.num_tokens_post_padded)
