@@ -47,6 +47,9 @@ TILES = [
 ]
 
 
+DEVICE = "cuda"
+
+
 def time_us(fn, reps: int) -> float:
     """Median µs of ``reps`` calls, each timed with CUDA events."""
     for _ in range(3):
@@ -69,15 +72,15 @@ def main() -> None:
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("Error: activation_tiles.py needs a GPU")
-    ceilings = measure_ceilings("cuda")
+    ceilings = measure_ceilings(DEVICE)
     bw = ceilings.copy_Bps or ceilings.bandwidth_Bps  # a copy: the kernel reads and writes
     print(f"{torch.cuda.get_device_name()}; ceilings: {ceilings}", flush=True)
     fp8 = torch.float8_e4m3fn
     default = activation.TILE
     rows = []
     for label, T, n, act in SHAPES:
-        x = torch.randn(T, 2 * n, device="cuda").to(torch.bfloat16) * 4
-        scale = torch.tensor([0.02], device="cuda")
+        x = torch.randn(T, 2 * n, device=DEVICE).to(torch.bfloat16) * 4
+        scale = torch.tensor([0.02], device=DEVICE)
         want = apply_activation_quantized(x, act, fp8, scale, tile=default)[0].view(torch.uint8)
         moved = x.numel() * 2 + T * n  # bf16 in, fp8 out
         row = {"shape": label, "T": T, "n": n, "activation": act, "bytes": moved, "tiles": {}}
