@@ -17,6 +17,11 @@ Slots of one expert come out in the order the atomics grant, not in token order;
 block is computed on its own, so outputs do not depend on that order. Plus one ``torch.zeros``
 for the counters: three launches in all, none of which syncs with the host.
 
+With ``ranked`` (RANKED_DEFAULT) the slots past one program take two launches instead, no
+counters to zero: ``_chunk_count_kernel`` writes each chunk's histogram as a row of
+``chunk_counts``, and ``_chunk_place_kernel`` sums the rows (each expert's count, and its count
+in earlier chunks) and ranks its chunk's slots by a sort, so slots keep token order.
+
 Up to ONE_PROGRAM_SLOTS slots (decode: M ≤ 32 at top-8) ``_one_program_kernel`` can do it all
 in one launch and one program (the op's default: see ONE_PROGRAM_DEFAULT): a histogram,
 the padded offsets, a sort of (expert, slot) keys that gives each slot its rank within its
@@ -51,10 +56,10 @@ ONE_PROGRAM_DEFAULT = True
 # counters to zero, no atomics, token order within an expert), or three with atomic counters.
 RANKED_DEFAULT = False
 RANK_CHUNK = 256  # slots per program of the two-launch path
-# Every program of the second launch reads every chunk's histogram: past this many chunks
-# (32,768 slots, Qwen3-30B-A3B at M=4096) those reads grow as the square of the slots, and the
-# three launches take over.
-RANKED_MAX_CHUNKS = 128
+# Every program of the second launch reads every chunk's histogram, so its reads in all grow as
+# chunks² x E_BINS: past RANKED_MAX_READS counts (Qwen3-30B-A3B's 128 chunks of 256 bins, i.e.
+# 32,768 slots at M=4096; fewer chunks with more experts) the three launches take over.
+RANKED_MAX_READS = 128 * 128 * 256
 SLOT_CHUNK = 1024  # slots per program
 FILL_CHUNK = 1024  # padding ids written per program
 BLOCK_CHUNK = 32  # expert_ids entries per program
@@ -287,10 +292,11 @@ def moe_align_block_size(
     ONE_PROGRAM_DEFAULT) in one launch up to ONE_PROGRAM_SLOTS slots, identical to it then.
     Past that, ``ranked`` (default RANKED_DEFAULT) takes two launches that give the same
     outputs as the PyTorch version, slot order included, instead of three with atomic counters
-    (up to RANKED_MAX_CHUNKS chunks of RANK_CHUNK slots).
+    (while chunks² x E_BINS stays within RANKED_MAX_READS; chunks of RANK_CHUNK slots).
     ``expert_map`` (global → local id or -1) gives blocks of experts on other ranks expert id
     -1. Ids must lie in [0, num_experts): the kernels do not check (that would need a host
-    sync), and an id outside writes outside the counters."""
+    sync). An id outside writes outside the counters on the three-launch path, and on the
+    others is dropped (a slot never computed) or lands in a bin past the histogram."""
     device = topk_ids.device
     flat = topk_ids.reshape(-1).contiguous()  # the kernels read ids at unit stride
     if expert_map is not None:
@@ -330,7 +336,7 @@ def moe_align_block_size(
     if ranked is None:
         ranked = RANKED_DEFAULT
     num_chunks = triton.cdiv(num_slots, RANK_CHUNK)
-    if ranked and num_chunks <= RANKED_MAX_CHUNKS:
+    if ranked and num_chunks * num_chunks * e_bins <= RANKED_MAX_READS:
         chunk_counts = torch.empty(max(num_chunks, 1) * e_bins, dtype=torch.int32, device=device)
         grid_a = max(num_chunks, triton.cdiv(max_padded, FILL_CHUNK))
         _chunk_count_kernel[(grid_a,)](

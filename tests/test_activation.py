@@ -106,6 +106,35 @@ def test_fused_quantization_refuses_int8(device):
 TILES = [(1, 1024, 4, False), (4, 256, 4, True), (8, 128, 8, False), (2, 512, 8, True)]
 
 
+@pytest.mark.parametrize("tile", TILES[1:], ids=lambda t: "x".join(map(str, t)))
+def test_the_tile_reaches_the_launch(tile, monkeypatch, device):
+    """The bit-equality test below would pass if the tile were ignored: here the launch's grid
+    and constants are those of the tile asked for (fitted to the shape by tile_for)."""
+    from moetune import activation
+    from moetune.activation import Tile, tile_for
+
+    launches = []
+    kernel = activation._activation_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append((grid, kwargs))
+                return kernel[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(activation, "_activation_kernel", Spy())
+    t = Tile(*tile)
+    assert tile_for(37, 700, t) == t  # rows and block already fit 37 x 700
+    assert tile_for(3, 100, t) == t._replace(rows=min(t.rows, 4), block=128)
+    x = torch.randn(37, 1400, device=device).to(torch.float16)
+    apply_activation(x, "swigluoai", tile=t)
+    ((grid, kw),) = launches
+    assert grid == (-(-37 // t.rows), -(-700 // t.block))
+    assert (kw["ROWS"], kw["BLOCK"], kw["num_warps"], kw["PAIR_LOAD"]) == tuple(t)
+
+
 @pytest.mark.parametrize("activation", ["silu", "swigluoai"])
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: "x".join(map(str, t)))
 @pytest.mark.parametrize("per_row", [None, False, True])

@@ -187,7 +187,8 @@ def test_one_program_matches_torch_exactly(M, topk, block_m, skew, device):
 
 @pytest.mark.parametrize(("M", "E", "topk", "block_m", "skew", "mapped"), [
     (33, 64, 8, 16, "uniform", False),  # 264 slots: two chunks, the second nearly empty
-    (300, 256, 8, 16, "uniform", True),  # ten chunks, E_BINS 512 (one row of counts at a time)
+    (300, 256, 8, 16, "uniform", True),  # ten chunks, E_BINS 512 (8 rows of counts a pass)
+    (40, 2048, 8, 16, "uniform", False),  # two chunks, E_BINS 4096 (one row a pass)
     (1500, 8, 2, 64, "one-hot", False),  # twelve chunks, one expert holding most slots
     (100, 16, 2, 64, "uniform", True),
 ])  # fmt: skip
@@ -206,8 +207,8 @@ def test_two_launches_match_torch_exactly(M, E, topk, block_m, skew, mapped, dev
 
 
 def test_two_launches_hand_over_to_three_past_their_chunks(monkeypatch, device):
-    """Past RANKED_MAX_CHUNKS chunks the second launch's reads of every histogram would grow as
-    the square of the slots: the three launches with atomics run instead, with valid blocks."""
+    """Past RANKED_MAX_READS (chunks² x E_BINS) the second launch's reads of every histogram
+    would grow as the square of the slots: the three launches with atomics run instead."""
     from moetune import align_kernel
 
     ran = []
@@ -228,7 +229,7 @@ def test_two_launches_hand_over_to_three_past_their_chunks(monkeypatch, device):
     got = moe_align_block_size(ids, 16, 16, one_program=False, ranked=True)
     assert ran == ["_chunk_place_kernel"]
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    monkeypatch.setattr(align_kernel, "RANKED_MAX_CHUNKS", 2)
+    monkeypatch.setattr(align_kernel, "RANKED_MAX_READS", 3 * 3 * 32 - 1)  # 3 chunks, E_BINS 32
     ran.clear()
     got = moe_align_block_size(ids, 16, 16, one_program=False, ranked=True)
     assert ran == ["_place_kernel"]
