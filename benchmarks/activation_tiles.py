@@ -5,11 +5,12 @@ its own between the GEMMs (results/kernels/NOTES.md §13). On an H100 it took 11
 Mixtral-8x7B at M=4096 and 120 µs for gpt-oss-120b, about half the copy bandwidth for the bytes
 it moves. Its tile was one row of up to 1,024 columns, 4 warps, gpt-oss's interleaved (gate, up)
 pairs in two strided loads. Here every tile of ``TILES`` (rows × columns a program, warps, and
-for swiglu the paired load) is checked against the default tile's bits and timed with CUDA
-events at each shape, beside the time its bytes take at the measured copy bandwidth. Calls cycle
-through copies of the input of at least ROTATE_BYTES in all (three times an H100's or H200's
-50 MB of L2), so the smaller shapes are not timed from L2. The JSON is rewritten after each
-shape, so a run cut short keeps the shapes it finished.
+for swiglu the paired load) is checked against the default tile's bits, then timed in CUDA
+graphs (no host launch time: the op runs in one) at each shape, beside the time its bytes take
+at the measured copy bandwidth. Calls cycle through copies of the input of at least
+ROTATE_BYTES in all (three times an H100's or H200's 50 MB of L2), so the smaller shapes are not
+timed from L2. The JSON is rewritten after each shape, so a run cut short keeps the shapes it
+finished.
 
 Usage: python benchmarks/activation_tiles.py OUT.json [--reps 40]
 """
@@ -51,21 +52,32 @@ TILES = [
 
 DEVICE = "cuda"
 ROTATE_BYTES = 150e6
+MIN_CALLS = 8  # calls in a timed graph, at least
 
 
 def time_us(fn, inputs: list, reps: int) -> float:
-    """Median µs of ``reps`` calls ``fn(x)``, x cycling through ``inputs``, each timed with CUDA
-    events."""
-    for x in inputs[:3]:
-        fn(x)
+    """Median µs of one call ``fn(x)``: a CUDA graph of one call per input of ``inputs`` (so no
+    host launch time, and the inputs cycle past L2) replayed ``reps`` times, each replay timed
+    with CUDA events and divided by the calls in it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for x in inputs[:2]:
+            fn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for x in inputs:
+            fn(x)
+    graph.replay()
     ts = []
-    for i in range(reps):
+    for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn(inputs[i % len(inputs)])
+        graph.replay()
         b.record()
         b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
+        ts.append(a.elapsed_time(b) * 1e3 / len(inputs))
     return statistics.median(ts)
 
 
@@ -90,7 +102,7 @@ def main() -> None:
     rows = []
     for label, T, n, act in SHAPES:
         x = torch.randn(T, 2 * n, device=DEVICE).to(torch.bfloat16) * 4
-        copies = max(1, math.ceil(ROTATE_BYTES / (x.numel() * x.element_size())))
+        copies = max(MIN_CALLS, math.ceil(ROTATE_BYTES / (x.numel() * x.element_size())))
         inputs = [x] + [x.clone() for _ in range(copies - 1)]
         scale = torch.tensor([0.02], device=DEVICE)
         want = apply_activation_quantized(x, act, fp8, scale, tile=default)[0].view(torch.uint8)
