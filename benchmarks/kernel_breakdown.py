@@ -34,7 +34,7 @@ Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--p
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
        auto-tma,auto-bound,auto-bs,auto-gq,auto-direct,
        auto-pdl,auto-pdl-early,auto-pdl-late,auto-pdl1,auto-sorted,auto-sorted-ptr,
-       auto-sorted-in,auto-ranked]]
+       auto-sorted-in,auto-ranked,auto-tile0]]
 A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
 quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
 ``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
@@ -50,7 +50,9 @@ sorted positions, GEMM2 reading contiguous blocks through TMA; ``auto-sorted-ptr
 with pointer loads, ``launch.SORTED_TMA`` off), ``auto-sorted-in`` also
 ``ops.SORTED_INPUT_MIN_M`` (the input gathered into sorted positions for GEMM1);
 ``auto-ranked`` switches ``align_kernel.RANKED_DEFAULT`` (past one program's slots, the routing
-in two launches that rank sorted chunks, or in three with atomic counters). Each
+in two launches that rank sorted chunks, or in three with atomic counters); ``auto-tile0``
+the activation kernel's tile as before §27 (one row of 1,024 columns, two strided loads for
+swiglu's pairs, no narrower block for a better fit). Each
 variant that passed its check is also profiled (``<variant>_kernels``). A kernel launched
 more than once a call (the two GEMMs) is reported per launch, ``name#1`` first.
 """
@@ -66,7 +68,7 @@ from typing import NamedTuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moetune import align, align_kernel, launch, ops, quant_kernel
+from moetune import activation, align, align_kernel, launch, ops, quant_kernel
 from moetune.check import check_op
 from moetune.inputs import static_activation_scales, timing_input_sets
 from moetune.lookup import config_for
@@ -105,6 +107,8 @@ class Flags(NamedTuple):
     sorted_input_min_m: int | None = ops.SORTED_INPUT_MIN_M  # ops.SORTED_INPUT_MIN_M
     sorted_tma: bool = launch.SORTED_TMA  # launch.SORTED_TMA
     ranked_routing: bool = align_kernel.RANKED_DEFAULT  # align_kernel.RANKED_DEFAULT
+    act_tile: activation.Tile = activation.TILE  # activation.TILE
+    act_fit_block: bool = activation.FIT_BLOCK  # activation.FIT_BLOCK
 
 
 DEFAULTS = Flags(
@@ -126,6 +130,8 @@ DEFAULTS = Flags(
     ops.SORTED_INPUT_MIN_M,
     launch.SORTED_TMA,
     align_kernel.RANKED_DEFAULT,
+    activation.TILE,
+    activation.FIT_BLOCK,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
@@ -159,6 +165,9 @@ VARIANTS = {
     "auto-sorted-ptr": DEFAULTS._replace(sorted_min_m=1, sorted_tma=False),
     "auto-sorted-in": DEFAULTS._replace(sorted_min_m=1, sorted_input_min_m=1),
     "auto-ranked": DEFAULTS._replace(ranked_routing=not align_kernel.RANKED_DEFAULT),
+    "auto-tile0": DEFAULTS._replace(
+        act_tile=activation.Tile(1, activation.MAX_BLOCK, 4, False), act_fit_block=False
+    ),
 }
 
 
@@ -217,6 +226,8 @@ def _use(flags: Flags) -> None:
     ops.SORTED_INPUT_MIN_M = flags.sorted_input_min_m
     launch.SORTED_TMA = flags.sorted_tma
     align_kernel.RANKED_DEFAULT = flags.ranked_routing
+    activation.TILE = flags.act_tile
+    activation.FIT_BLOCK = flags.act_fit_block
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

@@ -106,6 +106,25 @@ def test_fused_quantization_refuses_int8(device):
 TILES = [(1, 1024, 4, False), (4, 256, 4, True), (8, 128, 8, False), (2, 512, 8, True)]
 
 
+def test_the_default_block_narrows_where_it_fits_better(monkeypatch):
+    """Mixtral-8x7B's 3,584 columns take 7 blocks of 512, not 4 of 1,024 (one half empty);
+    gpt-oss's 2,880 keep 1,024 (3 blocks of 1,024 waste what 6 of 512 do). A tile asked for,
+    or FIT_BLOCK off, keeps its block."""
+    from moetune import activation
+    from moetune.activation import TILE, tile_for
+
+    assert [tile_for(64, n).block for n in (3584, 2880, 7168, 384, 24)] == [
+        512,
+        1024,
+        1024,
+        512,
+        32,
+    ]
+    assert tile_for(64, 3584, TILE).block == TILE.block
+    monkeypatch.setattr(activation, "FIT_BLOCK", False)
+    assert tile_for(64, 3584).block == TILE.block
+
+
 @pytest.mark.parametrize("tile", TILES[1:], ids=lambda t: "x".join(map(str, t)))
 def test_the_tile_reaches_the_launch(tile, monkeypatch, device):
     """The bit-equality test below would pass if the tile were ignored: here the launch's grid
