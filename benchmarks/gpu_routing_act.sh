@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call (< 600 s) for the two-launch routing (align_kernel.RANKED_DEFAULT) and the
 # activation kernel's tile: their GPU tests, benchmarks/activation_tiles.py, and
-# benchmarks/ab_interleaved.py with variants auto and auto-ranked at M = 128, 512, 2048 (the
-# routing past one program's 256 slots), each kernel profiled.
+# benchmarks/ab_interleaved.py with variants auto and auto-ranked (the routing's other path: since
+# 0.2.14 the three launches) at M = 128, 512, 2048 (past one program's 256 slots), each kernel
+# profiled. results/kernels/h100-0.2.14-routing-act/ holds its run from before the switch.
 # Usage: bash benchmarks/gpu_routing_act.sh   (everything in $OUT/routing_act.tgz)
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
