@@ -10,7 +10,8 @@ and a warning names the file that was looked for, once per file. Loaded tables a
 repeated lookup costs microseconds.
 
 The down projection (``gemm="down"``) has its own table, named like the main one with ``_down``
-before ``.json`` (SGLang's convention), searched in the same folders. Without one the down GEMM
+before ``.json`` (SGLang's convention), looked for only in the folder the main table came from
+(a ``_down`` table elsewhere was never checked with that main table). Without one the down GEMM
 uses the main table's config, as vLLM does; a missing ``_down`` table is the usual case, so it
 draws no warning.
 """

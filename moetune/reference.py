@@ -129,7 +129,8 @@ def _gemm64(
 class Reference:
     """The float64 reference of one set of inputs, computed once.
 
-    Same arguments and meaning as :func:`moetune.fused_experts` (``config`` is ignored).
+    Same arguments and meaning as :func:`moetune.fused_experts` (``config`` and ``config_down``
+    are ignored).
     ``output`` is the reference result; :meth:`matching` is the result the op must match given
     the activation it re-quantized between the GEMMs (see the module doc).
     """
@@ -153,10 +154,11 @@ class Reference:
         per_channel_quant: bool = False,
         block_shape: list[int] | tuple[int, int] | None = None,
         config: dict[str, Any] | None = None,
+        config_down: dict[str, Any] | None = None,
         expert_map: torch.Tensor | None = None,
         epilogue: str = "dequant-bias-route-cast",
     ):
-        del config
+        del config, config_down
         if epilogue not in EPILOGUES:
             raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
         args = validate_moe_args(

@@ -75,3 +75,15 @@ def test_tolerances_are_the_documented_ones(dtype, quant, bound):
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         check_close(torch.zeros(2, 3), torch.zeros(3, 2), dtype=torch.float32)
+
+
+def test_the_reference_takes_every_argument_of_the_op():
+    """``Reference(*args, **kw)`` with the op's own keywords: none may raise a TypeError."""
+    import inspect
+
+    from moetune.ops import fused_experts
+    from moetune.reference import Reference
+
+    op = set(inspect.signature(fused_experts).parameters)
+    ref = set(inspect.signature(Reference.__init__).parameters)
+    assert op - ref == set()
