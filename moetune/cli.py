@@ -37,6 +37,8 @@ from moetune.cli_common import (
     TopkOpt,
     TpOpt,
     UsageError,
+    check_file_target,
+    check_folder,
     err,
     fail,
     guard,
@@ -74,7 +76,11 @@ def sweep(
     bias: BiasOpt = False,
     activation: ActOpt = "silu",
     platform: PlatformOpt = None,
-    space: Annotated[str, typer.Option(help="Named space: full, fast or tiny.")] = "fast",
+    space: Annotated[
+        str | None,
+        typer.Option(help="Named space: full, fast or tiny (default: the --space-spec file's, "
+                     "else fast; in the interpreter every space is the tiny one)."),
+    ] = None,
     restrict: Annotated[
         list[str] | None, typer.Option(help="Narrow a knob: KNOB=V1,V2 (repeatable).")
     ] = None,
@@ -82,7 +88,8 @@ def sweep(
         Path | None, typer.Option(help="YAML: {space: fast, restrict: {KNOB: [..]}}.")
     ] = None,
     batch_sizes: Annotated[
-        str | None, typer.Option(help="Comma-separated batch sizes (default: vLLM's 18).")
+        str | None,
+        typer.Option(help="Comma-separated batch sizes (default: vLLM's 18; 1,4,16 on CPU)."),
     ] = None,
     journal: Annotated[Path | None, typer.Option(help="Journal file (JSON lines).")] = None,
     fresh: Annotated[
@@ -198,22 +205,30 @@ def sweep(
         model, tp, E, N, K, topk, dtype, quant, block_shape, per_channel, bias, activation
     )
     batches = parse_ints(batch_sizes, "--batch-sizes")
+    check_folder(out_dir, "--out")
+    if compile_workers is not None and compile_workers < 0:
+        raise UsageError(f"--compile-workers must be 0 or more, got {compile_workers}")
     if prob is None:
         if plat.is_interpreter:
             prob = Problem(**TINY)
-            batches = batches or TINY_BATCHES
-            space = "tiny"
+            space = space or "tiny"
         else:
             prob = preset_problem("Mixtral-8x7B", 2)
-    if plat.is_interpreter and prob.dtype == "bfloat16":
-        raise UsageError("the interpreter cannot run bfloat16 dots: use --dtype float16 on CPU")
+    if plat.is_interpreter:
+        if prob.dtype == "bfloat16":
+            raise UsageError("the interpreter cannot run bfloat16 dots: use --dtype float16 on CPU")
+        batches = batches or TINY_BATCHES
     batches = batches or list(DEFAULT_BATCH_SIZES)
     try:
         restrict_map = parse_restrict(restrict)
         if space_spec is not None:
             spec = load_space_spec(space_spec)
-            space = spec["space"]
+            if space is not None and spec["space"] is not None and space != spec["space"]:
+                raise UsageError(f"--space {space} and {space_spec}'s space {spec['space']} "
+                                 "differ: give one")  # fmt: skip
+            space = space or spec["space"]
             restrict_map = {**(spec.get("restrict") or {}), **(restrict_map or {})}
+        space = space or "fast"
         candidates = search_space(plat, prob, space, restrict_map)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -240,6 +255,7 @@ def sweep(
         compile_workers = default_compile_workers(len(execution.gpus or [0]))
     journal = journal or DEFAULT_JOURNAL_DIR / _journal_name(prob, plat, space, skew, gemms,
                                                              act_scales)  # fmt: skip
+    check_file_target(journal, "--journal")
     old = _incumbent(incumbent, prob, plat)
     note = timings_note(plat.is_interpreter)
     err.print(f"moetune sweep: {prob.describe()} on {plat.device_name}; {len(candidates)} "
@@ -266,6 +282,8 @@ def sweep(
     exported = None
     if any(b.best for b in result.batches):
         exported = export_configs([result.journal], out_dir)
+        for w in exported.warnings:
+            err.print(f"Warning: {w}", markup=False, highlight=False)
     _render_sweep(result, exported, note, json_out)
     if not any(b.best for b in result.batches):
         fail("no candidate passed its check at any batch size", 1)
@@ -280,8 +298,8 @@ def _execution(plat, gpus: str | None, isolate: bool | None, timeout: float, bac
         raise UsageError(f"--skew must be one of {', '.join(SKEWS)}, got {skew!r}")
     if backend not in ("local", "ray"):
         raise UsageError(f"--backend must be local or ray, got {backend!r}")
-    if timeout <= 0:
-        raise UsageError(f"--timeout must be positive, got {timeout}")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {timeout}")
     gpu_list: list[int] | None = None
     if gpus is not None:
         if plat.is_interpreter:
@@ -325,9 +343,16 @@ def _incumbent(choice: str, prob, plat):
                                  block_shape=prob.block_shape,
                                  device_name=plat.device_name)  # fmt: skip
     try:
-        return load_table(choice)
+        table = load_table(choice)
     except TableError as e:
         raise UsageError(f"--incumbent: {e}") from None
+    name = table.name
+    theirs = (name.E, name.N, name.dtype, name.block_shape) if name is not None else None
+    ours = (prob.E, prob.N, prob.table_dtype, prob.block_shape)
+    if theirs is not None and theirs != ours:
+        raise UsageError(f"--incumbent {choice} is a table for another problem (E, N, dtype, "
+                         f"block shape {theirs}; this one {ours})")  # fmt: skip
+    return table
 
 
 def _act_scales(prob, choice: str | None) -> str:
@@ -439,6 +464,13 @@ def export_configs_cmd(
 
     if fmt not in ("vllm", "sglang"):
         raise UsageError(f"--format must be vllm or sglang, got {fmt!r}")
+    if batch_sizes is not None and not merge:
+        raise UsageError("--batch-sizes goes with --merge: a table of some batch sizes would "
+                         "replace the whole table in --out")  # fmt: skip
+    if merge and fmt == "sglang":
+        raise UsageError("--merge writes vLLM's table name only: merge, then export for SGLang "
+                         "from all the journals, or copy the merged table")  # fmt: skip
+    check_folder(out_dir, "--out")
     if device_name is not None and (not device_name or set(device_name) & set(" \t\n,/=")):
         raise UsageError(f"--device-name {device_name!r} must be vLLM's spelling: no spaces, "
                          "',', '/' or '=' (e.g. NVIDIA_H100_80GB_HBM3)")  # fmt: skip
@@ -495,10 +527,18 @@ def verify(
         files = collect_table_paths(paths)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    title = f"verifying {len(files)} table(s)"
     try:
-        with err.status(f"verifying {len(files)} table(s)"):
+        with err.status(title) as status:
+
+            def progress(line: str) -> None:  # the spinner's text, or a line a result off a tty
+                if err.is_terminal:
+                    status.update(f"{title}: {line[:70]}")
+                else:
+                    err.print(line, markup=False, highlight=False)
+
             report = verify_tables(files, K=K, topk=topk, schema_only=schema_only,
-                                   batch_sizes=batches)  # fmt: skip
+                                   batch_sizes=batches, progress=progress)  # fmt: skip
     except ValueError as e:  # the kernel cannot run on this machine
         fail(str(e), 1)
     if json_out:
@@ -521,6 +561,13 @@ def verify(
         bad = [r for r in report.results if r.status in ("failed", "invalid")]
         first = f"{Path(bad[0].file).name}: {bad[0].status}, {bad[0].reason}"
         fail(f"{len(bad)} of {len(report.results)} results failed or invalid; first {first}", 1)
+    for p in paths:  # a table named on the command line must be checked, not skipped
+        mine = [r for r in report.results if p.is_file() and Path(r.file) == p]
+        if mine and all(r.status == "skipped" for r in mine):
+            fail(f"{p.name}: skipped, {mine[0].reason}", 1)
+    if not any(r.status == "ok" for r in report.results):
+        wanted = f" at --batch-sizes {batch_sizes}" if batches else ""
+        fail(f"nothing was checked{wanted}: no entry of {len(files)} table(s) ran", 1)
 
 
 @app.command()
@@ -559,8 +606,9 @@ def space(
         out.print_json(json.dumps({"platform": plat.key, "space": name, "space_id": space_id(cands),
                                    "candidates": [c.as_config() for c in cands]}))  # fmt: skip
         return
+    tiny = " (the interpreter's spaces are all the tiny one)" if plat.is_interpreter else ""
     out.print(f"{plat.device_name} ({plat.arch}), {prob.describe()}: space {name!r} has "
-              f"{len(cands)} candidates (id {space_id(cands)})", highlight=False)  # fmt: skip
+              f"{len(cands)} candidates (id {space_id(cands)}){tiny}", highlight=False)  # fmt: skip
     for c in cands[:20]:
         out.print("  " + c.key(), highlight=False)
     if len(cands) > 20:

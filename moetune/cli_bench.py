@@ -30,6 +30,7 @@ from moetune.cli_common import (
     TopkOpt,
     TpOpt,
     UsageError,
+    check_folder,
     err,
     fail,
     guard,
@@ -99,6 +100,7 @@ def bench(
         model, tp, E, N, K, topk, dtype, quant, block_shape, per_channel, bias, activation
     )
     batches = parse_ints(batch_sizes, "--batch-sizes")
+    check_folder(out_dir, "--out")
     if skew not in SKEWS:
         raise UsageError(f"--skew must be one of {', '.join(SKEWS)}, got {skew!r}")
     if replays < 1:
@@ -121,6 +123,10 @@ def bench(
                            skew=skew, replays=replays, static_scales=static_scales,
                            progress=lambda m: err.print(m, highlight=False))  # fmt: skip
     name = bench_name(prob, plat.device_name, skew, static_scales)
+    kept = _keep_earlier(out_dir / f"{name}.json", out_dir / f"{name}.png")
+    if kept:
+        err.print(f"Warning: kept the earlier {name}.json as {kept}", markup=False,
+                  highlight=False)  # fmt: skip
     json_path = save_json(result, out_dir / f"{name}.json")
     png_path = out_dir / f"{name}.png"
     if not save_plot(result, png_path):
@@ -135,6 +141,23 @@ def bench(
            for v in (r.default, r.tuned, r.naive) if not v.ok]  # fmt: skip
     if bad:
         fail(f"{len(bad)} failed check(s) or run(s), no timing reported for them: {bad[0]}", 1)
+
+
+def _keep_earlier(json_path: Path, png_path: Path) -> str | None:
+    """An earlier run's JSON (and plot) under the same name is a measurement: rename both to the
+    first free ``.old``, ``.old1``, ... suffix instead of writing over them. The JSON's new name,
+    or None when there was none."""
+    if not json_path.exists():
+        return None
+    for i in range(10_000):
+        suffix = ".old" if i == 0 else f".old{i}"
+        targets = [p.with_name(p.name + suffix) for p in (json_path, png_path)]
+        if not any(t.exists() for t in targets):
+            break
+    json_path.rename(targets[0])
+    if png_path.exists():
+        png_path.rename(targets[1])
+    return targets[0].name
 
 
 def _us(v: float | None) -> str:

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,7 +42,8 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def parse_ints(text: str | None, what: str) -> list[int] | None:
+def parse_ints(text: str | None, what: str, *, unique: bool = True) -> list[int] | None:
+    """Comma-separated positive integers (None for None); ``unique``: none named twice."""
     if text is None:
         return None
     try:
@@ -50,7 +52,32 @@ def parse_ints(text: str | None, what: str) -> list[int] | None:
         raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
     if not values or any(v <= 0 for v in values):
         raise UsageError(f"{what} must be positive integers, got {text!r}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if unique and twice:
+        raise UsageError(f"{what} names {', '.join(map(str, twice))} more than once: {text!r}")
     return values
+
+
+def check_folder(path: Path, flag: str) -> None:
+    """Refuse, before any work, a folder option that names a file (or lies under one): the
+    work's results would otherwise be lost at the end, when they cannot be written."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == path else f" ({p} is a file)"
+                raise UsageError(f"{flag} {path} is not a folder{where}")
+            return
+
+
+def check_file_target(path: Path, flag: str) -> None:
+    """Refuse, before any work, a file option that names a folder or lies under a file."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    for p in path.parents:
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"{flag} {path}: {p} is a file, not a folder")
+            return
 
 
 def parse_restrict(items: list[str] | None) -> dict[str, list[int]] | None:
@@ -61,6 +88,9 @@ def parse_restrict(items: list[str] | None) -> dict[str, list[int]] | None:
         knob, sep, values = item.partition("=")
         if not sep:
             raise UsageError(f"--restrict takes KNOB=V1,V2 (e.g. BLOCK_SIZE_M=16,32), got {item!r}")
+        if knob.strip() in restrict:
+            raise UsageError(f"--restrict names {knob.strip()} twice: give its values once, "
+                             f"as {knob.strip()}=V1,V2")  # fmt: skip
         restrict[knob.strip()] = parse_ints(values, f"--restrict {knob}") or []
     return restrict
 
@@ -93,7 +123,7 @@ def problem_from_options(
     from moetune.presets import preset_problem
     from moetune.problem import Problem
 
-    block = parse_ints(block_shape, "--block-shape")
+    block = parse_ints(block_shape, "--block-shape", unique=False)
     if block is not None and len(block) != 2:
         raise UsageError(f"--block-shape takes two integers 'bn,bk', got {block_shape!r}")
     # Options that shape an explicit problem only: a preset (or the default problem) fixes them.
@@ -204,12 +234,29 @@ def guard(fn):
             fail(str(e), 2)
         except (JournalError, ExportError, TableError, OSError) as e:
             fail(str(e), 1)
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            fail(f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+                 "(a smaller problem, fewer batch sizes, or a GPU with more memory)", 1)
         except KeyboardInterrupt as e:
             what = "terminated" if isinstance(e, Terminated) else "interrupted"
             code = 143 if isinstance(e, Terminated) else 130
             fail(f"{what}; the journal keeps every finished record, re-run to resume", code)
 
     return wrapper
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Host or GPU memory ran out (torch raises RuntimeError subclasses for both)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+# Off a terminal (a log file, CI, nohup) the bar is not drawn: a line at most this often instead.
+PLAIN_PROGRESS_S = 30.0
 
 
 def run_with_progress(work):
@@ -229,9 +276,16 @@ def run_with_progress(work):
     ) as progress:  # fmt: skip
         task = progress.add_task("sweep", total=None)
 
+        last = [time.monotonic()]
+
         def update(done: int, total: int, message: str) -> None:
             if total:
                 progress.update(task, completed=done, total=total, description=message[:60])
+                now = time.monotonic()
+                if not err.is_terminal and (done >= total or now - last[0] >= PLAIN_PROGRESS_S):
+                    last[0] = now
+                    progress.console.print(f"{done}/{total} {message}", markup=False,
+                                           highlight=False)  # fmt: skip
             else:
                 progress.console.print(message, highlight=False)
 

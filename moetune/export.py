@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +267,13 @@ def export_configs(
     }
     if all("batch_sizes" in j.header for _, j in journals):  # of every journal, not the first's
         batches = {M for _, j in journals for M in j.header["batch_sizes"]}
+        batches |= {M for _, j in journals for r in j.records
+                    if r.get("kind") == "resumed" for M in r.get("batch_sizes") or []}  # fmt: skip
         sidecar["sweep"]["batch_sizes"] = sorted(batches)
+    resumed = [{k: v for k, v in r.items() if k != "kind"}
+               for _, j in journals for r in j.records if r.get("kind") == "resumed"]  # fmt: skip
+    if resumed:  # a journal resumed with other settings than its header's
+        sidecar["sweep"]["resumed"] = resumed
     if merge:
         for n in _names(p, device_name, header["triton"], sglang, "down"):
             if (out_dir / n).exists():
@@ -280,11 +287,23 @@ def export_configs(
     try:
         for n, *_ in tables:  # every folder first: a failure leaves no table half-exported
             (out_dir / n).parent.mkdir(parents=True, exist_ok=True)
-        paths = [
-            write_table(out_dir / n, ents, triton_version=header["triton"], sidecar=side)
-            if side is not None else out_dir / n  # a merge that changes nothing writes nothing
-            for n, _, ents, side in tables
-        ]  # fmt: skip
+        copies: list[tuple[Path, list[Path]]] = []  # another table there is kept, not lost
+        if not merge:
+            copies = [(out_dir / n, c) for n, _, ents, _ in tables
+                      if (c := _copy_if_different(out_dir / n, ents))]  # fmt: skip
+        try:
+            paths = [
+                write_table(out_dir / n, ents, triton_version=header["triton"], sidecar=side)
+                if side is not None else out_dir / n  # a merge that changes nothing writes nothing
+                for n, _, ents, side in tables
+            ]  # fmt: skip
+        except BaseException:  # nothing replaced: the copies are not needed
+            for _, files in copies:
+                for c in files:
+                    c.unlink(missing_ok=True)
+            raise
+        for path, files in copies:
+            warnings.append(f"{path} held another table: kept it as {files[0].name}")
         if down is None:  # (a merge has refused a table with a _down beside it)
             _remove_stale_down(out_dir, _names(p, device_name, header["triton"], sglang, "down"),
                                warnings)  # fmt: skip
@@ -357,6 +376,51 @@ def _remove_stale_down(out_dir: Path, names: list[str], warnings: list[str]) -> 
     for n in names:
         path = out_dir / n
         if path.exists():
-            path.unlink()
-            sidecar_path(path).unlink(missing_ok=True)
-            warnings.append(f"removed {path}: it was not exported with this main table")
+            kept = keep_aside(path)
+            warnings.append(f"moved {path} to {kept.name}: it was not exported with this main "
+                            "table, so the runtime must not read it")  # fmt: skip
+
+
+def _old_names(path: Path) -> tuple[Path, Path]:
+    """The first free ``<name>.old``, ``<name>.old1``, ... for the table and its sidecar alike."""
+    side = sidecar_path(path)
+    for i in range(10_000):
+        suffix = ".old" if i == 0 else f".old{i}"
+        target = path.with_name(path.name + suffix)
+        side_target = side.with_name(side.name + suffix)
+        if not target.exists() and not side_target.exists():
+            return target, side_target
+    raise ExportError(f"too many kept copies of {path}: clear out its .old files")
+
+
+def keep_aside(path: Path) -> Path:
+    """Rename the table at ``path`` (and its sidecar) to the first free ``<name>.old``,
+    ``<name>.old1``, ...: no name a reader looks up, nothing lost. Returns the new path."""
+    target, side_target = _old_names(path)
+    path.rename(target)
+    if sidecar_path(path).exists():
+        sidecar_path(path).rename(side_target)
+    return target
+
+
+def _copy_if_different(path: Path, entries: Entries) -> list[Path]:
+    """Before an export over an existing table with other entries: copy it (and its sidecar) to
+    ``<name>.old`` (see :func:`keep_aside`), so the atomic write that replaces it loses nothing.
+    A table whose every entry the new one holds unchanged (a re-export, a resumed sweep that
+    added batch sizes) needs no copy. Returns the copies, the table's first."""
+    if not path.is_file():
+        return []
+    try:
+        new = {M: dict(c) for M, c in entries.items()}
+        kept = all(new.get(M) == c for M, c in load_table(path).entries.items())
+    except TableError:
+        kept = False
+    if kept:  # every entry it had is in the new table unchanged (a resume that added some)
+        return []
+    target, side_target = _old_names(path)
+    shutil.copy2(path, target)
+    copies = [target]
+    if sidecar_path(path).is_file():
+        shutil.copy2(sidecar_path(path), side_target)
+        copies.append(side_target)
+    return copies

@@ -33,6 +33,21 @@ FSYNC_INTERVAL_S = 1.0
 IDENTITY_DEFAULTS = {"skew": "uniform", "gemms": "joint", "act_scales": "dynamic"}
 
 
+# Settings a journal may be resumed with anew: each change is journaled as a "resumed" record, so
+# the header plus those records say how the journal's records came to be.
+RESUME_KEYS = ("batch_sizes", "strategy")
+
+
+def resumed_settings(journal: Journal, header: dict[str, Any]) -> dict[str, Any]:
+    """The settings of ``header`` (:data:`RESUME_KEYS`) that differ from the journal's latest:
+    its header's, updated by its "resumed" records. Empty for a fresh journal."""
+    latest = {k: journal.header.get(k) for k in RESUME_KEYS}
+    for r in journal.records:
+        if r.get("kind") == "resumed":
+            latest.update({k: r[k] for k in RESUME_KEYS if k in r})
+    return {k: header[k] for k in RESUME_KEYS if k in header and header[k] != latest[k]}
+
+
 def identity(header: dict[str, Any], key: str) -> Any:
     """A header's value for identity key ``key``, its default when an older journal lacks it."""
     return header.get(key, IDENTITY_DEFAULTS.get(key))

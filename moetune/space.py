@@ -238,7 +238,8 @@ def _check_for_platform(restrict: dict[str, tuple[int, ...]], platform: Platform
 def load_space_spec(path: str | Path) -> dict[str, Any]:
     """Read ``{space: fast, restrict: {BLOCK_SIZE_M: [16, 32]}}`` from YAML.
 
-    Returns ``{"space": name, "restrict": dict | None}``; bad content raises ValueError naming
+    Returns ``{"space": name | None, "restrict": dict | None}`` (``space`` None when the file
+    names none); bad content raises ValueError naming
     the file, so a typo fails before a sweep starts rather than silently widening it.
     """
     p = Path(path)
@@ -262,8 +263,8 @@ def load_space_spec(path: str | Path) -> dict[str, Any]:
     unknown = set(data) - {"space", "restrict"}
     if unknown:
         raise ValueError(f"{p}: unknown keys {', '.join(sorted(map(str, unknown)))}")
-    space = data.get("space", "full")
-    if space not in SPACE_NAMES:
+    space = data.get("space")  # None: the command's --space decides
+    if space is not None and space not in SPACE_NAMES:
         raise ValueError(f"{p}: space must be one of {', '.join(SPACE_NAMES)}, got {space!r}")
     restrict = data.get("restrict")
     if restrict is not None:

@@ -44,7 +44,7 @@ from moetune.halving import (
     survivors,
     survivors_within,
 )
-from moetune.journal import Journal, open_journal, provenance
+from moetune.journal import Journal, open_journal, provenance, resumed_settings
 from moetune.pairs import decided, pair_time, settle
 from moetune.pairs import options as pair_options
 from moetune.platform import Platform
@@ -174,6 +174,9 @@ def run_sweep(
         **provenance(platform.device_name, platform.is_interpreter),
     }
     journal = open_journal(journal_path, header, fresh=fresh)
+    changed = resumed_settings(journal, header)
+    if changed:  # resumed with other batch sizes or strategy: the journal says so
+        journal.append({"kind": "resumed", **changed, "t": round(time.time(), 2)})
     for warning in journal.warnings:
         if progress:
             progress(0, 0, f"warning: {warning}")

@@ -223,6 +223,11 @@ def test_cli_writes_json_and_plot(tmp_path, monkeypatch):
     if importlib.util.find_spec("matplotlib") is not None:
         assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
         assert payload["png"] == str(stem.with_suffix(".png").relative_to(tmp_path))
+    # A second run keeps the first one's measurement under .old instead of writing over it.
+    again = runner.invoke(_app(), [*args[:-1]])
+    assert again.exit_code == 0, again.output
+    old = stem.with_name(stem.name + ".json.old")
+    assert json.loads(old.read_text()) == saved and "kept the earlier" in again.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter behaviour")

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from moetune.export import best_entries
+from moetune.tables import load_table
 
 CFG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1,
        "num_warps": 4, "num_stages": 2}  # fmt: skip
@@ -279,3 +280,43 @@ def test_a_sweep_does_not_append_to_a_gzipped_journal(tmp_path):
     with pytest.raises(JournalError, match=r"plain \.jsonl journal"):
         open_journal(tmp_path / "j.jsonl.gz", {"problem": PROBLEM}, fresh=False)
     assert not (tmp_path / "j.jsonl.gz").exists()
+
+
+def test_an_export_never_overwrites_another_table(tmp_path):
+    """Exporting over a table with other entries keeps the old one (and its sidecar) as
+    <name>.old, then .old1; exporting the same entries again just rewrites the table."""
+    from moetune.export import export_configs
+
+    out = tmp_path / "out"
+    first = _journal(tmp_path / "a.jsonl", _header(), [_ok("a", 1, 5.0, CFG)])
+    second = _journal(tmp_path / "b.jsonl", _header(), [_ok("b", 1, 5.0, _cfg(BLOCK_SIZE_N=64))])
+    third = _journal(tmp_path / "c.jsonl", _header(), [_ok("c", 8, 5.0, CFG)])
+    export_configs([first], out)
+    res = export_configs([first], out)
+    assert res.warnings == [] and sorted(p.name for p in out.iterdir()) == [
+        MAIN, MAIN.replace(".json", ".provenance.json")]
+    res = export_configs([second], out)
+    assert any("kept it as " + MAIN + ".old" in w for w in res.warnings)
+    assert load_table(out / MAIN).entries == {1: _cfg(BLOCK_SIZE_N=64)}
+    old = json.loads((out / (MAIN + ".old")).read_text())
+    assert old["1"] == CFG, "the first table, unchanged"
+    side = out / (MAIN.replace(".json", ".provenance.json") + ".old")
+    assert json.loads(side.read_text())["journals"] == [str(first)]
+    export_configs([third], out)
+    assert json.loads((out / (MAIN + ".old1")).read_text())["1"] == _cfg(BLOCK_SIZE_N=64)
+    assert json.loads((out / (MAIN + ".old")).read_text())["1"] == CFG
+
+
+def test_a_resume_that_only_adds_batch_sizes_keeps_no_copy(tmp_path):
+    from moetune.export import export_configs
+
+    out = tmp_path / "out"
+    export_configs([_journal(tmp_path / "a.jsonl", _header(), [_ok("a", 1, 5.0, CFG)])], out)
+    more = _journal(tmp_path / "b.jsonl", _header(batch_sizes=[1]),
+                    [_ok("a", 1, 5.0, CFG), {"kind": "resumed", "batch_sizes": [1, 8]},
+                     _ok("a", 8, 6.0, CFG)])  # fmt: skip
+    res = export_configs([more], out)
+    assert res.warnings == [] and not (out / (MAIN + ".old")).exists()
+    side = json.loads((out / MAIN.replace(".json", ".provenance.json")).read_text())
+    assert side["sweep"]["batch_sizes"] == [1, 8]
+    assert side["sweep"]["resumed"] == [{"batch_sizes": [1, 8]}]

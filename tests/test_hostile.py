@@ -165,12 +165,41 @@ def _write_journal(path: Path, lines: list, tail: str = "\n") -> Path:
                      "deeper than both GEMMs' K", id="restrict-prunes-all"),
         pytest.param([*SHAPE, "--platform", "tpu"], "unknown platform 'tpu'",
                      id="platform-unknown"),
+        pytest.param([*SHAPE, "--batch-sizes", "1,4,1"], "names 1 more than once",
+                     id="batches-twice"),
+        pytest.param([*SHAPE, "--restrict", "BLOCK_SIZE_M=16", "--restrict", "BLOCK_SIZE_M=32"],
+                     "names BLOCK_SIZE_M twice", id="knob-twice"),
+        pytest.param([*SHAPE, "--timeout", "nan"], "--timeout must be", id="timeout-nan"),
+        pytest.param([*SHAPE, "--timeout", "inf"], "--timeout must be", id="timeout-inf"),
+        pytest.param([*SHAPE, "--compile-workers", "-3"], "--compile-workers must be 0 or more",
+                     id="compile-workers-negative"),
+        pytest.param([*SHAPE, "--out", "file"], "--out file is not a folder", id="out-a-file"),
+        pytest.param([*SHAPE, "--out", "file/tables"], "(file is a file)", id="out-under-a-file"),
+        pytest.param([*SHAPE, "--journal", "file/j.jsonl"], "file is a file, not a folder",
+                     id="journal-under-a-file"),
     ],
 )  # fmt: skip
 def test_sweep_usage_mistakes(args, match, cwd, no_sweep):
+    (cwd / "file").write_text("not a folder")
     line = _invoke(["sweep", *args], 2)
     assert match in line
     assert not (cwd / "results").exists(), "a refused sweep must not create its journal"
+    assert (cwd / "file").read_text() == "not a folder"
+
+
+def test_space_and_a_spec_naming_another_space_are_refused(cwd, no_sweep):
+    (cwd / "spec.yaml").write_text("space: tiny\n")
+    line = _invoke(["sweep", *SHAPE, "--space", "full", "--space-spec", "spec.yaml"], 2)
+    assert "--space full and spec.yaml's space tiny differ" in line
+    assert not (cwd / "results").exists()
+
+
+def test_an_incumbent_table_of_another_problem_is_refused(cwd, no_sweep):
+    name = "E=8,N=7168,device_name=NVIDIA_H100_80GB_HBM3.json"
+    (cwd / name).write_text(json.dumps({"1": CFG}))
+    line = _invoke(["sweep", *SHAPE, "--incumbent", name], 2)
+    assert "is a table for another problem" in line and "(8, 7168" in line
+    assert not (cwd / "results").exists()
 
 
 @pytest.mark.parametrize("args", [["--E", "abc"], ["--tp", "x"]], ids=["E-letters", "tp-letters"])
@@ -343,19 +372,21 @@ def test_space_spec_loader_raises_only_value_error(data, tmp_path):
     except ValueError as e:
         assert "spec.yaml" in str(e)
     else:
-        assert spec_["space"] in SPACE_NAMES
+        assert spec_["space"] in (*SPACE_NAMES, None)
 
 
 # --- sweep: journal and output folder -----------------------------------------------------------
 
 
-def test_unwritable_out_keeps_the_journal_and_a_rerun_exports(cwd):
-    """--out under a regular file fails even for root: exit 1 after the sweep, journal kept; a
-    journal of another problem is then refused untouched; the right problem resumes and exports."""
+def test_unwritable_out_is_refused_first_and_a_journal_resumes(cwd):
+    """--out under a regular file is refused before any work (exit 2, no journal); a journal of
+    another problem is refused untouched; the right problem resumes and exports."""
     (cwd / "file").write_text("not a folder")
-    line = _invoke(["sweep", *TINY_RUN, "--journal", "j.jsonl", "--out", "file/tables"], 1)
-    assert "cannot write to file/tables" in line
+    line = _invoke(["sweep", *TINY_RUN, "--journal", "j.jsonl", "--out", "file/tables"], 2)
+    assert "--out file/tables is not a folder" in line
     assert (cwd / "file").read_text() == "not a folder"
+    assert not (cwd / "j.jsonl").exists()
+    _invoke(["sweep", *TINY_RUN, "--journal", "j.jsonl", "--out", "first"], 0)
     journal = (cwd / "j.jsonl").read_bytes()
     assert b'"kind": "winner"' in journal
 
@@ -371,17 +402,19 @@ def test_unwritable_out_keeps_the_journal_and_a_rerun_exports(cwd):
 
 
 @pytest.mark.parametrize(
-    ("setup", "fresh", "match"),
+    ("setup", "fresh", "match", "code"),
     [
-        pytest.param("dir", False, "cannot read journal", id="journal-is-a-folder"),
-        pytest.param("dir", True, "not a moetune journal", id="fresh-journal-is-a-folder"),
-        pytest.param("other-problem", False, "belongs to another sweep", id="other-problem"),
-        pytest.param("not-a-journal", False, "not a moetune journal", id="not-a-journal"),
-        pytest.param("not-a-journal", True, "--fresh will not replace it", id="fresh-not-journal"),
-        pytest.param("under-a-file", False, "cannot write journal", id="under-a-file"),
+        pytest.param("dir", False, "is a folder; give a file name", 2, id="journal-is-a-folder"),
+        pytest.param("dir", True, "is a folder; give a file name", 2,
+                     id="fresh-journal-is-a-folder"),
+        pytest.param("other-problem", False, "belongs to another sweep", 1, id="other-problem"),
+        pytest.param("not-a-journal", False, "not a moetune journal", 1, id="not-a-journal"),
+        pytest.param("not-a-journal", True, "--fresh will not replace it", 1,
+                     id="fresh-not-journal"),
+        pytest.param("under-a-file", False, "is a file, not a folder", 2, id="under-a-file"),
     ],
 )  # fmt: skip
-def test_bad_journal_is_refused_untouched(setup, fresh, match, cwd):
+def test_bad_journal_is_refused_untouched(setup, fresh, match, code, cwd):
     journal = cwd / "j.jsonl"
     if setup == "dir":
         journal.mkdir()
@@ -395,7 +428,7 @@ def test_bad_journal_is_refused_untouched(setup, fresh, match, cwd):
         journal = cwd / "file" / "j.jsonl"
     before = _snapshot(cwd)
     args = ["sweep", *TINY_RUN, "--journal", str(journal), "--out", "tables"]
-    assert match in _invoke([*args, "--fresh"] if fresh else args, 1)
+    assert match in _invoke([*args, "--fresh"] if fresh else args, code)
     assert _snapshot(cwd) == before
 
 
@@ -480,9 +513,14 @@ def test_export_of_two_journals_of_different_problems(cwd):
         pytest.param(["j.jsonl", "--format", "xml"], 2, "--format must be", id="format"),
         pytest.param(["j.jsonl", "--device-name", "a/b"], 2, "--device-name 'a/b'",
                      id="device-name"),
-        pytest.param(["j.jsonl", "--out", "file"], 1, "cannot write to file", id="out-a-file"),
-        pytest.param(["j.jsonl", "--out", "file/x"], 1, "cannot write to file/x",
+        pytest.param(["j.jsonl", "--out", "file"], 2, "--out file is not a folder",
+                     id="out-a-file"),
+        pytest.param(["j.jsonl", "--out", "file/x"], 2, "--out file/x is not a folder",
                      id="out-under-a-file"),
+        pytest.param(["j.jsonl", "--batch-sizes", "1"], 2, "--batch-sizes goes with --merge",
+                     id="batches-without-merge"),
+        pytest.param(["j.jsonl", "--merge", "--format", "sglang"], 2,
+                     "--merge writes vLLM's table name only", id="merge-sglang"),
         pytest.param(["j.jsonl", "--device-name", "NVIDIA_H100_80GB_HBM3"], 1,
                      "refusing to write a table named for NVIDIA_H100", id="gpu-name"),
         pytest.param(["j.jsonl", "--merge", "--out", "nothing-here"], 1,
@@ -521,6 +559,18 @@ def test_verify_usage_mistakes(args, match, cwd):
     (cwd / "empty").mkdir()
     (cwd / TABLE_NAME).mkdir()
     assert match in _invoke(["verify", *args], 2)
+
+
+def test_verify_that_checks_nothing_fails(cwd):
+    """A named file that is skipped, or no entry at --batch-sizes, is not a pass."""
+    (cwd / "t").mkdir()
+    (cwd / "t" / TABLE_NAME).write_text(json.dumps({"1": CFG}))
+    (cwd / "named.json").write_text(json.dumps({"1": CFG}))
+    assert "named.json: skipped, 'named.json' is not a table file name" in _invoke(
+        ["verify", "named.json"], 1)
+    assert "nothing was checked at --batch-sizes 7" in _invoke(
+        ["verify", "t", "--batch-sizes", "7"], 1)
+    assert "ok" in _invoke(["verify", "t", "--batch-sizes", "1"], 0)
 
 
 @pytest.mark.parametrize(
@@ -579,7 +629,8 @@ _table_texts = st.one_of(
 @given(text=_table_texts)
 def test_fuzzed_tables_verify_without_traceback(text, tmp_path):
     """A malformed table is one ``invalid`` result and exit 1; a well-formed one exits 0 (schema
-    only; under a name no problem can be derived from, it is skipped, so nothing runs)."""
+    only). Under a name no problem can be derived from it is skipped, so nothing runs, and a
+    file named on the command line that nothing checked exits 1."""
     table = tmp_path / TABLE_NAME
     table.write_text(text, encoding="utf-8")
     try:
@@ -592,7 +643,7 @@ def test_fuzzed_tables_verify_without_traceback(text, tmp_path):
     for args in ([str(table), "--schema-only"], [str(unnamed)]):
         result = runner.invoke(app, ["verify", *args, "--json"])
         assert isinstance(result.exception, (SystemExit, type(None))), repr(result.exception)
-        assert result.exit_code == (0 if valid else 1), result.output
+        assert result.exit_code == (0 if valid and args[0] == str(table) else 1), result.output
         statuses = {r["status"] for r in json.loads(result.stdout)["results"]}
         assert ("invalid" in statuses) == (not valid)
         assert "Traceback" not in result.output
@@ -619,3 +670,38 @@ def test_unknown_fp8_accumulation_mode(command, cwd, monkeypatch, no_sweep):
     line = _invoke(command, 2)
     assert "MOETUNE_FP8_ACCUM must be one of auto, precise, tile, fast, got 'tiles'" in line
     assert not any(cwd.iterdir())
+
+
+# --- running out of memory, progress in a log ---------------------------------------------------
+
+
+def test_out_of_memory_gives_one_error_line_and_other_bugs_stay_visible(cwd, monkeypatch):
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr("moetune.sweep.run_sweep", oom)
+    line = _invoke(["sweep", *SHAPE], 1)
+    assert line.startswith("Error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "more detail" not in line
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr("moetune.sweep.run_sweep", bug)
+    result = runner.invoke(app, ["sweep", *SHAPE])
+    assert isinstance(result.exception, RuntimeError), "a bug is not dressed up as a usage error"
+
+
+def test_progress_off_a_terminal_prints_lines(monkeypatch, capsys):
+    from moetune import cli_common
+
+    monkeypatch.setattr(cli_common, "PLAIN_PROGRESS_S", 0.0)
+
+    def work(update):
+        for done in range(1, 4):
+            update(done, 3, "pass 1")
+        return "done"
+
+    assert cli_common.run_with_progress(work) == "done"
+    lines = [line for line in capsys.readouterr().err.splitlines() if "pass 1" in line]
+    assert lines == ["1/3 pass 1", "2/3 pass 1", "3/3 pass 1"]

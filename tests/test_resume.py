@@ -92,3 +92,18 @@ def test_sigterm_stops_the_sweep_cleanly_and_it_resumes(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     after = _pairs(journal)
     assert after[: len(before)] == before and len(after) == len(set(after))
+
+
+def test_resumed_settings_follow_the_latest_resume(tmp_path):
+    """A resume with other batch sizes or strategy is journaled once, against the latest."""
+    from moetune.journal import Journal, resumed_settings
+
+    j = Journal(tmp_path / "j.jsonl", {"batch_sizes": [1], "strategy": "exhaustive"})
+    same = {"batch_sizes": [1], "strategy": "exhaustive"}
+    assert resumed_settings(j, same) == {}
+    more = {"batch_sizes": [1, 4], "strategy": "exhaustive"}
+    assert resumed_settings(j, more) == {"batch_sizes": [1, 4]}
+    j.records.append({"kind": "resumed", "batch_sizes": [1, 4]})
+    assert resumed_settings(j, more) == {}
+    halving = {"batch_sizes": [1, 4], "strategy": "halving"}
+    assert resumed_settings(j, halving) == {"strategy": "halving"}

@@ -284,7 +284,7 @@ def test_load_space_spec(tmp_path):
     cands = search_space(get_platform("h100"), MIXTRAL, spec["space"], spec["restrict"])
     assert cands and all(c.BLOCK_SIZE_M <= 32 and c.num_warps == 4 for c in cands)
     (tmp_path / "empty.yaml").write_text("")
-    assert load_space_spec(tmp_path / "empty.yaml") == {"space": "full", "restrict": None}
+    assert load_space_spec(tmp_path / "empty.yaml") == {"space": None, "restrict": None}
 
 
 @pytest.mark.parametrize(
