@@ -15,7 +15,7 @@ echo "sweep rc=$?"
 ls results/tables/E=8,N=7168,* >/dev/null 2>&1 || \
   python3 -m moetune.cli export-configs "$J" --out results/tables > "$OUT/export.txt" 2>&1
 cp "$J" "$OUT/" 2>/dev/null
-cp results/tables/E=8,N=7168,device_name=* "$OUT/" 2>/dev/null
+cp results/tables/E=8,N=7168,device_name=*.json "$OUT/" 2>/dev/null
 timeout 60 python3 -m moetune.cli verify results/tables .carry --json > "$OUT/verify.json" 2>&1
 echo "verify rc=$?"
 tail -5 "$OUT/sweep.err"

@@ -79,7 +79,8 @@ def sweep(
     space: Annotated[
         str | None,
         typer.Option(help="Named space: full, fast or tiny (default: the --space-spec file's, "
-                     "else fast; in the interpreter every space is the tiny one)."),
+                     "full if it names none; else fast; in the interpreter every space is the "
+                     "tiny one)."),
     ] = None,
     restrict: Annotated[
         list[str] | None, typer.Option(help="Narrow a knob: KNOB=V1,V2 (repeatable).")
@@ -208,10 +209,11 @@ def sweep(
     check_folder(out_dir, "--out")
     if compile_workers is not None and compile_workers < 0:
         raise UsageError(f"--compile-workers must be 0 or more, got {compile_workers}")
+    default_space = "fast"
     if prob is None:
         if plat.is_interpreter:
             prob = Problem(**TINY)
-            space = space or "tiny"
+            default_space = "tiny"
         else:
             prob = preset_problem("Mixtral-8x7B", 2)
     if plat.is_interpreter:
@@ -226,9 +228,9 @@ def sweep(
             if space is not None and spec["space"] is not None and space != spec["space"]:
                 raise UsageError(f"--space {space} and {space_spec}'s space {spec['space']} "
                                  "differ: give one")  # fmt: skip
-            space = space or spec["space"]
+            space = space or spec["space"] or "full"  # a spec that names no space: full
             restrict_map = {**(spec.get("restrict") or {}), **(restrict_map or {})}
-        space = space or "fast"
+        space = space or default_space
         candidates = search_space(plat, prob, space, restrict_map)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -347,9 +349,14 @@ def _incumbent(choice: str, prob, plat):
     except TableError as e:
         raise UsageError(f"--incumbent: {e}") from None
     name = table.name
-    theirs = (name.E, name.N, name.dtype, name.block_shape) if name is not None else None
+    if name is None:  # a file under another name: taken at its word
+        return table
+    if name.gemm != "up":
+        raise UsageError(f"--incumbent {choice} is a {name.suffix} table; give the main table")
+    dtype = None if name.dtype == "bf16" else name.dtype  # vLLM's older spelling of bfloat16
+    theirs = (name.E, name.N, dtype, name.block_shape)
     ours = (prob.E, prob.N, prob.table_dtype, prob.block_shape)
-    if theirs is not None and theirs != ours:
+    if theirs != ours:
         raise UsageError(f"--incumbent {choice} is a table for another problem (E, N, dtype, "
                          f"block shape {theirs}; this one {ours})")  # fmt: skip
     return table
@@ -535,7 +542,7 @@ def verify(
                 if err.is_terminal:
                     status.update(f"{title}: {line[:70]}")
                 else:
-                    err.print(line, markup=False, highlight=False)
+                    err.print(line, markup=False, highlight=False, soft_wrap=True)
 
             report = verify_tables(files, K=K, topk=topk, schema_only=schema_only,
                                    batch_sizes=batches, progress=progress)  # fmt: skip
@@ -562,7 +569,7 @@ def verify(
         first = f"{Path(bad[0].file).name}: {bad[0].status}, {bad[0].reason}"
         fail(f"{len(bad)} of {len(report.results)} results failed or invalid; first {first}", 1)
     for p in paths:  # a table named on the command line must be checked, not skipped
-        mine = [r for r in report.results if p.is_file() and Path(r.file) == p]
+        mine = [r for r in report.results if p.is_file() and Path(r.file).resolve() == p.resolve()]
         if mine and all(r.status == "skipped" for r in mine):
             fail(f"{p.name}: skipped, {mine[0].reason}", 1)
     if not any(r.status == "ok" for r in report.results):

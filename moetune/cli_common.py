@@ -285,7 +285,7 @@ def run_with_progress(work):
                 if not err.is_terminal and (done >= total or now - last[0] >= PLAIN_PROGRESS_S):
                     last[0] = now
                     progress.console.print(f"{done}/{total} {message}", markup=False,
-                                           highlight=False)  # fmt: skip
+                                           highlight=False, soft_wrap=True)  # fmt: skip
             else:
                 progress.console.print(message, highlight=False)
 

@@ -287,23 +287,30 @@ def export_configs(
     try:
         for n, *_ in tables:  # every folder first: a failure leaves no table half-exported
             (out_dir / n).parent.mkdir(parents=True, exist_ok=True)
-        copies: list[tuple[Path, list[Path]]] = []  # another table there is kept, not lost
-        if not merge:
-            copies = [(out_dir / n, c) for n, _, ents, _ in tables
-                      if (c := _copy_if_different(out_dir / n, ents))]  # fmt: skip
-        try:
-            paths = [
-                write_table(out_dir / n, ents, triton_version=header["triton"], sidecar=side)
-                if side is not None else out_dir / n  # a merge that changes nothing writes nothing
-                for n, _, ents, side in tables
-            ]  # fmt: skip
-        except BaseException:  # nothing replaced: the copies are not needed
-            for _, files in copies:
-                for c in files:
-                    c.unlink(missing_ok=True)
-            raise
-        for path, files in copies:
-            warnings.append(f"{path} held another table: kept it as {files[0].name}")
+        # A table there with entries this export drops or changes is copied first, never lost.
+        copies = [_copy_if_different(out_dir / n, ents) if side is not None else []
+                  for n, _, ents, side in tables]  # fmt: skip
+        paths = []
+        for i, (n, _, ents, side) in enumerate(tables):
+            try:
+                paths.append(
+                    write_table(out_dir / n, ents, triton_version=header["triton"], sidecar=side)
+                    if side is not None else out_dir / n  # a merge that changes nothing
+                )  # fmt: skip
+            except BaseException as e:  # tables not yet replaced need no copy; written ones do
+                for files in copies[i:]:
+                    for c in files:
+                        c.unlink(missing_ok=True)
+                kept = [f"{out_dir / done} (the old one kept as {files[0].name})"
+                        for (done, *_), files in zip(tables[:i], copies[:i], strict=True)
+                        if files]  # fmt: skip
+                if kept and isinstance(e, (OSError, TableError)):
+                    raise ExportError(f"cannot write {out_dir / n}: {e}; already written: "
+                                      f"{', '.join(kept)}") from None  # fmt: skip
+                raise
+        for (n, *_), files in zip(tables, copies, strict=True):
+            if files:
+                warnings.append(f"{out_dir / n} held another table: kept it as {files[0].name}")
         if down is None:  # (a merge has refused a table with a _down beside it)
             _remove_stale_down(out_dir, _names(p, device_name, header["triton"], sglang, "down"),
                                warnings)  # fmt: skip

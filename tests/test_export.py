@@ -320,3 +320,36 @@ def test_a_resume_that_only_adds_batch_sizes_keeps_no_copy(tmp_path):
     side = json.loads((out / MAIN.replace(".json", ".provenance.json")).read_text())
     assert side["sweep"]["batch_sizes"] == [1, 8]
     assert side["sweep"]["resumed"] == [{"batch_sizes": [1, 8]}]
+
+
+def test_a_failed_second_write_keeps_the_copy_of_the_table_it_replaced(tmp_path):
+    """--format sglang writes two names: when the second write fails, the first table is already
+    replaced, so its .old copy must stay (and the error says so); nothing else is copied."""
+    from moetune.export import ExportError, export_configs
+
+    first = _journal(tmp_path / "a.jsonl", _header(), [_ok("a", 1, 5.0, CFG)])
+    second = _journal(tmp_path / "b.jsonl", _header(), [_ok("b", 1, 5.0, _cfg(BLOCK_SIZE_N=64))])
+    probe = export_configs([first], tmp_path / "probe", sglang=True)
+    sglang_name = probe.paths[1].relative_to(tmp_path / "probe")
+    out = tmp_path / "out"
+    export_configs([first], out, sglang=True)
+    (out / sglang_name).unlink()
+    (out / sglang_name / "blocker").mkdir(parents=True)  # a folder where the table goes
+    with pytest.raises(ExportError, match=r"already written: .*kept as " + MAIN + r"\.old"):
+        export_configs([second], out, sglang=True)
+    assert load_table(out / MAIN).entries == {1: _cfg(BLOCK_SIZE_N=64)}
+    assert json.loads((out / (MAIN + ".old")).read_text())["1"] == CFG
+    assert not list((out / sglang_name.parent).glob("*.old*"))
+
+
+def test_a_merge_that_changes_an_entry_keeps_the_old_table(tmp_path):
+    from moetune.export import export_configs
+
+    out = tmp_path / "out"
+    export_configs([_journal(tmp_path / "a.jsonl", _header(), [_ok("a", 1, 5.0, CFG),
+                                                               _ok("a", 8, 5.0, CFG)])], out)
+    retune = _journal(tmp_path / "b.jsonl", _header(), [_ok("b", 1, 4.0, _cfg(num_warps=8))])
+    res = export_configs([retune], out, merge=True)
+    assert res.changed == [1]
+    assert load_table(out / MAIN).entries == {1: _cfg(num_warps=8), 8: CFG}
+    assert json.loads((out / (MAIN + ".old")).read_text())["1"] == CFG

@@ -194,12 +194,49 @@ def test_space_and_a_spec_naming_another_space_are_refused(cwd, no_sweep):
     assert not (cwd / "results").exists()
 
 
+def test_a_spec_space_decides_when_space_is_not_given(cwd, monkeypatch):
+    """The default problem on CPU takes a spec's space; a spec naming none means full."""
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["space_name"])
+        raise _SweepReached
+
+    monkeypatch.setattr("moetune.sweep.run_sweep", record)
+    (cwd / "fast.yaml").write_text("space: fast\n")
+    (cwd / "none.yaml").write_text("restrict: {BLOCK_SIZE_M: [16]}\n")
+    assert _outcome(["sweep", "--space-spec", "fast.yaml"])[0] == "reached"
+    assert _outcome(["sweep", *SHAPE, "--space-spec", "none.yaml"])[0] == "reached"
+    assert _outcome(["sweep", *SHAPE, "--space", "tiny", "--space-spec", "none.yaml"])[0] == (
+        "reached")
+    assert _outcome(["sweep"])[0] == "reached"
+    assert seen == ["fast", "full", "tiny", "tiny"]
+
+
 def test_an_incumbent_table_of_another_problem_is_refused(cwd, no_sweep):
     name = "E=8,N=7168,device_name=NVIDIA_H100_80GB_HBM3.json"
     (cwd / name).write_text(json.dumps({"1": CFG}))
     line = _invoke(["sweep", *SHAPE, "--incumbent", name], 2)
     assert "is a table for another problem" in line and "(8, 7168" in line
+    down = "E=4,N=32,device_name=cpu_interpreter_down.json"
+    (cwd / down).write_text(json.dumps({"1": CFG}))
+    assert "is a _down table; give the main table" in _invoke(
+        ["sweep", *SHAPE, "--incumbent", down], 2)
     assert not (cwd / "results").exists()
+
+
+def test_an_incumbent_spelt_bf16_is_this_bfloat16_problem(cwd):
+    """vLLM's older tables spell bfloat16 ``dtype=bf16``; the interpreter cannot sweep bf16, so
+    the resolver is called as the sweep calls it."""
+    from moetune.cli import UsageError, _incumbent
+    from moetune.problem import Problem
+
+    name = "E=4,N=32,device_name=NVIDIA_H100_80GB_HBM3,dtype=bf16.json"
+    (cwd / name).write_text(json.dumps({"1": CFG}))
+    bf16 = Problem(E=4, N=32, K=64, topk=2, dtype="bfloat16")
+    assert _incumbent(name, bf16, None).entries == {1: CFG}
+    with pytest.raises(UsageError, match="another problem"):
+        _incumbent(name, Problem(E=4, N=32, K=64, topk=2, dtype="float32"), None)
 
 
 @pytest.mark.parametrize("args", [["--E", "abc"], ["--tp", "x"]], ids=["E-letters", "tp-letters"])
