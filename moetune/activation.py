@@ -135,8 +135,8 @@ def tile_for(T: int, n: int, tile: Tile | None = None) -> Tile:
     t = tile or TILE
     block = min(t.block, triton.next_power_of_2(n))
     half = block // 2
-    fits_better = triton.cdiv(n, half) * half < triton.cdiv(n, block) * block if half else False
-    if tile is None and FIT_BLOCK and half >= 16 and fits_better:
+    if (tile is None and FIT_BLOCK and half >= 16
+            and triton.cdiv(n, half) * half < triton.cdiv(n, block) * block):  # fmt: skip
         block = half
     return t._replace(block=block, rows=min(t.rows, triton.next_power_of_2(max(T, 1))))
 

@@ -467,16 +467,15 @@ def export_configs_cmd(
 
     Example: moetune export-configs results/sweeps/*.jsonl --out configs
     """
-    from moetune.export import export_configs
+    from moetune.export import ExportError, check_options, export_configs
 
     if fmt not in ("vllm", "sglang"):
         raise UsageError(f"--format must be vllm or sglang, got {fmt!r}")
-    if batch_sizes is not None and not merge:
-        raise UsageError("--batch-sizes goes with --merge: a table of some batch sizes would "
-                         "replace the whole table in --out")  # fmt: skip
-    if merge and fmt == "sglang":
-        raise UsageError("--merge writes vLLM's table name only: merge, then export for SGLang "
-                         "from all the journals, or copy the merged table")  # fmt: skip
+    only = parse_ints(batch_sizes, "--batch-sizes")
+    try:
+        check_options(sglang=fmt == "sglang", merge=merge, batch_sizes=only)
+    except ExportError as e:  # options that cannot go together: a usage mistake
+        raise UsageError(str(e)) from None
     check_folder(out_dir, "--out")
     if device_name is not None and (not device_name or set(device_name) & set(" \t\n,/=")):
         raise UsageError(f"--device-name {device_name!r} must be vLLM's spelling: no spaces, "
@@ -485,7 +484,6 @@ def export_configs_cmd(
         if not j.is_file():
             what = "is a folder" if j.is_dir() else "not found"
             raise UsageError(f"journal {what}: {j}")
-    only = parse_ints(batch_sizes, "--batch-sizes")
     res = export_configs(journals, out_dir, device_name=device_name, sglang=fmt == "sglang",
                          merge=merge, batch_sizes=only)  # fmt: skip
     for w in res.warnings:
@@ -568,8 +566,9 @@ def verify(
         bad = [r for r in report.results if r.status in ("failed", "invalid")]
         first = f"{Path(bad[0].file).name}: {bad[0].status}, {bad[0].reason}"
         fail(f"{len(bad)} of {len(report.results)} results failed or invalid; first {first}", 1)
-    for p in paths:  # a table named on the command line must be checked, not skipped
-        mine = [r for r in report.results if p.is_file() and Path(r.file).resolve() == p.resolve()]
+    for p in (p for p in paths if p.is_file()):  # a table named must be checked, not skipped
+        target = p.resolve()
+        mine = [r for r in report.results if Path(r.file).resolve() == target]
         if mine and all(r.status == "skipped" for r in mine):
             fail(f"{p.name}: skipped, {mine[0].reason}", 1)
     if not any(r.status == "ok" for r in report.results):

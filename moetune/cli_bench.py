@@ -38,6 +38,7 @@ from moetune.cli_common import (
     parse_ints,
     problem_from_options,
 )
+from moetune.keep import old_names
 
 DEFAULT_BENCH_DIR = Path("results/bench")
 
@@ -149,11 +150,7 @@ def _keep_earlier(json_path: Path, png_path: Path) -> str | None:
     or None when there was none."""
     if not json_path.exists():
         return None
-    for i in range(10_000):
-        suffix = ".old" if i == 0 else f".old{i}"
-        targets = [p.with_name(p.name + suffix) for p in (json_path, png_path)]
-        if not any(t.exists() for t in targets):
-            break
+    targets = old_names([json_path, png_path])
     json_path.rename(targets[0])
     if png_path.exists():
         png_path.rename(targets[1])

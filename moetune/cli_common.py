@@ -58,26 +58,30 @@ def parse_ints(text: str | None, what: str, *, unique: bool = True) -> list[int]
     return values
 
 
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest of ``folder`` and its parents that exists, when that is not a folder."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def check_folder(path: Path, flag: str) -> None:
     """Refuse, before any work, a folder option that names a file (or lies under one): the
     work's results would otherwise be lost at the end, when they cannot be written."""
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                where = "" if p == path else f" ({p} is a file)"
-                raise UsageError(f"{flag} {path} is not a folder{where}")
-            return
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        where = "" if blocker == path else f" ({blocker} is a file)"
+        raise UsageError(f"{flag} {path} is not a folder{where}")
 
 
 def check_file_target(path: Path, flag: str) -> None:
     """Refuse, before any work, a file option that names a folder or lies under a file."""
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name")
-    for p in path.parents:
-        if p.exists():
-            if not p.is_dir():
-                raise UsageError(f"{flag} {path}: {p} is a file, not a folder")
-            return
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        raise UsageError(f"{flag} {path}: {blocker} is a file, not a folder")
 
 
 def parse_restrict(items: list[str] | None) -> dict[str, list[int]] | None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from moetune.gemms import FINAL_PREFIX, committed, counts
 from moetune.journal import Journal, identity, read_journal
+from moetune.keep import old_names
 from moetune.problem import Problem
 from moetune.tables import (
     TableError,
@@ -210,6 +211,17 @@ def _names(p, device_name: str, triton: str, sglang: bool, gemm: str) -> list[st
     return names
 
 
+def check_options(*, sglang: bool, merge: bool, batch_sizes: list[int] | None) -> None:
+    """ExportError for options :func:`export_configs` cannot take together (the CLI calls this
+    before reading any journal)."""
+    if merge and sglang:
+        raise ExportError("--merge writes vLLM's table name only: merge, then export for SGLang "
+                          "from all the journals, or copy the merged table")  # fmt: skip
+    if batch_sizes is not None and not merge:
+        raise ExportError("--batch-sizes goes with --merge: a table of some batch sizes would "
+                          "replace the whole table in --out")  # fmt: skip
+
+
 def export_configs(
     journal_paths: list[Path],
     out_dir: Path,
@@ -222,20 +234,15 @@ def export_configs(
     """Write the table (and its provenance sidecar) for the journals' problem and device; for a
     split sweep also the ``_down`` table; with ``merge``, into the table already there (see the
     module doc); ``batch_sizes``: only these of the journals' batch sizes."""
+    check_options(sglang=sglang, merge=merge, batch_sizes=batch_sizes)
     warnings: list[str] = []
     journals = _read_all(journal_paths)  # once: every step below reads these
     split = bool(journals) and journals[0][1].header.get("gemms") == "split"
     header, entries = _best_entries(journals, warnings, "up" if split else None)
-    if merge and sglang:
-        raise ExportError("--merge writes vLLM's table name only: merge, then export for SGLang "
-                          "from all the journals, or copy the merged table")  # fmt: skip
     if merge and split:
         raise ExportError("--merge takes joint sweeps only: a split sweep's _down table "
                           "pairs with every entry of its main table")  # fmt: skip
     if batch_sizes is not None:
-        if not merge:
-            raise ExportError("--batch-sizes goes with --merge: a table of some batch sizes "
-                              "would replace the whole table in --out")  # fmt: skip
         missing = sorted(set(batch_sizes) - set(entries))
         if missing:
             raise ExportError(f"the journals hold no passing candidate at M={missing}")
@@ -265,13 +272,12 @@ def export_configs(
         "journals": [str(j) for j in journal_paths],
         "sweep": {k: v for k, v in header.items() if k != "kind"},
     }
-    if all("batch_sizes" in j.header for _, j in journals):  # of every journal, not the first's
-        batches = {M for _, j in journals for M in j.header["batch_sizes"]}
-        batches |= {M for _, j in journals for r in j.records
-                    if r.get("kind") == "resumed" for M in r.get("batch_sizes") or []}  # fmt: skip
-        sidecar["sweep"]["batch_sizes"] = sorted(batches)
     resumed = [{k: v for k, v in r.items() if k != "kind"}
                for _, j in journals for r in j.records if r.get("kind") == "resumed"]  # fmt: skip
+    if all("batch_sizes" in j.header for _, j in journals):  # of every journal, not the first's
+        batches = {M for _, j in journals for M in j.header["batch_sizes"]}
+        batches |= {M for r in resumed for M in r.get("batch_sizes") or []}
+        sidecar["sweep"]["batch_sizes"] = sorted(batches)
     if resumed:  # a journal resumed with other settings than its header's
         sidecar["sweep"]["resumed"] = resumed
     if merge:
@@ -388,22 +394,10 @@ def _remove_stale_down(out_dir: Path, names: list[str], warnings: list[str]) -> 
                             "table, so the runtime must not read it")  # fmt: skip
 
 
-def _old_names(path: Path) -> tuple[Path, Path]:
-    """The first free ``<name>.old``, ``<name>.old1``, ... for the table and its sidecar alike."""
-    side = sidecar_path(path)
-    for i in range(10_000):
-        suffix = ".old" if i == 0 else f".old{i}"
-        target = path.with_name(path.name + suffix)
-        side_target = side.with_name(side.name + suffix)
-        if not target.exists() and not side_target.exists():
-            return target, side_target
-    raise ExportError(f"too many kept copies of {path}: clear out its .old files")
-
-
 def keep_aside(path: Path) -> Path:
     """Rename the table at ``path`` (and its sidecar) to the first free ``<name>.old``,
     ``<name>.old1``, ...: no name a reader looks up, nothing lost. Returns the new path."""
-    target, side_target = _old_names(path)
+    target, side_target = old_names([path, sidecar_path(path)])
     path.rename(target)
     if sidecar_path(path).exists():
         sidecar_path(path).rename(side_target)
@@ -424,7 +418,7 @@ def _copy_if_different(path: Path, entries: Entries) -> list[Path]:
         kept = False
     if kept:  # every entry it had is in the new table unchanged (a resume that added some)
         return []
-    target, side_target = _old_names(path)
+    target, side_target = old_names([path, sidecar_path(path)])
     shutil.copy2(path, target)
     copies = [target]
     if sidecar_path(path).is_file():

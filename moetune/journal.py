@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import torch
 
 import moetune
+from moetune.keep import old_names
 
 # Fields of the header that must match for a journal to be resumed.
 IDENTITY_KEYS = (
@@ -168,11 +169,7 @@ def _set_aside(p: Path) -> None:
         first = None
     if not isinstance(first, dict) or first.get("kind") != "moetune-journal":
         raise JournalError(f"{p} is not a moetune journal: --fresh will not replace it")
-    old, n = p.with_name(p.name + ".old"), 0
-    while old.exists():
-        n += 1
-        old = p.with_name(f"{p.name}.old.{n}")
-    p.replace(old)
+    p.replace(old_names([p], sep=".")[0])
 
 
 def open_journal(path: str | os.PathLike[str], header: dict[str, Any], *, fresh: bool) -> Journal:
