@@ -5,7 +5,8 @@
 # with the shipped table for this GPU where there is one, the default config and the floor;
 # then benchmarks/report_table.py writes REPORT.md (per batch size, and geomean against vLLM).
 # Usage: benchmarks/gpu_report.sh   (JSON, PNG, logs in $OUT/report.tgz; REPORT.md in $OUT)
-#        SPECS="Qwen3-30B-A3B:2" QUANTS="fp8_w8a8" ... runs a subset (default: all six).
+#        SPECS="Qwen3-30B-A3B:2" QUANTS="fp8_w8a8" ... runs a subset (default: all six);
+#        BENCH_S caps each bench (seconds, default 200), to fit a device call.
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 COLUMNS=150
 R="$OUT/report"
@@ -16,9 +17,9 @@ for spec in ${SPECS:-Mixtral-8x7B:2 Qwen3-30B-A3B:2 gpt-oss-120b:1}; do
   for q in ${QUANTS:-bf16 fp8_w8a8}; do
     args=(--batch-sizes 1,8,32,128,512,2048,4096)
     [ $q = fp8_w8a8 ] && args+=(--quant fp8_w8a8 --static-scales)
-    timeout 200 python3 -m moetune.cli bench --model "$model" --tp "$tp" "${args[@]}" \
+    timeout "${BENCH_S:-200}" python3 -m moetune.cli bench --model "$model" --tp "$tp" "${args[@]}" \
       --out "$R" > "$R/$model-$q.txt" 2>&1
-    echo "$model tp$tp $q rc=$?" | tee -a "$R/summary.txt"
+    echo "$model tp$tp $q rc=$? at ${SECONDS} s" | tee -a "$R/summary.txt"
   done
 done
 python3 benchmarks/report_table.py "$R"/*.json | tee "$R/REPORT.md"
