@@ -34,7 +34,7 @@ Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--p
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
        auto-tma,auto-bound,auto-bs,auto-gq,auto-direct,
        auto-pdl,auto-pdl-early,auto-pdl-late,auto-pdl1,auto-sorted,auto-sorted-ptr,
-       auto-sorted-in,auto-ranked,auto-tile0]]
+       auto-sorted-in,auto-unsorted,auto-ranked,auto-tile0]]
 A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
 quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
 ``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
@@ -49,6 +49,8 @@ launch); ``auto-sorted`` sets ``ops.SORTED_MIN_M`` to 1 (GEMM1's output at the r
 sorted positions, GEMM2 reading contiguous blocks through TMA; ``auto-sorted-ptr`` the same
 with pointer loads, ``launch.SORTED_TMA`` off), ``auto-sorted-in`` also
 ``ops.SORTED_INPUT_MIN_M`` (the input gathered into sorted positions for GEMM1);
+``auto-unsorted`` turns off ``ops.SORTED_AUTO_MIN_M``'s rule (both of those for unquantized
+top-2 ops from 1,024 tokens on Hopper);
 ``auto-ranked`` switches ``align_kernel.RANKED_DEFAULT`` (past one program's slots, the routing
 in two launches that rank sorted chunks, or in three with atomic counters); ``auto-tile0``
 the activation kernel's tile as before §27 (one row of 1,024 columns, two strided loads for
@@ -109,6 +111,7 @@ class Flags(NamedTuple):
     ranked_routing: bool = align_kernel.RANKED_DEFAULT  # align_kernel.RANKED_DEFAULT
     act_tile: activation.Tile = activation.TILE  # activation.TILE
     act_fit_block: bool = activation.FIT_BLOCK  # activation.FIT_BLOCK
+    sorted_auto_min_m: int | None = ops.SORTED_AUTO_MIN_M  # ops.SORTED_AUTO_MIN_M
 
 
 DEFAULTS = Flags(
@@ -132,6 +135,7 @@ DEFAULTS = Flags(
     align_kernel.RANKED_DEFAULT,
     activation.TILE,
     activation.FIT_BLOCK,
+    ops.SORTED_AUTO_MIN_M,
 )
 # "auto" is the op's default: fused, except static fp8 above the limit; "auto-sum" adds the sum
 # over top-k in GEMM2 at every M; "auto-rq" switches the input's static fp8 quantization in
@@ -164,6 +168,7 @@ VARIANTS = {
     "auto-sorted": DEFAULTS._replace(sorted_min_m=1),
     "auto-sorted-ptr": DEFAULTS._replace(sorted_min_m=1, sorted_tma=False),
     "auto-sorted-in": DEFAULTS._replace(sorted_min_m=1, sorted_input_min_m=1),
+    "auto-unsorted": DEFAULTS._replace(sorted_auto_min_m=None),
     "auto-ranked": DEFAULTS._replace(ranked_routing=not align_kernel.RANKED_DEFAULT),
     "auto-tile0": DEFAULTS._replace(
         act_tile=activation.Tile(1, activation.MAX_BLOCK, 4, False), act_fit_block=False
@@ -228,6 +233,7 @@ def _use(flags: Flags) -> None:
     align_kernel.RANKED_DEFAULT = flags.ranked_routing
     activation.TILE = flags.act_tile
     activation.FIT_BLOCK = flags.act_fit_block
+    ops.SORTED_AUTO_MIN_M = flags.sorted_auto_min_m
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

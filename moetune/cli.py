@@ -78,9 +78,11 @@ def sweep(
     platform: PlatformOpt = None,
     space: Annotated[
         str | None,
-        typer.Option(help="Named space: full, fast or tiny (default: the --space-spec file's, "
-                     "full if it names none; else fast; in the interpreter every space is the "
-                     "tiny one)."),
+        typer.Option(
+            help="Named space: full, fast or tiny (default: the --space-spec file's, "
+            "full if it names none; else fast; in the interpreter every space is the "
+            "tiny one)."
+        ),
     ] = None,
     restrict: Annotated[
         list[str] | None, typer.Option(help="Narrow a knob: KNOB=V1,V2 (repeatable).")

@@ -241,8 +241,11 @@ def guard(fn):
         except (MemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
                 raise
-            fail(f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-                 "(a smaller problem, fewer batch sizes, or a GPU with more memory)", 1)
+            fail(
+                f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+                "(a smaller problem, fewer batch sizes, or a GPU with more memory)",
+                1,
+            )
         except KeyboardInterrupt as e:
             what = "terminated" if isinstance(e, Terminated) else "interrupted"
             code = 143 if isinstance(e, Terminated) else 130

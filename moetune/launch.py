@@ -165,12 +165,20 @@ def sorted_input_tma(a: torch.Tensor, block_m: int, block_k: int) -> bool:
     return _tma_ok(a, block_m, block_k)
 
 
+def tma_here(device: torch.device) -> bool:
+    """Whether kernels for ``device`` can load tiles through TMA at all: Triton has tensor
+    descriptors, and the kernels are built for an NVIDIA GPU of compute capability 9 or more (in
+    compile processes, such a target), or run in Triton's interpreter on CPU tensors."""
+    if TensorDescriptor is None:
+        return False
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return _nvidia_sm90(device)
+
+
 def _tma_ok(t: torch.Tensor, block_rows: int, block_k: int) -> bool:
     """Whether TMA can copy ``[block_rows, block_k]`` tiles of ``t``'s last dimension's rows."""
-    if TensorDescriptor is None or block_rows > 256 or block_k > 256:
-        return False
-    interpreted = t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
-    if not interpreted and not _nvidia_sm90(t.device):
+    if block_rows > 256 or block_k > 256 or not tma_here(t.device):
         return False
     size = t.element_size()
     return (

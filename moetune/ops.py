@@ -76,6 +76,15 @@ SORTED_MIN_M: int | None = None
 # first (moetune.gather, one launch), so GEMM1 reads contiguous blocks too (through TMA where the
 # GPU has it). Not with direct slots. Changing it changes the op's timings: bump the version.
 SORTED_INPUT_MIN_M: int | None = None
+# Both of the above, whatever those limits say, for an unquantized op with top-k at most
+# SORTED_AUTO_MAX_TOPK from this many tokens (None: never), where the GPU loads the sorted rows
+# through TMA (launch.tma_here), with up and down tiles of one BLOCK_SIZE_M. On an H100,
+# Mixtral-8x7B bf16 (top-2) was 1.05-1.16x faster at M = 1024, 2048 and 4096 in two runs; below
+# 1024 the sign changed from one batch size to the next, and every quantized or top-4/top-8 point
+# timed was slower (results/kernels/NOTES.md §26-§28). Changing either changes the op's timings:
+# bump the version.
+SORTED_AUTO_MIN_M: int | None = 1024
+SORTED_AUTO_MAX_TOPK = 2
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("moetune_poison", default=False)
 
@@ -160,6 +169,16 @@ def gemm1_dependent(direct: bool, quantized: bool) -> bool:
     return launch.PDL_GEMM1 and (not direct or quantized)
 
 
+def sorted_auto(M: int, topk: int, *, quant: str | None, same_block_m: bool, tma: bool) -> bool:
+    """Whether :data:`SORTED_AUTO_MIN_M`'s rule puts both GEMMs' inputs in sorted positions for
+    ``M`` tokens: no quantization (``quant`` None, weights included), top-k at most
+    :data:`SORTED_AUTO_MAX_TOPK`, up and down tiles of one height, and sorted rows through TMA
+    (``tma``: :func:`moetune.launch.tma_here`)."""
+    limit = SORTED_AUTO_MIN_M
+    return (limit is not None and limit <= M and topk <= SORTED_AUTO_MAX_TOPK and quant is None
+            and same_block_m and tma)  # fmt: skip
+
+
 def sorted_rows(
     M: int,
     *,
@@ -169,16 +188,21 @@ def sorted_rows(
     static_tensor_scale: bool,
     per_channel: bool,
     block: bool,
+    topk: int = 0,
+    quant: str | None = None,
+    tma: bool = False,
 ) -> tuple[bool, bool]:
     """Whether GEMM1 reads its input gathered into sorted positions, and whether GEMM1's output
     (GEMM2's input) lies in sorted positions (:data:`SORTED_INPUT_MIN_M`,
-    :data:`SORTED_MIN_M`), for ``M`` tokens. The same answers in compile processes."""
+    :data:`SORTED_MIN_M`, or both by :func:`sorted_auto`'s rule for ``topk``, ``quant`` and
+    ``tma``), for ``M`` tokens. The same answers in compile processes."""
     if direct:
         return False, False
-    sorted_in = SORTED_INPUT_MIN_M is not None and M >= SORTED_INPUT_MIN_M
+    auto = sorted_auto(M, topk, quant=quant, same_block_m=same_block_m, tma=tma)
+    sorted_in = auto or (SORTED_INPUT_MIN_M is not None and M >= SORTED_INPUT_MIN_M)
     per_row_safe = not quantized or block or (static_tensor_scale and not per_channel)
-    sorted_mid = (SORTED_MIN_M is not None and M >= SORTED_MIN_M and same_block_m
-                  and per_row_safe)  # fmt: skip
+    sorted_mid = auto or (SORTED_MIN_M is not None and M >= SORTED_MIN_M and same_block_m
+                          and per_row_safe)  # fmt: skip
     return sorted_in, sorted_mid
 
 
@@ -282,7 +306,8 @@ def fused_experts(
     sorted_in, sorted_mid = sorted_rows(
         M, direct=direct, same_block_m=routing_down is routing, quantized=qdtype is not None,
         static_tensor_scale=a2_scale is not None and a2_scale.numel() == 1,
-        per_channel=per_channel_quant, block=group_k is not None,
+        per_channel=per_channel_quant, block=group_k is not None, topk=topk,
+        quant=quant, tma=launch.tma_here(device),
     )  # fmt: skip
     if sorted_in:  # GEMM1's input (and its per-row scales) at the sorted positions
         gather = (

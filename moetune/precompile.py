@@ -131,8 +131,9 @@ def compile_inputs(
     ``ops.DIRECT_SLOTS_MAX_M`` set, one token, whose GEMM1 on direct slots may build another
     kernel: a late trigger (:func:`moetune.launch.late_trigger`), or no dependent launch flag
     (:func:`moetune.ops.gemm1_dependent`; the flag is part of Triton's compile key); with
-    ``ops.SORTED_MIN_M`` or ``ops.SORTED_INPUT_MIN_M`` set, a set of that many tokens, where the
-    GEMMs read or write rows at the routing's sorted positions (other kernels again)."""
+    ``ops.SORTED_MIN_M`` or ``ops.SORTED_INPUT_MIN_M`` set, or ``ops.SORTED_AUTO_MIN_M`` for a
+    problem its rule takes, a set of that many tokens, where the GEMMs read or write rows at the
+    routing's sorted positions (other kernels again)."""
     import torch
 
     from moetune import ops
@@ -151,7 +152,10 @@ def compile_inputs(
             sizes.append(start)
         if False not in sums and start > 1:
             sizes.append(start - 1)
-    for start in (ops.SORTED_MIN_M, ops.SORTED_INPUT_MIN_M):
+    starts = [ops.SORTED_MIN_M, ops.SORTED_INPUT_MIN_M]
+    if problem.quant is None and problem.topk <= ops.SORTED_AUTO_MAX_TOPK:
+        starts.append(ops.SORTED_AUTO_MIN_M)  # where ops.sorted_auto may fire
+    for start in starts:
         if start is not None and max(sizes) < start:
             sizes.append(start)
     sets = []

@@ -32,7 +32,8 @@ MODES = [
 ]
 
 
-def _run(case, monkeypatch, *, mid, inp, tma=True, expert_map=None, config=CONFIG):
+def _run(case, monkeypatch, *, mid, inp, tma=True, expert_map=None, config=CONFIG,
+         config_down=None):  # fmt: skip
     monkeypatch.setattr(ops, "SORTED_MIN_M", 1 if mid else None)
     monkeypatch.setattr(ops, "SORTED_INPUT_MIN_M", 1 if inp else None)
     monkeypatch.setattr(launch, "SORTED_TMA", tma)
@@ -42,7 +43,7 @@ def _run(case, monkeypatch, *, mid, inp, tma=True, expert_map=None, config=CONFI
     if expert_map is not None:
         kwargs["expert_map"] = expert_map
     with poisoned_workspace():
-        return fused_experts(*case.args(), config=config, **kwargs)
+        return fused_experts(*case.args(), config=config, config_down=config_down, **kwargs)
 
 
 def _static_scales(case):
@@ -138,11 +139,58 @@ def test_compile_processes_build_the_sorted_kernels(monkeypatch):
 
     monkeypatch.setattr(ops, "SORTED_MIN_M", None)
     monkeypatch.setattr(ops, "SORTED_INPUT_MIN_M", None)
+    monkeypatch.setattr(ops, "SORTED_AUTO_MIN_M", None)
     assert max(sizes()) < 64
     monkeypatch.setattr(ops, "SORTED_MIN_M", 64)
     assert max(sizes()) == 64
     monkeypatch.setattr(ops, "SORTED_INPUT_MIN_M", 96)
     assert 64 in sizes() and 96 in sizes()
+    monkeypatch.setattr(ops, "SORTED_AUTO_MIN_M", 128)
+    assert 128 in sizes()  # the rule takes an unquantized top-2 problem
+    problem = Problem(E=4, N=32, K=64, topk=3)
+    assert 128 not in sizes()
+    problem = Problem(E=4, N=32, K=64, topk=2, quant="int8_w8a16")
+    assert 128 not in sizes()
+
+
+def _auto(case, monkeypatch, limit, config_down=None):
+    """The op with only SORTED_AUTO_MIN_M's rule (at ``limit``) able to sort rows."""
+    monkeypatch.setattr(ops, "SORTED_AUTO_MIN_M", limit)
+    return _run(case, monkeypatch, mid=False, inp=False, config_down=config_down)
+
+
+@pytest.mark.skipif(not TMA_HERE, reason="this GPU has no TMA (NVIDIA sm90+)")
+def test_the_rule_sorts_an_unquantized_top2_op_from_its_limit(device, monkeypatch):
+    """From SORTED_AUTO_MIN_M tokens an unquantized op of top-k <= 2 gathers its input into
+    sorted positions and hands GEMM2 sorted rows, with the slot layout's bits; below the limit,
+    at top-3, quantized (weights only, too) or with down tiles of another height it does not."""
+    launches = record_launches(monkeypatch, run=True)
+
+    def sorted_launches(case, limit, config_down=None):
+        launches.clear()
+        out = _auto(case, monkeypatch, limit, config_down)
+        return [(k["A_SORTED"], k["C_SORTED"]) for k in launches], out
+
+    case = make_case(19, 5, NOUT, K, 2, torch.float16, device, bias=True, exact_dots=True)
+    slots = _auto(case, monkeypatch, None)
+    layout, out = sorted_launches(case, 19)
+    assert layout == [(True, True), (True, False)]
+    assert torch.equal(out, slots)
+    assert sorted_launches(case, 20)[0] == [(False, False)] * 2
+    down = dict(CONFIG, BLOCK_SIZE_M=32)
+    assert sorted_launches(case, 19, down)[0] == [(False, False)] * 2
+    top3 = make_case(19, 5, NOUT, K, 3, torch.float16, device)
+    w8a16 = make_case(19, 5, NOUT, K, 2, torch.float16, device, quant="int8_w8a16")
+    for other in (top3, w8a16):
+        assert sorted_launches(other, 19)[0] == [(False, False)] * 2
+
+
+def test_the_rule_needs_tma():
+    assert ops.sorted_auto(4096, 2, quant=None, same_block_m=True, tma=True)
+    assert not ops.sorted_auto(4096, 2, quant=None, same_block_m=True, tma=False)
+    assert not ops.sorted_auto(4096, 2, quant="fp8_w8a8", same_block_m=True, tma=True)
+    assert not ops.sorted_auto(ops.SORTED_AUTO_MIN_M - 1, 2, quant=None, same_block_m=True,
+                               tma=True)  # fmt: skip
 
 
 def test_the_requantized_input_is_captured_in_slot_order(device, monkeypatch):
