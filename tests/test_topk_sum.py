@@ -244,6 +244,7 @@ def test_compile_inputs_cover_both_sides_of_the_sum_limit(sum_from, static_max, 
     from moetune.problem import Problem
 
     monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", None)  # no one-token set (test_pdl.py)
+    monkeypatch.setattr(ops, "SORTED_AUTO_MIN_M", None)  # nor a sorted-rows set (test_sorted_rows)
     monkeypatch.setattr(ops, "SUM_TOPK_IN_GEMM2_MIN_M", sum_from)
     monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", static_max)
     sets = compile_inputs(Problem(4, 32, 64, topk, "float16"), "cpu", torch.float8_e4m3fn)
@@ -259,6 +260,7 @@ def test_compile_inputs_cover_the_sum_limit_beside_the_static_fp8_limit(sum_from
     from moetune.problem import Problem
 
     monkeypatch.setattr(ops, "DIRECT_SLOTS_MAX_M", None)  # no one-token set (test_pdl.py)
+    monkeypatch.setattr(ops, "SORTED_AUTO_MIN_M", None)  # nor a sorted-rows set (test_sorted_rows)
     monkeypatch.setattr(ops, "SUM_TOPK_IN_GEMM2_MIN_M", sum_from)
     monkeypatch.setattr(ops, "FUSE_GEMM1_STATIC_FP8_MAX_M", 64)
     problem = Problem(4, 32, 64, 2, "float16", quant="fp8_w8a8")
