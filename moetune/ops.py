@@ -79,7 +79,7 @@ SORTED_INPUT_MIN_M: int | None = None
 # Both of the above, whatever those limits say, for an unquantized op with top-k at most
 # SORTED_AUTO_MAX_TOPK from this many tokens (None: never), where the GPU loads the sorted rows
 # through TMA (launch.tma_here), with up and down tiles of one BLOCK_SIZE_M. On an H100,
-# Mixtral-8x7B bf16 (top-2) was 1.05-1.16x faster at M = 1024, 2048 and 4096 in two runs; below
+# Mixtral-8x7B bf16 (top-2) was 1.05-1.16x faster at M = 1024, 2048 and 4096 in three runs; below
 # 1024 the sign changed from one batch size to the next, and every quantized or top-4/top-8 point
 # timed was slower (results/kernels/NOTES.md §26-§28). Changing either changes the op's timings:
 # bump the version.
