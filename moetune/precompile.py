@@ -120,8 +120,9 @@ class Ladder:
 
 
 def compile_inputs(
-    problem: Problem, device: str, fp8: Any, act_scales: str = "dynamic"
-) -> list[tuple[tuple, dict]]:
+    problem: Problem, device: str, fp8: Any, act_scales: str = "dynamic",
+    max_m: int | None = None,
+) -> list[tuple[tuple, dict]]:  # fmt: skip
     """The inputs a compile process runs a candidate on, so that it builds every kernel variant
     the sweep's op launches: 16 tokens; with static fp8 scales one set at or below
     ``ops.FUSE_GEMM1_STATIC_FP8_MAX_M`` and one above it, where GEMM1 runs without the fused
@@ -133,7 +134,8 @@ def compile_inputs(
     (:func:`moetune.ops.gemm1_dependent`; the flag is part of Triton's compile key); with
     ``ops.SORTED_MIN_M`` or ``ops.SORTED_INPUT_MIN_M`` set, or ``ops.SORTED_AUTO_MIN_M`` for a
     problem its rule takes, a set of that many tokens, where the GEMMs read or write rows at the
-    routing's sorted positions (other kernels again)."""
+    routing's sorted positions (other kernels again), unless the sweep's largest batch size
+    ``max_m`` stays below it (None: no bound)."""
     import torch
 
     from moetune import ops
@@ -156,7 +158,7 @@ def compile_inputs(
     if problem.quant is None and problem.topk <= ops.SORTED_AUTO_MAX_TOPK:
         starts.append(ops.SORTED_AUTO_MIN_M)  # where ops.sorted_auto may fire
     for start in starts:
-        if start is not None and max(sizes) < start:
+        if start is not None and max(sizes) < start and (max_m is None or start <= max_m):
             sizes.append(start)
     sets = []
     for M in sorted(set(sizes)):
@@ -170,7 +172,7 @@ def compile_inputs(
 
 def _compile_loop(
     problem: Problem, fp8_dtype: str, capability: int | None, nice: int, tasks: Any, results: Any,
-    act_scales: str = "dynamic",
+    act_scales: str = "dynamic", max_m: int | None = None,
 ) -> None:  # fmt: skip
     keep_to_self(results)
     import torch
@@ -199,7 +201,7 @@ def _compile_loop(
         pin.set(way == "target")
         device = "cuda" if way == "cuda" else "cpu"
         if device not in inputs:
-            inputs[device] = compile_inputs(small, device, fp8, act_scales)
+            inputs[device] = compile_inputs(small, device, fp8, act_scales, max_m)
         try:
             with compile_only():
                 for args, kw in inputs[device]:
@@ -236,7 +238,7 @@ class Compiler:
     def __init__(
         self, problem: Problem, items: list[tuple[str, dict]], fp8_dtype: str, workers: int,
         gpus: list[int] | None = None, capability: int | None = None,
-        act_scales: str = "dynamic",
+        act_scales: str = "dynamic", max_m: int | None = None,
     ) -> None:  # fmt: skip
         self.pending = {key for key, _ in items}
         self.compiled = self.failed = 0
@@ -268,7 +270,7 @@ class Compiler:
                 p = ctx.Process(target=with_env, daemon=True,
                                 args=(dict(os.environ), _compile_loop, problem, fp8_dtype,
                                       capability, nice, self.tasks, theirs,
-                                      act_scales))  # fmt: skip
+                                      act_scales, max_m))  # fmt: skip
                 self.pipes.append(mine)  # closed by close(), also when the start fails
                 try:
                     start_helper(p)

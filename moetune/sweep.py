@@ -213,7 +213,7 @@ def _sweep_all(problem, platform, candidates, batch_sizes, journal: Journal, rep
                                "processes, evaluating each as it is ready")  # fmt: skip
             compiler = Compiler(problem, todo, platform.fp8_dtype, compile_workers,
                                 runner.execution.gpus, platform.cuda_capability(),
-                                runner.execution.act_scales)  # fmt: skip
+                                runner.execution.act_scales, max(batch_sizes))  # fmt: skip
     runner.compiler = compiler
     try:
         _sweep_pairs(problem, platform, keyed, batch_sizes, journal, replays, progress, runner,

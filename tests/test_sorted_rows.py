@@ -134,8 +134,9 @@ def test_compile_processes_build_the_sorted_kernels(monkeypatch):
 
     problem = Problem(E=4, N=32, K=64, topk=2)
 
-    def sizes():
-        return sorted(a[0].shape[0] for a, _ in compile_inputs(problem, "cpu", torch.float8_e4m3fn))
+    def sizes(max_m=None):
+        sets = compile_inputs(problem, "cpu", torch.float8_e4m3fn, max_m=max_m)
+        return sorted(a[0].shape[0] for a, _ in sets)
 
     monkeypatch.setattr(ops, "SORTED_MIN_M", None)
     monkeypatch.setattr(ops, "SORTED_INPUT_MIN_M", None)
@@ -147,6 +148,8 @@ def test_compile_processes_build_the_sorted_kernels(monkeypatch):
     assert 64 in sizes() and 96 in sizes()
     monkeypatch.setattr(ops, "SORTED_AUTO_MIN_M", 128)
     assert 128 in sizes()  # the rule takes an unquantized top-2 problem
+    assert 128 in sizes(max_m=128)
+    assert 128 not in sizes(max_m=127)  # a sweep that never reaches the rule's batch sizes
     problem = Problem(E=4, N=32, K=64, topk=3)
     assert 128 not in sizes()
     problem = Problem(E=4, N=32, K=64, topk=2, quant="int8_w8a16")
