@@ -50,7 +50,9 @@ sorted positions, GEMM2 reading contiguous blocks through TMA; ``auto-sorted-ptr
 with pointer loads, ``launch.SORTED_TMA`` off), ``auto-sorted-in`` also
 ``ops.SORTED_INPUT_MIN_M`` (the input gathered into sorted positions for GEMM1);
 ``auto-unsorted`` turns off ``ops.SORTED_AUTO_MIN_M``'s rule (both of those for unquantized
-top-2 ops from 1,024 tokens on Hopper);
+ops of top-k <= 2 from 1,024 tokens where the rows load through TMA; every other variant keeps
+it, so from there ``auto``, ``auto-sorted`` and ``auto-sorted-in`` are one op for such a
+problem);
 ``auto-ranked`` switches ``align_kernel.RANKED_DEFAULT`` (past one program's slots, the routing
 in two launches that rank sorted chunks, or in three with atomic counters); ``auto-tile0``
 the activation kernel's tile as before §27 (one row of 1,024 columns, two strided loads for

@@ -54,8 +54,9 @@ WEIGHTS_TMA_MIN_BLOCK_M = 64
 # (block_shape's N) group, not a gathered vector of BLOCK_SIZE_N (:func:`block_scale_per_tile`).
 # Changing it changes the kernel's timings: bump the version with it.
 BLOCK_SCALE_PER_TILE = True
-# A GEMM whose input rows are in the routing's sorted order (moetune.ops.SORTED_MIN_M) loads them
-# through TMA where the GPU allows it (sorted_input_tma), from WEIGHTS_TMA_MIN_BLOCK_M rows.
+# A GEMM whose input rows are in the routing's sorted order (moetune.ops.SORTED_MIN_M,
+# SORTED_INPUT_MIN_M, SORTED_AUTO_MIN_M) loads them through TMA where the GPU allows it
+# (sorted_input_tma), from WEIGHTS_TMA_MIN_BLOCK_M rows.
 SORTED_TMA = True
 # Programmatic dependent launch (NVIDIA compute capability 9 and up, a Triton with it): GEMM2
 # and the sum over top-k launch with Triton's launch_pdl, so their programs may start while the
@@ -174,6 +175,15 @@ def tma_here(device: torch.device) -> bool:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
         return True
     return _nvidia_sm90(device)
+
+
+def sorted_rows_tma(device: torch.device, block_m: int, row_bytes: tuple[int, ...]) -> bool:
+    """Whether sorted rows of ``row_bytes`` bytes each would load through TMA in tiles of
+    ``block_m`` rows on ``device``: :func:`sorted_input_tma`'s conditions, known before the
+    rows exist (the buffers the op allocates are contiguous and 16-byte aligned)."""
+    if not SORTED_TMA or block_m < WEIGHTS_TMA_MIN_BLOCK_M or block_m > 256:
+        return False
+    return all(n % 16 == 0 for n in row_bytes) and tma_here(device)
 
 
 def _tma_ok(t: torch.Tensor, block_rows: int, block_k: int) -> bool:

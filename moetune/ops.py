@@ -77,8 +77,9 @@ SORTED_MIN_M: int | None = None
 # GPU has it). Not with direct slots. Changing it changes the op's timings: bump the version.
 SORTED_INPUT_MIN_M: int | None = None
 # Both of the above, whatever those limits say, for an unquantized op with top-k at most
-# SORTED_AUTO_MAX_TOPK from this many tokens (None: never), where the GPU loads the sorted rows
-# through TMA (launch.tma_here), with up and down tiles of one BLOCK_SIZE_M. On an H100,
+# SORTED_AUTO_MAX_TOPK from this many tokens (None: never), where the sorted rows load through TMA
+# (launch.sorted_rows_tma: NVIDIA compute capability 9+, tiles of WEIGHTS_TMA_MIN_BLOCK_M rows or
+# more), with up and down tiles of one BLOCK_SIZE_M. Measured at top-2 only; on an H100,
 # Mixtral-8x7B bf16 (top-2) was 1.05-1.16x faster at M = 1024, 2048 and 4096 in three runs; below
 # 1024 the sign changed from one batch size to the next, and every quantized or top-4/top-8 point
 # timed was slower (results/kernels/NOTES.md §26-§28). Changing either changes the op's timings:
@@ -173,7 +174,7 @@ def sorted_auto(M: int, topk: int, *, quant: str | None, same_block_m: bool, tma
     """Whether :data:`SORTED_AUTO_MIN_M`'s rule puts both GEMMs' inputs in sorted positions for
     ``M`` tokens: no quantization (``quant`` None, weights included), top-k at most
     :data:`SORTED_AUTO_MAX_TOPK`, up and down tiles of one height, and sorted rows through TMA
-    (``tma``: :func:`moetune.launch.tma_here`)."""
+    (``tma``: :func:`moetune.launch.sorted_rows_tma`)."""
     limit = SORTED_AUTO_MIN_M
     return (limit is not None and limit <= M and topk <= SORTED_AUTO_MAX_TOPK and quant is None
             and same_block_m and tma)  # fmt: skip
@@ -303,11 +304,15 @@ def fused_experts(
     common = dict(compute_dtype=dtype, quant=quant, per_channel=per_channel_quant,
                   block_shape=block)  # fmt: skip
     static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None
+    # The rule's TMA question only where its other conditions may hold (it asks the device).
+    tma = (SORTED_AUTO_MIN_M is not None and M >= SORTED_AUTO_MIN_M and quant is None
+           and launch.sorted_rows_tma(device, config["BLOCK_SIZE_M"],
+                                      (K * dtype.itemsize, N * dtype.itemsize)))  # fmt: skip
     sorted_in, sorted_mid = sorted_rows(
         M, direct=direct, same_block_m=routing_down is routing, quantized=qdtype is not None,
         static_tensor_scale=a2_scale is not None and a2_scale.numel() == 1,
         per_channel=per_channel_quant, block=group_k is not None, topk=topk,
-        quant=quant, tma=launch.tma_here(device),
+        quant=quant, tma=tma,
     )  # fmt: skip
     if sorted_in:  # GEMM1's input (and its per-row scales) at the sorted positions
         gather = (

@@ -186,14 +186,39 @@ def test_the_rule_sorts_an_unquantized_top2_op_from_its_limit(device, monkeypatc
     w8a16 = make_case(19, 5, NOUT, K, 2, torch.float16, device, quant="int8_w8a16")
     for other in (top3, w8a16):
         assert sorted_launches(other, 19)[0] == [(False, False)] * 2
+    # rows that would not load through TMA: tiles under its minimum height, or no TMA at all
+    with monkeypatch.context() as m:
+        m.setattr(launch, "sorted_rows_tma", _with_min_block_m(32))
+        assert sorted_launches(case, 19)[0] == [(False, False)] * 2
+    with monkeypatch.context() as m:
+        m.setattr(launch, "TensorDescriptor", None)
+        assert sorted_launches(case, 19)[0] == [(False, False)] * 2
 
 
-def test_the_rule_needs_tma():
+def _with_min_block_m(min_block_m):
+    """launch.sorted_rows_tma as if WEIGHTS_TMA_MIN_BLOCK_M were ``min_block_m`` (_run sets 16)."""
+    real = launch.sorted_rows_tma
+
+    def sorted_rows_tma(device, block_m, row_bytes):
+        return block_m >= min_block_m and real(device, block_m, row_bytes)
+
+    return sorted_rows_tma
+
+
+def test_the_rule_needs_tma(monkeypatch):
+    monkeypatch.setattr(ops, "SORTED_AUTO_MIN_M", 1024)
     assert ops.sorted_auto(4096, 2, quant=None, same_block_m=True, tma=True)
     assert not ops.sorted_auto(4096, 2, quant=None, same_block_m=True, tma=False)
     assert not ops.sorted_auto(4096, 2, quant="fp8_w8a8", same_block_m=True, tma=True)
-    assert not ops.sorted_auto(ops.SORTED_AUTO_MIN_M - 1, 2, quant=None, same_block_m=True,
-                               tma=True)  # fmt: skip
+    assert not ops.sorted_auto(1023, 2, quant=None, same_block_m=True, tma=True)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(launch, "WEIGHTS_TMA_MIN_BLOCK_M", 64)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert launch.sorted_rows_tma(cpu, 64, (8192, 28672)) == (launch.TensorDescriptor is not None)
+    assert not launch.sorted_rows_tma(cpu, 32, (8192, 28672))  # tiles under TMA's minimum
+    assert not launch.sorted_rows_tma(cpu, 64, (8192, 28670))  # rows not whole 16-byte units
+    monkeypatch.setattr(launch, "SORTED_TMA", False)
+    assert not launch.sorted_rows_tma(cpu, 64, (8192, 28672))
 
 
 def test_the_requantized_input_is_captured_in_slot_order(device, monkeypatch):
