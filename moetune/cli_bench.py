@@ -38,7 +38,7 @@ from moetune.cli_common import (
     parse_ints,
     problem_from_options,
 )
-from moetune.keep import old_names
+from moetune.keep import move_aside
 
 DEFAULT_BENCH_DIR = Path("results/bench")
 
@@ -150,11 +150,7 @@ def _keep_earlier(json_path: Path, png_path: Path) -> str | None:
     or None when there was none."""
     if not json_path.exists():
         return None
-    targets = old_names([json_path, png_path])
-    json_path.rename(targets[0])
-    if png_path.exists():
-        png_path.rename(targets[1])
-    return targets[0].name
+    return move_aside([json_path, png_path])[0].name
 
 
 def _us(v: float | None) -> str:

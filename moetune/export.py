@@ -22,7 +22,7 @@ from typing import Any
 
 from moetune.gemms import FINAL_PREFIX, committed, counts
 from moetune.journal import Journal, identity, read_journal
-from moetune.keep import old_names
+from moetune.keep import move_aside, old_names
 from moetune.problem import Problem
 from moetune.tables import (
     TableError,
@@ -397,11 +397,7 @@ def _remove_stale_down(out_dir: Path, names: list[str], warnings: list[str]) -> 
 def keep_aside(path: Path) -> Path:
     """Rename the table at ``path`` (and its sidecar) to the first free ``<name>.old``,
     ``<name>.old1``, ...: no name a reader looks up, nothing lost. Returns the new path."""
-    target, side_target = old_names([path, sidecar_path(path)])
-    path.rename(target)
-    if sidecar_path(path).exists():
-        sidecar_path(path).rename(side_target)
-    return target
+    return move_aside([path, sidecar_path(path)])[0]
 
 
 def _copy_if_different(path: Path, entries: Entries) -> list[Path]:

@@ -17,3 +17,13 @@ def old_names(paths: Sequence[Path], sep: str = "") -> list[Path]:
         if not any(q.exists() for q in names):
             return names
         n += 1
+
+
+def move_aside(paths: Sequence[Path]) -> list[Path]:
+    """Rename each of ``paths`` that exists to its :func:`old_names` name (one suffix for the
+    group). Returns those names, in order, for the missing paths too."""
+    targets = old_names(paths)
+    for path, target in zip(paths, targets, strict=True):
+        if path.exists():
+            path.rename(target)
+    return targets
