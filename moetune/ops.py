@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -170,14 +170,17 @@ def gemm1_dependent(direct: bool, quantized: bool) -> bool:
     return launch.PDL_GEMM1 and (not direct or quantized)
 
 
-def sorted_auto(M: int, topk: int, *, quant: str | None, same_block_m: bool, tma: bool) -> bool:
+def sorted_auto(
+    M: int, topk: int, *, quant: str | None, same_block_m: bool, tma: Callable[[], bool]
+) -> bool:
     """Whether :data:`SORTED_AUTO_MIN_M`'s rule puts both GEMMs' inputs in sorted positions for
     ``M`` tokens: no quantization (``quant`` None, weights included), top-k at most
     :data:`SORTED_AUTO_MAX_TOPK`, up and down tiles of one height, and sorted rows through TMA
-    (``tma``: :func:`moetune.launch.sorted_rows_tma`)."""
+    (``tma()``, e.g. :func:`moetune.launch.sorted_rows_tma`: asked last, as it may ask the
+    device)."""
     limit = SORTED_AUTO_MIN_M
     return (limit is not None and limit <= M and topk <= SORTED_AUTO_MAX_TOPK and quant is None
-            and same_block_m and tma)  # fmt: skip
+            and same_block_m and tma())  # fmt: skip
 
 
 def sorted_rows(
@@ -191,7 +194,7 @@ def sorted_rows(
     block: bool,
     topk: int = 0,
     quant: str | None = None,
-    tma: bool = False,
+    tma: Callable[[], bool] = lambda: False,
 ) -> tuple[bool, bool]:
     """Whether GEMM1 reads its input gathered into sorted positions, and whether GEMM1's output
     (GEMM2's input) lies in sorted positions (:data:`SORTED_INPUT_MIN_M`,
@@ -304,15 +307,12 @@ def fused_experts(
     common = dict(compute_dtype=dtype, quant=quant, per_channel=per_channel_quant,
                   block_shape=block)  # fmt: skip
     static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None
-    # The rule's TMA question only where its other conditions may hold (it asks the device).
-    tma = (SORTED_AUTO_MIN_M is not None and M >= SORTED_AUTO_MIN_M and quant is None
-           and launch.sorted_rows_tma(device, config["BLOCK_SIZE_M"],
-                                      (K * dtype.itemsize, N * dtype.itemsize)))  # fmt: skip
     sorted_in, sorted_mid = sorted_rows(
         M, direct=direct, same_block_m=routing_down is routing, quantized=qdtype is not None,
         static_tensor_scale=a2_scale is not None and a2_scale.numel() == 1,
-        per_channel=per_channel_quant, block=group_k is not None, topk=topk,
-        quant=quant, tma=tma,
+        per_channel=per_channel_quant, block=group_k is not None, topk=topk, quant=quant,
+        tma=lambda: launch.sorted_rows_tma(device, config["BLOCK_SIZE_M"],
+                                           (K * dtype.itemsize, N * dtype.itemsize)),
     )  # fmt: skip
     if sorted_in:  # GEMM1's input (and its per-row scales) at the sorted positions
         gather = (

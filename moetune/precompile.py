@@ -155,8 +155,11 @@ def compile_inputs(
         if False not in sums and start > 1:
             sizes.append(start - 1)
     starts = [ops.SORTED_MIN_M, ops.SORTED_INPUT_MIN_M]
-    if problem.quant is None and problem.topk <= ops.SORTED_AUTO_MAX_TOPK:
-        starts.append(ops.SORTED_AUTO_MIN_M)  # where ops.sorted_auto may fire
+    limit = ops.SORTED_AUTO_MIN_M
+    if limit is not None and ops.sorted_auto(
+        limit, problem.topk, quant=problem.quant, same_block_m=True, tma=lambda: True
+    ):  # may fire
+        starts.append(limit)
     for start in starts:
         if start is not None and max(sizes) < start and (max_m is None or start <= max_m):
             sizes.append(start)

@@ -33,12 +33,12 @@ MODES = [
 
 
 def _run(case, monkeypatch, *, mid, inp, tma=True, expert_map=None, config=CONFIG,
-         config_down=None):  # fmt: skip
+         config_down=None, tma_min_block_m=16):  # fmt: skip
     monkeypatch.setattr(ops, "SORTED_MIN_M", 1 if mid else None)
     monkeypatch.setattr(ops, "SORTED_INPUT_MIN_M", 1 if inp else None)
     monkeypatch.setattr(launch, "SORTED_TMA", tma)
     monkeypatch.setattr(launch, "WEIGHTS_TMA", tma)
-    monkeypatch.setattr(launch, "WEIGHTS_TMA_MIN_BLOCK_M", 16)
+    monkeypatch.setattr(launch, "WEIGHTS_TMA_MIN_BLOCK_M", tma_min_block_m)
     kwargs = dict(case.kwargs)
     if expert_map is not None:
         kwargs["expert_map"] = expert_map
@@ -156,10 +156,11 @@ def test_compile_processes_build_the_sorted_kernels(monkeypatch):
     assert 128 not in sizes()
 
 
-def _auto(case, monkeypatch, limit, config_down=None):
+def _auto(case, monkeypatch, limit, config_down=None, tma_min_block_m=16):
     """The op with only SORTED_AUTO_MIN_M's rule (at ``limit``) able to sort rows."""
     monkeypatch.setattr(ops, "SORTED_AUTO_MIN_M", limit)
-    return _run(case, monkeypatch, mid=False, inp=False, config_down=config_down)
+    return _run(case, monkeypatch, mid=False, inp=False, config_down=config_down,
+                tma_min_block_m=tma_min_block_m)  # fmt: skip
 
 
 @pytest.mark.skipif(not TMA_HERE, reason="this GPU has no TMA (NVIDIA sm90+)")
@@ -169,9 +170,9 @@ def test_the_rule_sorts_an_unquantized_top2_op_from_its_limit(device, monkeypatc
     at top-3, quantized (weights only, too) or with down tiles of another height it does not."""
     launches = record_launches(monkeypatch, run=True)
 
-    def sorted_launches(case, limit, config_down=None):
+    def sorted_launches(case, limit, config_down=None, tma_min_block_m=16):
         launches.clear()
-        out = _auto(case, monkeypatch, limit, config_down)
+        out = _auto(case, monkeypatch, limit, config_down, tma_min_block_m)
         return [(k["A_SORTED"], k["C_SORTED"]) for k in launches], out
 
     case = make_case(19, 5, NOUT, K, 2, torch.float16, device, bias=True, exact_dots=True)
@@ -187,30 +188,29 @@ def test_the_rule_sorts_an_unquantized_top2_op_from_its_limit(device, monkeypatc
     for other in (top3, w8a16):
         assert sorted_launches(other, 19)[0] == [(False, False)] * 2
     # rows that would not load through TMA: tiles under its minimum height, or no TMA at all
-    with monkeypatch.context() as m:
-        m.setattr(launch, "sorted_rows_tma", _with_min_block_m(32))
-        assert sorted_launches(case, 19)[0] == [(False, False)] * 2
+    assert sorted_launches(case, 19, tma_min_block_m=32)[0] == [(False, False)] * 2
     with monkeypatch.context() as m:
         m.setattr(launch, "TensorDescriptor", None)
         assert sorted_launches(case, 19)[0] == [(False, False)] * 2
 
 
-def _with_min_block_m(min_block_m):
-    """launch.sorted_rows_tma as if WEIGHTS_TMA_MIN_BLOCK_M were ``min_block_m`` (_run sets 16)."""
-    real = launch.sorted_rows_tma
-
-    def sorted_rows_tma(device, block_m, row_bytes):
-        return block_m >= min_block_m and real(device, block_m, row_bytes)
-
-    return sorted_rows_tma
-
-
 def test_the_rule_needs_tma(monkeypatch):
     monkeypatch.setattr(ops, "SORTED_AUTO_MIN_M", 1024)
-    assert ops.sorted_auto(4096, 2, quant=None, same_block_m=True, tma=True)
-    assert not ops.sorted_auto(4096, 2, quant=None, same_block_m=True, tma=False)
-    assert not ops.sorted_auto(4096, 2, quant="fp8_w8a8", same_block_m=True, tma=True)
-    assert not ops.sorted_auto(1023, 2, quant=None, same_block_m=True, tma=True)
+    def yes():
+        return True
+
+    def no():
+        return False
+
+    assert ops.sorted_auto(4096, 2, quant=None, same_block_m=True, tma=yes)
+    assert not ops.sorted_auto(4096, 2, quant=None, same_block_m=True, tma=no)
+    assert not ops.sorted_auto(4096, 2, quant="fp8_w8a8", same_block_m=True, tma=yes)
+    assert not ops.sorted_auto(1023, 2, quant=None, same_block_m=True, tma=yes)
+
+    def asked():
+        raise AssertionError("the device was asked where the rule cannot fire")
+
+    assert not ops.sorted_auto(1023, 2, quant=None, same_block_m=True, tma=asked)
     cpu = torch.device("cpu")
     monkeypatch.setattr(launch, "WEIGHTS_TMA_MIN_BLOCK_M", 64)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
