@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call (< 600 s) for ops.SORTED_AUTO_MIN_M's rule (sorted rows into and between the
 # GEMMs for unquantized ops of top-k <= 2 from 1,024 tokens where the rows load through TMA): the
-# GPU tests of sorted rows and direct slots, then benchmarks/ab_interleaved.py with variants auto (the rule on) and auto-unsorted
-# (off) for Mixtral-8x7B TP2 bf16 at M = 512 (below the limit: a control, the same op twice),
-# 1024, 2048 and 4096, each kernel profiled.
+# GPU tests of sorted rows and direct slots, then benchmarks/ab_interleaved.py with variants auto
+# (the rule on) and auto-unsorted (off) for Mixtral-8x7B TP2 bf16 at M = 512 (below the limit:
+# a control, the same op twice), 1024, 2048 and 4096, each kernel profiled.
 # Usage: bash benchmarks/gpu_sorted_auto.sh   (everything in $OUT/sorted_auto.tgz)
 set -u -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
