@@ -89,7 +89,12 @@ def measure_point(name: str, problem, args, kws, M: int, variants: list[str], a,
     try:
         for v in variants:
             _use(VARIANTS[v])
-            chk = check_op(run, ref, dtype=problem.torch_dtype, quant=quant)
+            try:
+                chk = check_op(run, ref, dtype=problem.torch_dtype, quant=quant)
+            except Exception as e:  # a variant that does not compile or run: the others go on
+                row[f"{v}_ok"], row[f"{v}_error"] = False, f"{type(e).__name__}: {e}"[:2000]
+                print(f"{v}: {row[f'{v}_error'][:300]}", flush=True)
+                continue
             row[f"{v}_ok"] = chk.ok
             if not chk.ok:
                 continue
@@ -159,9 +164,11 @@ def main() -> None:
                 )
                 print(f"{name[:8]} {row['quant']:>8} M={M:<5} {cells}", flush=True)
                 torch.cuda.empty_cache()
-    with open(a.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "variants": variants,
-                   "seconds": a.seconds, "chunk": a.chunk, "rows": rows}, f, indent=1)  # fmt: skip
+                # after every point, so a run cut short by its time limit keeps what it measured
+                with open(a.out, "w") as f:
+                    json.dump({"device": torch.cuda.get_device_name(), "variants": variants,
+                               "seconds": a.seconds, "chunk": a.chunk, "rows": rows}, f,
+                              indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":
