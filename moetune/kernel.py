@@ -145,12 +145,9 @@ def fused_moe_kernel(
     pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)
     num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
-    if USE_PDL:  # (let the next launch start, then) wait for the previous one's memory
-        if not PDL_LATE_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     if PERSISTENT == 0:
         pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_SIZE_M)
+        _pdl_wait(USE_PDL, PDL_LATE_TRIGGER)
         if direct_slots == 0:  # noqa: SIM102 (one condition a run-time value, the other a load)
             if pid_m * BLOCK_SIZE_M >= tl.load(num_tokens_post_padded_ptr):
                 return
@@ -167,6 +164,7 @@ def fused_moe_kernel(
             USE_PDL and PDL_LATE_TRIGGER, False,
         )  # fmt: skip
     else:
+        _pdl_wait(USE_PDL, PDL_LATE_TRIGGER)
         # The tiles in use: the routing's padded length, or with direct slots one block a slot.
         if direct_slots == 0:
             used_m = tl.cdiv(tl.load(num_tokens_post_padded_ptr), BLOCK_SIZE_M)
@@ -190,6 +188,15 @@ def fused_moe_kernel(
             )  # fmt: skip
         if USE_PDL and PDL_LATE_TRIGGER:  # the next launch may start once every program is here
             tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(USE_PDL: tl.constexpr, PDL_LATE_TRIGGER: tl.constexpr):
+    """Under PDL: (let the next launch start, then) wait for the previous one's memory."""
+    if USE_PDL:
+        if not PDL_LATE_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
