@@ -83,6 +83,27 @@ def make_case(
     return MoeCase(x, q1, q2, weights, ids, kw)
 
 
+def static_scales(case: MoeCase) -> dict:
+    """Static per-tensor activation scales for both GEMMs: the input's from its amax, GEMM2's
+    input's a fixed 0.02."""
+    x = case.x
+    return {"a1_scale": x.abs().amax().float().reshape(1) / 448,
+            "a2_scale": torch.full((1,), 0.02, device=x.device)}  # fmt: skip
+
+
+def mode_case(M: int, E: int, N: int, K: int, device: str, *, quant, per_channel, block_shape,
+              static: bool, activation: str) -> MoeCase:  # fmt: skip
+    """A top-2 fp16 case with biases and exact dot products in one quantization mode, with
+    static activation scales where ``static``: the cases of the tests that compare two layouts
+    of the same op bit for bit."""
+    case = make_case(M, E, N, K, 2, torch.float16, device, quant=quant, per_channel=per_channel,
+                     block_shape=block_shape, bias=True, activation=activation,
+                     exact_dots=True)  # fmt: skip
+    if static:
+        case.kwargs.update(static_scales(case))
+    return case
+
+
 def record_launches(monkeypatch, *, run: bool) -> list[dict]:
     """The keyword arguments of every fused-MoE kernel launch, in order, with its run-time
     ``direct_slots`` argument; the kernel still runs when ``run``, else the launch is only

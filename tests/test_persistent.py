@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from helpers import compile_for_sm90, make_case, record_launches
+from helpers import compile_for_sm90, make_case, mode_case, record_launches
 
 from moetune import check_close, fused_experts, fused_experts_reference, launch, ops
 from moetune.ops import poisoned_workspace
@@ -42,21 +42,12 @@ def _run(case, monkeypatch, *, persistent, flatten=True, gemms=("up", "down"), c
         return fused_experts(*case.args(), config=config, **case.kwargs, **kwargs)
 
 
-def _static_scales(case):
-    x = case.x
-    return {"a1_scale": x.abs().amax().float().reshape(1) / 448,
-            "a2_scale": torch.full((1,), 0.02, device=x.device)}  # fmt: skip
-
-
 @pytest.mark.parametrize(("quant", "per_channel", "block_shape", "static", "activation"), MODES)
 @pytest.mark.parametrize("fuse", [True, False])
 def test_persistent_gemms_change_no_bit(quant, per_channel, block_shape, static, activation,
                                         fuse, device, monkeypatch, few_programs):  # fmt: skip
-    case = make_case(37, 6, NOUT, K, 2, torch.float16, device, quant=quant,
-                     per_channel=per_channel, block_shape=block_shape, bias=True,
-                     activation=activation, exact_dots=True)  # fmt: skip
-    if static:
-        case.kwargs.update(_static_scales(case))
+    case = mode_case(37, 6, NOUT, K, device, quant=quant, per_channel=per_channel,
+                     block_shape=block_shape, static=static, activation=activation)  # fmt: skip
     monkeypatch.setattr(ops, "FUSE_GEMM1_ACTIVATION", fuse)
     launches = record_launches(monkeypatch, run=True)
     base = _run(case, monkeypatch, persistent=False)

@@ -6,7 +6,7 @@ the slot layout."""
 
 import pytest
 import torch
-from helpers import make_case, record_launches
+from helpers import make_case, mode_case, record_launches, static_scales
 
 from moetune import check_close, fused_experts, fused_experts_reference, launch, ops
 from moetune.align import moe_align_block_size_torch
@@ -46,23 +46,14 @@ def _run(case, monkeypatch, *, mid, inp, tma=True, expert_map=None, config=CONFI
         return fused_experts(*case.args(), config=config, config_down=config_down, **kwargs)
 
 
-def _static_scales(case):
-    x = case.x
-    return {"a1_scale": x.abs().amax().float().reshape(1) / 448,
-            "a2_scale": torch.full((1,), 0.02, device=x.device)}  # fmt: skip
-
-
 @pytest.mark.skipif(not TMA_HERE, reason="this GPU has no TMA (NVIDIA sm90+)")
 @pytest.mark.parametrize(("quant", "per_channel", "block_shape", "static", "mid"), MODES)
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("activation", ["silu", "swigluoai"])
 def test_sorted_rows_change_no_bit(quant, per_channel, block_shape, static, mid, fuse,
                                    activation, device, monkeypatch):  # fmt: skip
-    case = make_case(19, 5, NOUT, K, 2, torch.float16, device, quant=quant,
-                     per_channel=per_channel, block_shape=block_shape, bias=True,
-                     activation=activation, exact_dots=True)  # fmt: skip
-    if static:
-        case.kwargs.update(_static_scales(case))
+    case = mode_case(19, 5, NOUT, K, device, quant=quant, per_channel=per_channel,
+                     block_shape=block_shape, static=static, activation=activation)  # fmt: skip
     monkeypatch.setattr(ops, "FUSE_GEMM1_ACTIVATION", fuse)
     launches = record_launches(monkeypatch, run=True)
     slots = _run(case, monkeypatch, mid=False, inp=False)
@@ -196,6 +187,7 @@ def test_the_rule_sorts_an_unquantized_top2_op_from_its_limit(device, monkeypatc
 
 def test_the_rule_needs_tma(monkeypatch):
     monkeypatch.setattr(ops, "SORTED_AUTO_MIN_M", 1024)
+
     def yes():
         return True
 
@@ -273,7 +265,7 @@ def test_sorted_rows_change_no_bit_gpu(quant, activation, block_m, device, monke
     case = make_case(600, 8, 384, 512, 4, torch.bfloat16, device, quant=quant, bias=True,
                      block_shape=block, activation=activation)  # fmt: skip
     if quant and block is None:
-        case.kwargs.update(_static_scales(case))
+        case.kwargs.update(static_scales(case))
     warps = 8 if block_m == 128 else 4
     config = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128,
               "GROUP_SIZE_M": 8, "num_warps": warps, "num_stages": 3}  # fmt: skip
