@@ -34,8 +34,7 @@ Usage: python benchmarks/kernel_breakdown.py OUT.json [--m 1,8,32,512,4096] [--p
        [--compare [--variants unfused,fused,fused-pairs,auto,auto-sum,auto-rq,auto-ts,auto-pairs,
        auto-tma,auto-bound,auto-bs,auto-gq,auto-direct,
        auto-pdl,auto-pdl-early,auto-pdl-late,auto-pdl1,auto-sorted,auto-sorted-ptr,
-       auto-sorted-in,auto-unsorted,auto-ranked,auto-tile0,auto-persist,auto-persist-nf,
-       auto-persist-up,auto-persist-down,auto-persist2]]
+       auto-sorted-in,auto-unsorted,auto-ranked,auto-tile0]]
 A problem of NATIVE_PROBLEMS (e.g. --problems Qwen3-30B-A3B-FP8) runs in its checkpoint's own
 quantization (block fp8 with dynamic activation scales); ``auto-bs`` switches
 ``launch.BLOCK_SCALE_PER_TILE`` (one weight scale per tile and K step where the tile's columns
@@ -57,10 +56,7 @@ problem);
 ``auto-ranked`` switches ``align_kernel.RANKED_DEFAULT`` (past one program's slots, the routing
 in two launches that rank sorted chunks, or in three with atomic counters); ``auto-tile0``
 the activation kernel's tile as before §27 (one row of 1,024 columns, two strided loads for
-swiglu's pairs, no narrower block for a better fit); ``auto-persist`` runs both GEMMs as
-persistent kernels (``launch.PERSISTENT_MIN_SLOTS`` at 1: one program per SM looping over tiles,
-the tile and K loops flattened), ``auto-persist-nf`` without flattening, ``auto-persist-up``
-and ``auto-persist-down`` one GEMM only, ``auto-persist2`` two programs per SM. Each
+swiglu's pairs, no narrower block for a better fit). Each
 variant that passed its check is also profiled (``<variant>_kernels``). A kernel launched
 more than once a call (the two GEMMs) is reported per launch, ``name#1`` first.
 """
@@ -118,22 +114,6 @@ class Flags(NamedTuple):
     act_tile: activation.Tile = activation.TILE  # activation.TILE
     act_fit_block: bool = activation.FIT_BLOCK  # activation.FIT_BLOCK
     sorted_auto_min_m: int | None = ops.SORTED_AUTO_MIN_M  # ops.SORTED_AUTO_MIN_M
-    persistent_min_slots: int | None = launch.PERSISTENT_MIN_SLOTS  # launch.PERSISTENT_MIN_SLOTS
-    persistent_flatten: bool = launch.PERSISTENT_FLATTEN  # launch.PERSISTENT_FLATTEN
-    persistent_gemms: tuple[str, ...] = launch.PERSISTENT_GEMMS  # launch.PERSISTENT_GEMMS
-    persistent_per_sm: int = launch.PERSISTENT_PROGRAMS_PER_SM  # launch.PERSISTENT_PROGRAMS_PER_SM
-
-
-def _persistent(
-    gemms: tuple[str, ...] = ("up", "down"), flatten: bool = True, per_sm: int = 1
-) -> Flags:
-    """The op's defaults with persistent GEMMs (launch.PERSISTENT_*) at every batch size."""
-    return DEFAULTS._replace(
-        persistent_min_slots=1,
-        persistent_flatten=flatten,
-        persistent_gemms=gemms,
-        persistent_per_sm=per_sm,
-    )
 
 
 DEFAULTS = Flags(
@@ -192,11 +172,6 @@ VARIANTS = {
     "auto-sorted-in": DEFAULTS._replace(sorted_min_m=1, sorted_input_min_m=1),
     "auto-unsorted": DEFAULTS._replace(sorted_auto_min_m=None),
     "auto-ranked": DEFAULTS._replace(ranked_routing=not align_kernel.RANKED_DEFAULT),
-    "auto-persist": _persistent(),
-    "auto-persist-nf": _persistent(flatten=False),
-    "auto-persist-up": _persistent(gemms=("up",)),
-    "auto-persist-down": _persistent(gemms=("down",)),
-    "auto-persist2": _persistent(per_sm=2),
     "auto-tile0": DEFAULTS._replace(
         act_tile=activation.Tile(1, activation.MAX_BLOCK, 4, False), act_fit_block=False
     ),
@@ -261,10 +236,6 @@ def _use(flags: Flags) -> None:
     activation.TILE = flags.act_tile
     activation.FIT_BLOCK = flags.act_fit_block
     ops.SORTED_AUTO_MIN_M = flags.sorted_auto_min_m
-    launch.PERSISTENT_MIN_SLOTS = flags.persistent_min_slots
-    launch.PERSISTENT_FLATTEN = flags.persistent_flatten
-    launch.PERSISTENT_GEMMS = flags.persistent_gemms
-    launch.PERSISTENT_PROGRAMS_PER_SM = flags.persistent_per_sm
 
 
 def compare(run, n_sets: int, ref: Reference, dtype, quant, variants: list[str]) -> dict:

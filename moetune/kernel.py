@@ -130,109 +130,30 @@ def fused_moe_kernel(
     C_SORTED: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,  # launched as a programmatic dependent (launch.PDL)
     PDL_LATE_TRIGGER: tl.constexpr = False,  # dependents may launch after the K loop, not before
-    # 0: one program a tile. 1: persistent programs, each looping over tiles (the launcher sizes
-    # the grid to the GPU); 2: the same loop flattened with the K loops, so the compiler may
-    # load the next tile's operands while one tile's epilogue runs (moetune.launch.PERSISTENT).
-    PERSISTENT: tl.constexpr = 0,
 ):
-    """Grid: ``(cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N),)``, one program a tile; or with
-    ``PERSISTENT`` any number of programs, each looping over tiles ``pid, pid + programs, ...``.
+    """Grid: ``(cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N),)``.
 
     ``EM`` is a static upper bound on the padded slot count, so the launch needs no host
-    synchronisation; programs past ``num_tokens_post_padded`` return at once (``PERSISTENT``:
-    the tiles end there).
+    synchronisation; programs past ``num_tokens_post_padded`` return at once.
     """
+    # Grouped ordering of the tiles, so programs that share B columns run close in time.
     pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)
     num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
-    if PERSISTENT == 0:
-        pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_SIZE_M)
-        _pdl_wait(USE_PDL, PDL_LATE_TRIGGER)
-        if direct_slots == 0:  # noqa: SIM102 (one condition a run-time value, the other a load)
-            if pid_m * BLOCK_SIZE_M >= tl.load(num_tokens_post_padded_ptr):
-                return
-        _tile(
-            pid_m, pid_n, a_ptr, b_ptr, b_desc, a_desc, c_ptr, bias_ptr, a_scale_ptr,
-            b_scale_ptr, topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr, out_scale_ptr,
-            alpha, limit, qmax, N, K, num_valid_tokens, direct_slots, stride_am, stride_ak,
-            stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_asm, stride_ask,
-            stride_bse, stride_bsn, stride_bsk, stride_biase, stride_biasn, group_n, group_k,
-            BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, top_k, MUL_ROUTED_WEIGHT, HAS_BIAS,
-            use_fp8_w8a8, use_int8_w8a8, use_int8_w8a16, per_channel_quant, compute_type,
-            DOT_PRECISION, FP8_MAX_IMPRECISE_ACC, ACTIVATION, SILU_PAIRS, QUANT_OUT,
-            PER_ROW_SCALE, MIN_EXP, SUM_TOPK, B_TMA, B_SCALE_PER_TILE, A_SORTED, A_TMA, C_SORTED,
-            USE_PDL and PDL_LATE_TRIGGER, False,
-        )  # fmt: skip
-    else:
-        _pdl_wait(USE_PDL, PDL_LATE_TRIGGER)
-        # The tiles in use: the routing's padded length, or with direct slots one block a slot.
-        if direct_slots == 0:
-            used_m = tl.cdiv(tl.load(num_tokens_post_padded_ptr), BLOCK_SIZE_M)
-        else:
-            used_m = num_pid_m
-        for tile in tl.range(
-            pid, used_m * num_pid_n, tl.num_programs(axis=0), flatten=PERSISTENT == 2
-        ):
-            pid_m, pid_n = _tile_ids(tile, used_m, num_pid_n, GROUP_SIZE_M)
-            _tile(
-                pid_m, pid_n, a_ptr, b_ptr, b_desc, a_desc, c_ptr, bias_ptr, a_scale_ptr,
-                b_scale_ptr, topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr,
-                out_scale_ptr, alpha, limit, qmax, N, K, num_valid_tokens, direct_slots,
-                stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
-                stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_biase,
-                stride_biasn, group_n, group_k, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, top_k,
-                MUL_ROUTED_WEIGHT, HAS_BIAS, use_fp8_w8a8, use_int8_w8a8, use_int8_w8a16,
-                per_channel_quant, compute_type, DOT_PRECISION, FP8_MAX_IMPRECISE_ACC,
-                ACTIVATION, SILU_PAIRS, QUANT_OUT, PER_ROW_SCALE, MIN_EXP, SUM_TOPK, B_TMA,
-                B_SCALE_PER_TILE, A_SORTED, A_TMA, C_SORTED, False, True,
-            )  # fmt: skip
-        if USE_PDL and PDL_LATE_TRIGGER:  # the next launch may start once every program is here
-            tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _pdl_wait(USE_PDL: tl.constexpr, PDL_LATE_TRIGGER: tl.constexpr):
-    """Under PDL: (let the next launch start, then) wait for the previous one's memory."""
-    if USE_PDL:
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    if USE_PDL:  # (let the next launch start, then) wait for the previous one's memory
         if not PDL_LATE_TRIGGER:
             tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
 
-
-@triton.jit
-def _tile_ids(tile, num_pid_m, num_pid_n, GROUP_SIZE_M: tl.constexpr):
-    """Grouped ordering of the tiles, so programs that share B columns run close in time."""
-    num_pid_in_group = GROUP_SIZE_M * num_pid_n
-    group_id = tile // num_pid_in_group
-    first_pid_m = group_id * GROUP_SIZE_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
-    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
-    pid_n = (tile % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _tile(
-    pid_m, pid_n, a_ptr, b_ptr, b_desc, a_desc, c_ptr, bias_ptr, a_scale_ptr, b_scale_ptr,
-    topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr, out_scale_ptr, alpha, limit, qmax,
-    N, K, num_valid_tokens, direct_slots, stride_am, stride_ak, stride_be, stride_bn, stride_bk,
-    stride_cm, stride_cn, stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
-    stride_biase, stride_biasn,
-    group_n: tl.constexpr, group_k: tl.constexpr, BLOCK_SIZE_M: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, top_k: tl.constexpr,
-    MUL_ROUTED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, use_fp8_w8a8: tl.constexpr,
-    use_int8_w8a8: tl.constexpr, use_int8_w8a16: tl.constexpr, per_channel_quant: tl.constexpr,
-    compute_type: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MAX_IMPRECISE_ACC: tl.constexpr,
-    ACTIVATION: tl.constexpr, SILU_PAIRS: tl.constexpr, QUANT_OUT: tl.constexpr,
-    PER_ROW_SCALE: tl.constexpr, MIN_EXP: tl.constexpr, SUM_TOPK: tl.constexpr,
-    B_TMA: tl.constexpr, B_SCALE_PER_TILE: tl.constexpr, A_SORTED: tl.constexpr,
-    A_TMA: tl.constexpr, C_SORTED: tl.constexpr,
-    LATE_TRIGGER: tl.constexpr,  # signal dependents after the K loop
-    # No early return (a tile inside the persistent loop): an expert on another rank runs no K
-    # steps and its tile's outputs are set to zero at the end, not returned early.
-    BRANCH_FREE: tl.constexpr,
-):  # fmt: skip
-    """One ``BLOCK_SIZE_M × BLOCK_SIZE_N`` tile of the kernel's output (the kernel's arguments)."""
+    if direct_slots == 0:  # noqa: SIM102 (one condition a run-time value, the other a load)
+        if pid_m * BLOCK_SIZE_M >= tl.load(num_tokens_post_padded_ptr):
+            return
     offs_token_id = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
     if direct_slots != 0:
         # One slot a block, no routing launch: row 0 holds slot pid_m, the others are padding,
@@ -272,26 +193,17 @@ def _tile(
         c_rows = offs_token
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_cn[None, :] * stride_cn
 
-    # The expert lives on another rank: its slots contribute zero here (as does the activation
-    # of zero); under SUM_TOPK, nothing to add to c's zeros.
-    if BRANCH_FREE:
-        # Expert 0's weights stand in and the outputs are zeroed at the end. Every tile takes
-        # the same K steps, so Triton can flatten the K loop into the tile loop (its bounds must
-        # not vary by tile); the launcher keeps such ops (an expert_map) off this path.
-        live = off_expert != -1
-        off_expert = tl.maximum(off_expert, 0)
-        k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
-    else:
-        if off_expert == -1:
-            if SUM_TOPK > 0:
-                return
-            if ACTIVATION == 0:
-                zero = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-            else:
-                zero = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N // 2), dtype=tl.float32)
-            tl.store(c_ptrs, zero.to(c_ptr.dtype.element_ty), mask=c_mask)
+    if off_expert == -1:
+        # The expert lives on another rank: its slots contribute zero here (as does the
+        # activation of zero); under SUM_TOPK, nothing to add to c's zeros.
+        if SUM_TOPK > 0:
             return
-        k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
+        if ACTIVATION == 0:
+            zero = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+        else:
+            zero = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N // 2), dtype=tl.float32)
+        tl.store(c_ptrs, zero.to(c_ptr.dtype.element_ty), mask=c_mask)
+        return
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     a_rows = offs_token_id if A_SORTED else offs_token // top_k
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -344,7 +256,7 @@ def _tile(
                 b_scale_ptrs_up += ((half_cols + N // 2) // group_n) * stride_bsn
 
     a_row = (pid_m * BLOCK_SIZE_M).to(tl.int32)
-    for k in range(0, k_tiles):
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_remaining = K - k * BLOCK_SIZE_K
         if A_TMA:  # padded rows load whatever the rows hold; their outputs are masked
             a = a_desc.load([a_row, k * BLOCK_SIZE_K])
@@ -371,7 +283,7 @@ def _tile(
             )  # fmt: skip
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
-    if LATE_TRIGGER:  # the next launch may start once every program is here
+    if USE_PDL and PDL_LATE_TRIGGER:  # the next launch may start once every program is here
         tl.extra.cuda.gdc_launch_dependents()
     if HALVES:  # column 2j: gate of output j, 2j+1: its up (SILU_PAIRS's tile)
         accumulator = tl.reshape(tl.join(accumulator, up_accumulator), (BLOCK_SIZE_M, BLOCK_SIZE_N))
@@ -396,12 +308,8 @@ def _tile(
         # add in any order: two addends give torch's bits (fp32 + commutes), more may differ in
         # fp32's last place, and from run to run on a GPU.
         out = acc.to(compute_type).to(tl.float32)
-        if BRANCH_FREE:  # (not c_mask & live: Triton's interpreter rejects that mask)
-            c_mask = tl.where(live, c_mask, False)
         tl.atomic_add(c_ptrs, out, mask=c_mask, sem="relaxed")
     elif ACTIVATION == 0:
-        if BRANCH_FREE:
-            acc = tl.where(live, acc, 0.0)
         tl.store(c_ptrs, acc.to(compute_type), mask=c_mask)
     else:
         # GEMM1's output as the unfused op stores it, then the activation kernel's arithmetic.
@@ -424,8 +332,6 @@ def _tile(
                 scale = tl.load(out_scale_ptr)
             out = out.to(compute_type).to(tl.float32)
             out = quantize_fp8(out, scale, qmax, MIN_EXP)
-        if BRANCH_FREE:
-            out = tl.where(live, out, 0.0)
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 

@@ -6,7 +6,6 @@ import moetune._interpret  # noqa: F401  (must run before triton is imported)
 
 # isort: split
 
-import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,18 +86,6 @@ PDL_GEMM1 = True
 # within 1% (results/kernels/NOTES.md §23). The sum's programs always signal first.
 PDL_TRIGGER = "auto"
 PDL_LATE_MIN_PROGRAMS = 400
-# Persistent GEMMs (the kernel's PERSISTENT): from PERSISTENT_MIN_SLOTS routed slots (None:
-# never), the GEMMs named in PERSISTENT_GEMMS launch PERSISTENT_PROGRAMS_PER_SM programs per
-# SM, each looping over tiles, instead of one program a tile; with PERSISTENT_FLATTEN the tile
-# loop is flattened with the K loops (Triton's tl.range(flatten=True)), so the next tile's loads
-# can start under one tile's epilogue. Never with direct slots (decode). Off: not yet measured
-# faster (results/kernels/NOTES.md §29). Changing it changes the kernel's timings: bump the version.
-PERSISTENT_MIN_SLOTS: int | None = None
-PERSISTENT_GEMMS = ("up", "down")
-PERSISTENT_FLATTEN = True
-PERSISTENT_PROGRAMS_PER_SM = 1
-# Programs of a persistent launch in Triton's interpreter (no SMs): few, so each loops.
-INTERPRETER_PROGRAMS = 3
 META_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
 LAUNCH_KEYS = ("num_warps", "num_stages")
 _compile_only = False
@@ -251,36 +238,6 @@ def late_trigger(direct: bool, programs: int, down: bool) -> bool:
     return PDL_TRIGGER == "late"
 
 
-def persistent_mode(direct: bool, num_slots: int, down: bool, remote: bool) -> int:
-    """The kernel's PERSISTENT for a GEMM of ``num_slots`` routed slots
-    (:data:`PERSISTENT_MIN_SLOTS`): 0 (one program a tile), 1 (persistent) or 2 (persistent, the
-    loops flattened). ``remote``: some experts live on other ranks (an expert_map); their blocks
-    would take the persistent loop's full K steps for nothing, so those launches keep one
-    program a tile."""
-    limit = PERSISTENT_MIN_SLOTS
-    if direct or remote or limit is None or num_slots < limit:
-        return 0
-    if ("down" if down else "up") not in PERSISTENT_GEMMS:
-        return 0
-    return 2 if PERSISTENT_FLATTEN else 1
-
-
-def persistent_programs(device: torch.device, tiles: int) -> int:
-    """Programs of a persistent launch: :data:`PERSISTENT_PROGRAMS_PER_SM` per SM of ``device``
-    (:data:`INTERPRETER_PROGRAMS` off a GPU), at most one a tile."""
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        programs = sms * PERSISTENT_PROGRAMS_PER_SM
-    else:
-        programs = INTERPRETER_PROGRAMS
-    return max(1, min(programs, tiles))
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch as programmatic dependents (:data:`PDL`): NVIDIA
     GPUs of compute capability 9 or more; in compile processes (CPU tensors), such a target."""
@@ -331,7 +288,6 @@ def invoke_moe_gemm(
     sorted_in: bool = False,
     sorted_out: bool = False,
     num_slots: int | None = None,
-    remote: bool = False,
 ) -> None:
     """``c[slot] = epilogue(a[slot // top_k] · b[expert(slot)]ᵀ)`` for every routed slot (with
     ``sorted_in``, ``a``'s row is the slot's sorted position; with ``sorted_out``, ``c``'s).
@@ -347,8 +303,7 @@ def invoke_moe_gemm(
     own, so with :data:`PDL` this launch may start before it finishes; ``down``: this is the op's
     GEMM2 (:func:`late_trigger`). ``sorted_in``: ``a``'s rows are the routing's sorted positions
     (``[EM, K]``, ``num_slots`` given), not token rows; ``sorted_out``: ``c``'s rows are too
-    (``[EM, ...]``; padded rows are left as they were). ``remote``: the routing has blocks of
-    experts on other ranks (:func:`persistent_mode`). The caller has validated shapes; this
+    (``[EM, ...]``; padded rows are left as they were). The caller has validated shapes; this
     checks the config and launches.
     """
     validate_config(config, block_shape)
@@ -396,10 +351,6 @@ def invoke_moe_gemm(
         EM = routing.sorted_token_ids.numel()
         sorted_ids, expert_ids, used = routing
     grid = (triton.cdiv(EM, bm) * triton.cdiv(N, bn),)
-    persistent = persistent_mode(direct, num_slots, down, remote)
-    late = late_trigger(direct, grid[0], down)  # checks the switch (on the tile count)
-    if persistent:
-        grid = (persistent_programs(b.device, grid[0]),)
     group_n, group_k = block_shape if block_shape is not None else (0, 0)
 
     a_s_strides = (0, 0)
@@ -493,8 +444,7 @@ def invoke_moe_gemm(
         A_TMA=a_tma,
         C_SORTED=sorted_out,
         USE_PDL=pdl,
-        PDL_LATE_TRIGGER=late and pdl,
+        PDL_LATE_TRIGGER=late_trigger(direct, grid[0], down) and pdl,  # checks the switch
         B_SCALE_PER_TILE=block_scale_per_tile(block_shape, act, b_tma, N, bn),
-        PERSISTENT=persistent,
         **launch,
     )

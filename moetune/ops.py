@@ -305,7 +305,7 @@ def fused_experts(
             topk_ids, config_down["BLOCK_SIZE_M"], args.global_num_experts, expert_map
         )
     common = dict(compute_dtype=dtype, quant=quant, per_channel=per_channel_quant,
-                  block_shape=block, remote=expert_map is not None)  # fmt: skip
+                  block_shape=block)  # fmt: skip
     static_fp8 = qdtype in FP8_DTYPES and a2_scale is not None and group_k is None
     sorted_in, sorted_mid = sorted_rows(
         M, direct=direct, same_block_m=routing_down is routing, quantized=qdtype is not None,
