@@ -192,9 +192,9 @@ def sorted_rows(
     static_tensor_scale: bool,
     per_channel: bool,
     block: bool,
-    topk: int = 0,
-    quant: str | None = None,
-    tma: Callable[[], bool] = lambda: False,
+    topk: int,
+    quant: str | None,
+    tma: Callable[[], bool],
 ) -> tuple[bool, bool]:
     """Whether GEMM1 reads its input gathered into sorted positions, and whether GEMM1's output
     (GEMM2's input) lies in sorted positions (:data:`SORTED_INPUT_MIN_M`,
