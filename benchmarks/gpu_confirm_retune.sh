@@ -9,7 +9,9 @@
 # Merge here afterwards with the returned JSON files:
 #   python benchmarks/merge_confirmed.py CONFIRM_DIR $J configs
 # Usage: J=results/tables/h100-0.2.11-decode-retune bash benchmarks/gpu_confirm_retune.sh
-#        (ROUNDS, default 7). The H100 run of 0.2.12 timed the 29 points this gives against the
+#        (ROUNDS, default 7; CONFIRM_S caps each table's timing, default 100 s; AFTER=report
+#        times SPECS/QUANTS with `moetune bench` (gpu_report.sh), merged tables then shipped,
+#        instead of the 42 points; AFTER=none skips that). The H100 run of 0.2.12 timed the 29 points this gives against the
 #        tables of moetune 0.2.11.
 set -u -o pipefail
 export PYTHONPATH=.:benchmarks PYTHONUNBUFFERED=1
@@ -20,14 +22,20 @@ nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee $R/summary
 python3 benchmarks/retune_points.py "$J" > $R/points.txt || exit 1
 while read -r name args; do
   # shellcheck disable=SC2086  # args: the --model/--point words, split on purpose
-  timeout 100 python3 benchmarks/close_configs.py $R/$name.json --rounds "${ROUNDS:-7}" $args \
+  timeout "${CONFIRM_S:-100}" python3 benchmarks/close_configs.py $R/$name.json --rounds "${ROUNDS:-7}" $args \
     > $R/$name.txt 2>&1
   echo "$name rc=$?" | tee -a $R/summary.txt
 done < $R/points.txt
 cp -r configs $R/merged
 python3 benchmarks/merge_confirmed.py $R "$J" $R/merged > $R/merge.txt 2>&1
 echo "merge rc=$? after ${SECONDS} s" | tee -a $R/summary.txt
-if [ $SECONDS -lt 380 ]; then
+if [ "${AFTER:-fused}" = report ]; then  # moetune bench of SPECS/QUANTS, merged and shipped tables
+  for t in merged shipped; do
+    dir=$R/merged; [ $t = shipped ] && dir=configs
+    MOETUNE_CONFIG_DIR=$dir OUT=$R/report-$t bash benchmarks/gpu_report.sh > $R/report-$t.txt 2>&1
+    echo "report $t rc=$? at ${SECONDS} s" | tee -a $R/summary.txt
+  done
+elif [ "${AFTER:-fused}" = fused ] && [ $SECONDS -lt 380 ]; then
   MOETUNE_CONFIG_DIR=$R/merged PYTEST=0 VARIANTS=auto,auto-pdl-early BREAKDOWN_S=$((560 - SECONDS)) \
     OUT=$R/after bash benchmarks/gpu_fused.sh > $R/after.txt 2>&1
   echo "after rc=$?" | tee -a $R/summary.txt
@@ -35,4 +43,5 @@ fi
 (cd $OUT && tar czf confirm.tgz confirm)
 cat $R/merge.txt
 grep "geomean time/floor" $R/after.txt 2>/dev/null | tail -14
+for t in merged shipped; do [ -f $R/report-$t/REPORT.md ] && echo "$t:" && grep -i '^|' $R/report-$t/REPORT.md | tail -8; done
 rm -rf $R
