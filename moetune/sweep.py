@@ -297,7 +297,9 @@ def _budgeted(journal: Journal, keyed, at: list[int], rest: list[int], batch_siz
     if keep is not None:
         return keep, " (--budget: as chosen before)"
     ex = runner.execution
-    fixed = FINALISTS * len(batch_sizes) * len(_roles(ex.gemms)) * FINAL_COST + len(batch_sizes)
+    # Finalists, the default's first pass and its re-timing where it joins them (finalists()).
+    finals = FINALISTS * len(_roles(ex.gemms)) + 1
+    fixed = finals * len(batch_sizes) * FINAL_COST + len(batch_sizes)
     fixed += held * FINAL_COST  # incumbent entries that may rank below the finalists
     if ex.gemms == "split":  # the winners timed together: up to three pairs per batch size
         fixed += 3 * len(batch_sizes) * FINAL_COST
@@ -387,7 +389,8 @@ def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progres
             if (M, gemm) in have_winner:
                 continue
             held = incumbent.get(M) if gemm is None else None
-            for r in finalists(ranked_ok(journal, M, gemm), held):
+            default = _default_record(journal, M) if gemm is None else None
+            for r in finalists(ranked_ok(journal, M, gemm), held, default):
                 key = f"{FINAL_PREFIX}{r['candidate']}"
                 if (key, M) not in done:
                     work.append((key, r["config"], M, FINAL_REPLAYS))
@@ -402,18 +405,36 @@ def _time_finalists(journal: Journal, batch_sizes, execution: Execution, progres
     runner.run(work, on_record)
 
 
-def finalists(ranked: list[dict[str, Any]], incumbent: dict[str, Any] | None = None
-              ) -> list[dict[str, Any]]:  # fmt: skip
+def finalists(ranked: list[dict[str, Any]], incumbent: dict[str, Any] | None = None,
+              default: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """The FINALISTS fastest of ``ranked`` (first-pass records, fastest first), and the record of
     the ``incumbent`` config where it ranked below them. A re-tune then replaces an entry only
     with one that beat it in the finalists' longer timing, not in the first pass's few replays:
     re-tuning Mixtral-8x7B TP2 bf16 on an H100, the first pass put the shipped M=4096 entry 6%
     behind a config that `moetune bench` then measured 5% slower than it, and the shipped
-    entry was not re-timed (results/tables/h100-0.2.8-mixtral-retune/)."""
+    entry was not re-timed (results/tables/h100-0.2.8-mixtral-retune/).
+
+    The ``default`` record (the heuristic config's first-pass pair, which every sweep times) is
+    a finalist too where it beat the slowest of the FINALISTS and its config is not among them:
+    a halving sweep may not carry that config past its anchors, or a restricted space may not
+    hold it, and an entry slower than no table at all is no tuning. Re-tuning Qwen3-30B-A3B TP2
+    fp8 on an H100, the default's first pass read 122.8 µs at M=128, every finalist 125.3 µs
+    or more, and `moetune bench` then timed the exported entry 2.7% slower than the default
+    (results/tables/h100-0.2.15-qwen3-fp8-retune/)."""
     chosen = ranked[:FINALISTS]
     if incumbent is not None and all(r["config"] != incumbent for r in chosen):
         chosen += [r for r in ranked[FINALISTS:] if r["config"] == incumbent][:1]
+    if default is not None and all(r["config"] != default["config"] for r in chosen):
+        slowest = ranked[FINALISTS - 1]["timing"]["median_us"] if len(ranked) >= FINALISTS else None
+        if slowest is None or default["timing"]["median_us"] < slowest:
+            chosen.append(default)
     return chosen
+
+
+def _default_record(journal: Journal, M: int) -> dict[str, Any] | None:
+    """The heuristic default's first-pass record at ``M`` where it passed, else None."""
+    return next((r for r in journal.records if r.get("M") == M and r.get("candidate") == "default"
+                 and r.get("status") == "ok" and r.get("phase") is None), None)  # fmt: skip
 
 
 def _time_pairs(journal: Journal, batch_sizes, progress, runner: Runner, winners: dict,

@@ -159,3 +159,54 @@ def test_finalists_add_the_incumbent_only_when_it_ranked_below_them():
     assert sweep.finalists(ranked, {"BLOCK_SIZE_M": 0}) == ranked[:n], "already a finalist"
     assert sweep.finalists(ranked, {"BLOCK_SIZE_M": 99}) == ranked[:n], "never passed here"
     assert sweep.finalists([], {"BLOCK_SIZE_M": 0}) == []
+
+
+def test_finalists_add_the_default_only_where_it_beat_the_slowest_of_them():
+    ranked = [{"candidate": f"c{i}", "config": {"BLOCK_SIZE_M": i},
+               "timing": {"median_us": 10.0 + i}} for i in range(8)]  # fmt: skip
+    n = sweep.FINALISTS
+
+    def default(us: float, m: int = 99) -> dict:
+        return {"candidate": "default", "config": {"BLOCK_SIZE_M": m}, "timing": {"median_us": us}}
+
+    fast, slow = default(10.0 + n - 1.5), default(10.0 + n - 0.5)
+    assert sweep.finalists(ranked, default=fast) == [*ranked[:n], fast]
+    assert sweep.finalists(ranked, default=slow) == ranked[:n], "slower than every finalist"
+    assert sweep.finalists(ranked, default=default(1.0, m=0)) == ranked[:n], "already a finalist"
+    assert sweep.finalists(ranked[:2], default=slow) == [*ranked[:2], slow], "fewer than FINALISTS"
+    held = {"BLOCK_SIZE_M": n + 2}
+    assert sweep.finalists(ranked, held, fast) == [*ranked[:n], ranked[n + 2], fast]
+    assert sweep.finalists([], default=fast) == [fast]
+
+
+def test_a_default_faster_than_every_finalist_becomes_the_entry(tmp_path, monkeypatch):
+    """The heuristic default is timed at every batch size; where its config is no candidate (a
+    restricted space, or one halving did not carry on) and it beat the finalists, the sweep
+    re-times and re-checks it with them, and the faster of them is the table's entry."""
+    from moetune import evaluate
+    from moetune.defaults import default_config
+    from moetune.export import best_entries
+
+    heuristic = default_config(M, PROBLEM.E, PROBLEM.N, PROBLEM.K, PROBLEM.topk,
+                               dtype=PROBLEM.torch_dtype)  # fmt: skip
+    candidates = [c for c in search_space(PLATFORM, PROBLEM, "tiny")
+                  if c.as_config() != heuristic][:5]  # fmt: skip
+    real = evaluate._evaluate
+
+    def timed(workload, config, M, *, replays, key):  # the default fastest, candidates by rank
+        record = real(workload, config, M, replays=replays, key=key)
+        if record["status"] == "ok":
+            us = 1.0 if key.endswith("default") else 2.0 + candidates.index(
+                next(c for c in candidates if c.as_config() == config))  # fmt: skip
+            record["timing"]["median_us"] = us
+        return record
+
+    monkeypatch.setattr(evaluate, "_evaluate", timed)
+    journal = tmp_path / "j.jsonl"
+    best = _run(journal, candidates).batches[0].best
+    records = read_journal(journal).records
+    final = [r for r in records if r.get("phase") == "final" and r["status"] == "ok"]
+    assert {r["candidate"] for r in final} >= {"final:default"}
+    assert best is not None and best["winner"] == "default" and best["recheck"]["ok"]
+    assert best["config"] == heuristic
+    assert best_entries([journal])[1][M] == heuristic
