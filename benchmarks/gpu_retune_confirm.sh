@@ -8,7 +8,8 @@
 #    the finalists (--incumbent auto).
 # 2. gpu_confirm_retune.sh: every changed entry timed interleaved against the shipped one, the
 #    confirmed ones (>= 1% faster by the median round, faster in every round) merged into a copy
-#    of configs/, then `moetune bench` of the model with the merged and the shipped tables.
+#    of configs/, then `moetune bench` of the model with the merged and the shipped tables
+#    (AFTER=none: no bench).
 # 3. VERIFY="TABLE ..." (paths under configs/): `moetune verify` of those shipped tables.
 # Why: the H100 tables' entries from M=24 up predate most of the kernel's changes (TMA weights
 # 0.2.7, PDL 0.2.11, sorted rows 0.2.15); the Qwen3 fp8 ones were timed with dynamic activation
@@ -29,7 +30,7 @@ BUDGET=${BUDGET:-200} SWEEP_S=${SWEEP_S:-230} TILES=${TILES:-full} \
   bash benchmarks/gpu_decode_retune.sh "$@"
 J=$(mktemp -d)
 tar xzf "$OUT/retune.tgz" -C "$J"
-J=$J/retune CONFIRM_S=${CONFIRM_S:-120} AFTER=report SPECS="$model:$tp" QUANTS="${quants[*]}" \
+J=$J/retune CONFIRM_S=${CONFIRM_S:-120} AFTER=${AFTER:-report} SPECS="$model:$tp" QUANTS="${quants[*]}" \
   BENCH_S=${BENCH_S:-80} bash benchmarks/gpu_confirm_retune.sh
 i=0
 for table in ${VERIFY:-}; do
