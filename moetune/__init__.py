@@ -6,7 +6,7 @@ The public names import lazily, so ``import moetune`` (or a submodule such as
 
 from typing import Any
 
-__version__ = "0.2.15"
+__version__ = "0.2.16"
 __all__ = [
     "CheckResult",
     "check_close",
