@@ -32,7 +32,7 @@ timeout "${VERIFY_S:-90}" python3 -m moetune.cli verify $R/configs > $R/verify.t
 echo "verify rc=$?" | tee -a $R/summary.txt
 for who in ours vllm; do
   dir=$R/configs; [ $who = vllm ] && dir=vllmref
-  MOETUNE_CONFIG_DIR=$dir timeout "${BENCH_S:-60}" python3 -m moetune.cli bench --model Qwen3-30B-A3B-FP8 \
+  MOETUNE_CONFIG_DIR=$dir timeout "${BENCH_S:-110}" python3 -m moetune.cli bench --model Qwen3-30B-A3B-FP8 \
     --tp 2 --batch-sizes 1,8,32,128,512,2048,4096 --out $R/bench-$who > $R/bench-$who/bench.txt 2>&1
   echo "bench $who rc=$?" | tee -a $R/summary.txt
 done
@@ -41,7 +41,7 @@ if [ "${SUSTAINED:-0}" = 1 ]; then
     --m 4096 --seconds 6 > $R/sustained.txt 2>&1
   echo "sustained rc=$?" | tee -a $R/summary.txt
 fi
-tail -4 $R/verify.txt; tail -14 $R/bench-ours/bench.txt $R/bench-vllm/bench.txt
+tail -n 4 $R/verify.txt; tail -n 14 $R/bench-ours/bench.txt $R/bench-vllm/bench.txt
 [ -f $R/sustained.txt ] && grep -v -i warn $R/sustained.txt | tail -4
 gzip -f $R/*.jsonl 2>/dev/null
 (cd $OUT && tar czf h200blk.tgz h200blk && rm -rf h200blk)

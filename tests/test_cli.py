@@ -279,8 +279,15 @@ def test_incumbent_entry_is_a_finalist_where_it_ranked_below_them(tmp_path, monk
                   if r.get("phase") == "final" and r["M"] == M}  # fmt: skip
         ranked = sweep.ranked_ok(journal, M)
         want = {sweep.FINAL_PREFIX + r["candidate"] for r in ranked[:1]}
+        configs = [ranked[0]["config"]]
         if ranked[0]["candidate"] != slow["candidate"]:  # it ranked below the one finalist
             want.add(sweep.FINAL_PREFIX + slow["candidate"])
+            configs.append(slow["config"])
             added += 1
+        default = next(r for r in journal.records if r.get("candidate") == "default"
+                       and r["M"] == M and r["status"] == "ok")  # fmt: skip
+        if (default["config"] not in configs  # the default beat the one finalist (finalists())
+                and default["timing"]["median_us"] < ranked[0]["timing"]["median_us"]):
+            want.add(sweep.FINAL_PREFIX + "default")
         assert finals == want, M
     assert added, "the slowest config of the first run was fastest at both sizes the second time"
