@@ -76,6 +76,9 @@ def survivors_within(journal: Journal, keyed: list, at: list[int], rest: int, bu
     chosen = take_within(ranked, rest, affordable)
     how = (f" (--budget {budget_s:.0f} s: {elapsed_s:.0f} s spent, {pair_s * 1000:.0f} ms a "
            f"pair, room for {affordable} pairs)")  # fmt: skip
+    if elapsed_s >= budget_s:  # the anchor round is never cut short; say so
+        how += (f"; the budget is spent: only the {MIN_KEEP} fastest of each ranking go on, and "
+                "the sweep will take longer than --budget")  # fmt: skip
     return [(k, c) for k, c in keyed if k in chosen], how
 
 

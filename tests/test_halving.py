@@ -61,8 +61,13 @@ def test_survivors_within_budget_count_from_the_anchor_times(tmp_path):
     assert len(survivors_within(journal, keyed, [1, 64], 10, 35.0, 10.0, 2, 100, 0.25)[0]) == 10
     # Room for 60 pairs = 6 candidates; the top 4 at M=1 (c0-c3) and at M=64 (c9-c6) are 8
     # already: only the minimum, n=4 of each ranking, goes on.
-    few, _ = survivors_within(journal, keyed, [1, 64], 10, 26.0, 10.0, 1, 100, 0.25)
+    few, how = survivors_within(journal, keyed, [1, 64], 10, 26.0, 10.0, 1, 100, 0.25)
     assert {k for k, _ in few} == {"c0", "c1", "c2", "c3", "c6", "c7", "c8", "c9"}
+    assert "budget is spent" not in how
+    # The anchors alone took longer than the budget: the minimum goes on, and the note says so.
+    late, how = survivors_within(journal, keyed, [1, 64], 10, 26.0, 30.0, 1, 100, 0.25)
+    assert {k for k, _ in late} == {k for k, _ in few} and "room for 0 pairs" in how
+    assert "the budget is spent: only the 4 fastest of each ranking go on" in how
 
 
 def test_survivors_within_budget_fall_back_to_keep_without_times(tmp_path):
