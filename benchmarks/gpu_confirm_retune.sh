@@ -11,8 +11,8 @@
 # Usage: J=results/tables/h100-0.2.11-decode-retune bash benchmarks/gpu_confirm_retune.sh
 #        (ROUNDS, default 7; CONFIRM_S caps each table's timing, default 100 s; AFTER=report
 #        times SPECS/QUANTS with `moetune bench` (gpu_report.sh), merged tables then shipped,
-#        instead of the 42 points; AFTER=none skips that). The H100 run of 0.2.12 timed the 29 points this gives against the
-#        tables of moetune 0.2.11.
+#        instead of the 42 points; AFTER=none skips that). The H100 run of 0.2.12 timed the 29
+#        points this gives against the tables of moetune 0.2.11.
 set -u -o pipefail
 export PYTHONPATH=.:benchmarks PYTHONUNBUFFERED=1
 J=${J:-results/tables/h100-0.2.11-decode-retune}
@@ -22,8 +22,8 @@ nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee $R/summary
 python3 benchmarks/retune_points.py "$J" > $R/points.txt || exit 1
 while read -r name args; do
   # shellcheck disable=SC2086  # args: the --model/--point words, split on purpose
-  timeout "${CONFIRM_S:-100}" python3 benchmarks/close_configs.py $R/$name.json --rounds "${ROUNDS:-7}" $args \
-    > $R/$name.txt 2>&1
+  timeout "${CONFIRM_S:-100}" python3 benchmarks/close_configs.py $R/$name.json \
+    --rounds "${ROUNDS:-7}" $args > $R/$name.txt 2>&1
   echo "$name rc=$?" | tee -a $R/summary.txt
 done < $R/points.txt
 cp -r configs $R/merged
@@ -43,5 +43,7 @@ fi
 (cd $OUT && tar czf confirm.tgz confirm)
 cat $R/merge.txt
 grep "geomean time/floor" $R/after.txt 2>/dev/null | tail -14
-for t in merged shipped; do [ -f $R/report-$t/REPORT.md ] && echo "$t:" && grep -i '^|' $R/report-$t/REPORT.md | tail -8; done
+for t in merged shipped; do
+  [ -f $R/report-$t/REPORT.md ] && echo "$t:" && grep '^|' $R/report-$t/REPORT.md | tail -n 8
+done
 rm -rf $R

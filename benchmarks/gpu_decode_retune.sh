@@ -10,8 +10,8 @@
 # (default 110 s). TILES=full sweeps the whole space instead, by halving within BUDGET seconds
 # (default 230; SWEEP_S must exceed it), for entries above the decode sizes (BS=24,...,4096;
 # benchmarks/gpu_retune_confirm.sh). Keep the returned journals under results/, then confirm the
-# changed entries interleaved (J=that folder bash benchmarks/gpu_confirm_retune.sh, the next device call) and
-# merge the confirmed ones here (benchmarks/merge_confirmed.py).
+# changed entries interleaved (J=that folder bash benchmarks/gpu_confirm_retune.sh, the next
+# device call) and merge the confirmed ones here (benchmarks/merge_confirmed.py).
 # Usage: bash benchmarks/gpu_decode_retune.sh Qwen3-30B-A3B:2:fp8_w8a8 gpt-oss-120b:1
 #        (journals, sweep output and a summary in $OUT/retune.tgz)
 set -u -o pipefail

@@ -30,8 +30,8 @@ BUDGET=${BUDGET:-200} SWEEP_S=${SWEEP_S:-230} TILES=${TILES:-full} \
   bash benchmarks/gpu_decode_retune.sh "$@"
 J=$(mktemp -d)
 tar xzf "$OUT/retune.tgz" -C "$J"
-J=$J/retune CONFIRM_S=${CONFIRM_S:-120} AFTER=${AFTER:-report} SPECS="$model:$tp" QUANTS="${quants[*]}" \
-  BENCH_S=${BENCH_S:-80} bash benchmarks/gpu_confirm_retune.sh
+J=$J/retune CONFIRM_S=${CONFIRM_S:-120} AFTER=${AFTER:-report} SPECS="$model:$tp" \
+  QUANTS="${quants[*]}" BENCH_S=${BENCH_S:-80} bash benchmarks/gpu_confirm_retune.sh
 i=0
 for table in ${VERIFY:-}; do
   i=$((i + 1))

@@ -297,8 +297,9 @@ def _budgeted(journal: Journal, keyed, at: list[int], rest: list[int], batch_siz
     if keep is not None:
         return keep, " (--budget: as chosen before)"
     ex = runner.execution
-    # Finalists, the default's first pass and its re-timing where it joins them (finalists()).
-    finals = FINALISTS * len(_roles(ex.gemms)) + 1
+    # Finalists, the default's first pass, and in a joint sweep its re-timing where it joins
+    # them (finalists()).
+    finals = FINALISTS * len(_roles(ex.gemms)) + (ex.gemms == "joint")
     fixed = finals * len(batch_sizes) * FINAL_COST + len(batch_sizes)
     fixed += held * FINAL_COST  # incumbent entries that may rank below the finalists
     if ex.gemms == "split":  # the winners timed together: up to three pairs per batch size
