@@ -42,8 +42,9 @@ from moetune.inputs import static_activation_scales, timing_input_sets
 from moetune.lookup import config_for
 from moetune.platform import detect_platform
 from moetune.presets import preset_problem
+from moetune.problem import Problem
 from moetune.reference import Reference
-from moetune.roofline import measure_ceilings
+from moetune.roofline import Ceilings, measure_ceilings
 
 CHECK_EXPERTS = 3  # experts whose grouped GEMM rows are checked against float64
 TOL = 2e-2  # relative error a grouped GEMM's checked rows may have (bf16 output)
@@ -119,13 +120,14 @@ def gemm_floor_us(flops: float, nbytes: float, peak: float, bandwidth: float) ->
     return max(flops / peak, nbytes / bandwidth) * 1e6
 
 
-def point(name: str, tp: int, quant: str | None, M: int, sets: list, ceilings) -> dict:
-    problem = preset_problem(name, tp, quant=quant)
+def point(problem: Problem, M: int, sets: list, ceilings: Ceilings, name: str, tp: int) -> dict:
+    """One batch size's row; ``name`` and ``tp`` label it."""
+    quant = problem.quant
     ins = [((x[:M], w1, w2, tw[:M], ti[:M]), kw) for (x, w1, w2, tw, ti), kw in sets]
     if quant:
         ins = [(a, {**k, **static_activation_scales(a, k)}) for a, k in ins]
     cfg = config_for(M, problem.E, problem.N, problem.K, problem.topk,
-                     dtype=problem.torch_dtype, quant=quant)  # fmt: skip
+                     dtype=problem.torch_dtype, quant=quant, block_shape=None)  # fmt: skip
     row: dict[str, Any] = {"problem": name, "tp": tp, "quant": quant or "bf16", "M": M,
                            "config": cfg}  # fmt: skip
 
@@ -199,7 +201,7 @@ def main(argv: list[str]) -> None:
                     problem = preset_problem(name, tp, quant=quant)
                     sets = timing_input_sets(problem, max(ms), "cuda", fp8_dtype=fp8)
                     for M in ms:
-                        r = point(name, tp, quant, M, sets, ceilings)
+                        r = point(problem, M, sets, ceilings, name, tp)
                         sink.write(json.dumps(r, default=str) + "\n")
                         sink.flush()
                         print(line(r), flush=True)

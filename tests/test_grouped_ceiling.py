@@ -87,3 +87,38 @@ def test_fp8_operands_are_the_rows_quantized_with_the_static_scales():
     out = torch.cat([(o["a1"][s:e].double() * 0.02) @ (o["b1"][n].double() * kw["w1_scale"][n])
                      for n, (s, e) in enumerate(zip(starts, ends, strict=True))])  # fmt: skip
     assert gc.check_grouped(o, 1, out.to(torch.bfloat16)) < 1e-2
+
+
+@pytest.mark.parametrize("quant", [None, "fp8_w8a8"])
+def test_a_point_runs_end_to_end(monkeypatch, quant):
+    """A whole row on the CPU (the op in Triton's interpreter, the profiler faked): the op is
+    checked, both GEMMs get a floor, and a grouped GEMM the CPU lacks (fp8) is recorded as an
+    error in the row instead of ending the run."""
+    from moetune.inputs import random_moe_inputs
+    from moetune.problem import Problem
+    from moetune.roofline import Ceilings
+
+    profiled: list[int] = []
+
+    def fake_breakdown(run, n_sets):
+        for i in range(n_sets):
+            run(i)
+        profiled.append(n_sets)
+        return {"fused_moe_kernel#1": 3.0, "fused_moe_kernel#2": 2.0, "other": 1.0}, 3.0
+
+    monkeypatch.setattr(gc, "breakdown", fake_breakdown)
+    problem = Problem(E, N, K, TOPK, "float16", quant=quant)
+    sets = [random_moe_inputs(problem, 16, "cpu", seed=s) for s in (1, 2)]
+    ceilings = Ceilings(bandwidth_Bps=1e12, bf16_flops=1e15, fp8_flops=2e15)
+    row = gc.point(problem, 8, sets, ceilings, "tiny", 1)
+    assert row["problem"] == "tiny" and row["M"] == 8 and row["op_ok"], row
+    assert row["op_gemm1_us"] == 3.0 and row["op_gemm2_us"] == 2.0
+    flops1 = 2.0 * 8 * TOPK * K * 2 * N
+    assert row["floor_gemm1_us"] >= flops1 / (2e15 if quant else 1e15) * 1e6 > 0
+    if quant is None:
+        assert row["grouped_gemm1_ok"] and row["grouped_gemm2_ok"], row
+        assert row["grouped_gemm1_us"] == 6.0 and row["grouped_gemm1_rel_err"] < 1e-2
+        assert profiled == [2, 2, 2]  # the op, then each grouped GEMM over both sets
+    else:
+        assert not row["grouped_gemm1_ok"] and "grouped_gemm1_error" in row
+    assert "GEMM1 op      3.0" in gc.line(row)
