@@ -43,6 +43,7 @@ from moetune.lookup import config_for
 from moetune.platform import detect_platform
 from moetune.presets import preset_problem
 from moetune.problem import Problem
+from moetune.quant import quantize_activation
 from moetune.reference import Reference
 from moetune.roofline import Ceilings, measure_ceilings
 
@@ -75,12 +76,9 @@ def grouped_operands(args: tuple, kwargs: dict[str, Any], seed: int) -> dict[str
     h = torch.randn(a1.shape[0], w2.shape[2], generator=gen, device=x.device, dtype=x.dtype)
     ops_ = {"offs": offs, "b1": w1.transpose(1, 2), "b2": w2.transpose(1, 2), "a1": a1, "a2": h}
     if kwargs.get("quant") == "fp8_w8a8":
-        fp8 = w1.dtype
-        fmax = torch.finfo(fp8).max
         rows = a1.shape[0]
         for i, key in ((1, "a1"), (2, "a2")):
-            s = kwargs[f"a{i}_scale"].float().reshape(())
-            ops_[key] = (ops_[key].float() / s).clamp(-fmax, fmax).to(fp8)
+            ops_[key], s = quantize_activation(ops_[key], w1.dtype, scale=kwargs[f"a{i}_scale"])
             ops_[f"sa{i}"] = s.expand(rows).contiguous()
             w, ws = (w1, kwargs["w1_scale"]) if i == 1 else (w2, kwargs["w2_scale"])
             ops_[f"sb{i}"] = ws.float().reshape(E, 1).expand(E, w.shape[1]).contiguous()
@@ -148,7 +146,7 @@ def point(problem: Problem, M: int, sets: list, ceilings: Ceilings, name: str, t
     experts = sum(int((expert_rows(o["offs"]) > 0).sum()) for o in grouped) / len(grouped)
     fp8 = quant == "fp8_w8a8"
     peak = ceilings.fp8_flops if fp8 else ceilings.bf16_flops
-    wbytes = 1 if fp8 else 2
+    wbytes = 1 if fp8 else problem.torch_dtype.itemsize
     shapes = {1: (problem.K, 2 * problem.N), 2: (problem.N, problem.K)}
     for i, (k_in, n_out) in shapes.items():
         op_us = row["op_kernels"].get(f"fused_moe_kernel#{i}")

@@ -435,7 +435,8 @@ def finalists(ranked: list[dict[str, Any]], incumbent: dict[str, Any] | None = N
 def _default_record(journal: Journal, M: int) -> dict[str, Any] | None:
     """The heuristic default's first-pass record at ``M`` where it passed, else None."""
     return next((r for r in journal.records if r.get("M") == M and r.get("candidate") == "default"
-                 and r.get("status") == "ok" and r.get("phase") is None), None)  # fmt: skip
+                 and r.get("status") == "ok" and r.get("phase") not in ("final", "pair")),
+                None)  # fmt: skip
 
 
 def _time_pairs(journal: Journal, batch_sizes, progress, runner: Runner, winners: dict,
@@ -523,8 +524,7 @@ def _finish(
             if r["status"] in ("rejected", "failed"):
                 short = r["reason"].split(":")[0]
                 reasons[short] = reasons.get(short, 0) + 1
-        default = next((r for r in recs if r["candidate"] == "default" and r["status"] == "ok"),
-                       None)  # fmt: skip
+        default = _default_record(journal, M)
         default_us = default["timing"]["median_us"] if default else None
         best = winners.get((M, _roles(execution.gemms)[0]))
         if best is not None and default is not None and best.get("default_us") is None:
