@@ -21,8 +21,12 @@ import argparse
 import itertools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).parent))
+from report_table import geomean  # a script beside this one
 
 TARGET = 1.10
 BANDS = ("M=1", "8<=M<=512", "M>=2048")
@@ -51,10 +55,6 @@ def points(paths: list[Path]) -> list[Point]:
             if tuned.get("ok") and tuned.get("us") and floor:
                 out.append(Point(name, r["M"], tuned["us"] / floor, floor))
     return out
-
-
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def shares(pts: list[Point], target: float = TARGET) -> dict[str, float]:
